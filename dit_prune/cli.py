@@ -1,0 +1,51 @@
+"""The `dit-prune` command line: subcommands train, eval, score, prune, run.
+
+User errors (DitPruneError) print one line and exit with status 2, with no traceback.
+
+Example:
+    $ dit-prune train --subset 64 --steps 12000 --out checkpoints/digits-memorized
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from dit_prune.commands import COMMANDS
+from dit_prune.errors import DitPruneError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dit-prune",
+        description="Find and structurally prune the DiT units that reproduce training images.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"dit_prune.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"dit_prune.commands.{name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DitPruneError as exc:
+        print(f"dit-prune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dit-prune {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

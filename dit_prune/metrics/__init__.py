@@ -1,0 +1,1 @@
+"""Evaluation: memorization (ratio test and copy detection), Fréchet distance, quality guards."""

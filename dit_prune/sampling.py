@@ -1,0 +1,161 @@
+"""Sampling with one random generator per image, so image i depends only on (model, label, seed).
+
+Example:
+    >>> from dit_prune.models import new_dit
+    >>> import diffusers, torch
+    >>> model = new_dit("tiny", 10, 8, 1).eval()
+    >>> sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    >>> imgs = sample_images(model, sched, torch.tensor([3, 7]), [0, 1], steps=5, progress=False)
+    >>> imgs.shape, bool(imgs.min() >= 0 and imgs.max() <= 1)
+    (torch.Size([2, 1, 8, 8]), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import diffusers
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dit_prune.errors import DitPruneError
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded individually (as NVlabs/edm's StackedRandomGenerator)."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Per-seed starting noise, (N, C, H, W), identical whatever the batch it is drawn in."""
+    return torch.stack([torch.randn(shape, generator=g) for g in seed_generators(seeds)])
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-999' -> [0..999]; '1,5,9' -> [1, 5, 9]; ranges and lists may be mixed."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                start, end = part.strip().split("-", 1)
+                seeds.extend(range(int(start), int(end) + 1))
+            elif part.strip():
+                seeds.append(int(part))
+    except ValueError:
+        raise DitPruneError(f"cannot parse seeds {text!r}: use e.g. '0-999' or '1,2,3'") from None
+    if not seeds:
+        raise DitPruneError(f"no seeds in {text!r}")
+    return seeds
+
+
+def format_seeds(seeds: Sequence[int]) -> str:
+    """Inverse of parse_seeds for contiguous ranges; a comma list otherwise."""
+    seeds = list(seeds)
+    if seeds and seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(str(s) for s in seeds)
+
+
+def make_sampling_scheduler(scheduler: Any, sampler: str, steps: int) -> Any:
+    """A fresh DDIM or DDPM scheduler sharing the training noise schedule, set to `steps`."""
+    if sampler not in SAMPLERS:
+        raise DitPruneError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
+    fresh = cls.from_config(scheduler.config)
+    fresh.set_timesteps(steps)
+    return fresh
+
+
+@torch.no_grad()
+def sample_images(
+    model: nn.Module,
+    scheduler: Any,
+    labels: torch.Tensor | Sequence[int],
+    seeds: Sequence[int],
+    steps: int = 50,
+    guidance_scale: float = 1.0,
+    sampler: str = "ddim",
+    batch_size: int = 128,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Generate one image per (label, seed): (N, C, H, W) in [0, 1].
+
+    `guidance_scale` > 1 uses classifier-free guidance against the model's own null class
+    (index = number of classes). `decode` maps model-space samples to images in [-1, 1]
+    (e.g. a VAE decoder for latent DiTs); pixel-space models need none.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()  # (N,)
+    seeds = [int(s) for s in seeds]
+    if len(labels) != len(seeds):
+        raise DitPruneError(f"{len(labels)} labels but {len(seeds)} seeds: need one of each per image")
+    num_classes = int(model.config.num_embeds_ada_norm)
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DitPruneError(
+            f"labels must lie in [0, {num_classes - 1}], got [{labels.min()}, {labels.max()}]"
+        )
+    device = next(model.parameters()).device
+    channels, size = int(model.config.in_channels), int(model.config.sample_size)
+    out: list[torch.Tensor] = []
+    bar = tqdm(total=len(seeds), desc=f"sampling ({sampler}, {steps} steps)", disable=not progress)
+    for start in range(0, len(seeds), batch_size):
+        batch_seeds = seeds[start : start + batch_size]
+        batch_labels = labels[start : start + batch_size].to(device)  # (B,)
+        x = _denoise(model, scheduler, batch_labels, batch_seeds, steps, guidance_scale, sampler,
+                     (channels, size, size), num_classes)  # (B, C, h, w)
+        if decode is not None:
+            x = decode(x)  # (B, C', H, W) in [-1, 1]
+        out.append(((x.clamp(-1, 1) + 1) / 2).cpu())  # (B, C, H, W) in [0, 1]
+        bar.update(len(batch_seeds))
+    bar.close()
+    if not out:
+        return torch.empty(0, channels, size, size)
+    return torch.cat(out)
+
+
+def _denoise(
+    model: nn.Module,
+    scheduler: Any,
+    labels: torch.Tensor,
+    seeds: list[int],
+    steps: int,
+    guidance_scale: float,
+    sampler: str,
+    shape: tuple[int, int, int],
+    null: int,
+) -> torch.Tensor:
+    device = labels.device
+    sched = make_sampling_scheduler(scheduler, sampler, steps)
+    x = initial_noise(seeds, shape).to(device) * sched.init_noise_sigma  # (B, C, h, w)
+    generators = seed_generators([s + 1_000_003 for s in seeds]) if sampler == "ddpm" else None
+    guided = guidance_scale != 1.0
+    for t in sched.timesteps:
+        eps = predict_noise(model, x, t, labels, guidance_scale if guided else None, null)
+        # a list of generators makes diffusers draw each image's step noise from its own one
+        x = sched.step(eps, t, x, generator=generators, return_dict=False)[0]  # (B, C, h, w)
+    return x
+
+
+def predict_noise(
+    model: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor | int,
+    labels: torch.Tensor,
+    guidance_scale: float | None,
+    null: int,
+) -> torch.Tensor:
+    """Epsilon prediction (first C channels when the model also learns sigma), with optional CFG."""
+    channels = x.shape[1]
+    if guidance_scale is None:
+        timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)  # (B,)
+        return model(x, timestep=timesteps, class_labels=labels).sample[:, :channels]  # (B, C, h, w)
+    x_in = torch.cat([x, x])  # (2B, C, h, w)
+    labels_in = torch.cat([labels, torch.full_like(labels, null)])  # (2B,)
+    timesteps = torch.full((len(x_in),), int(t), device=x.device, dtype=torch.long)  # (2B,)
+    eps = model(x_in, timestep=timesteps, class_labels=labels_in).sample[:, :channels]
+    eps_cond, eps_uncond = eps.chunk(2)  # (B, C, h, w) each
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
