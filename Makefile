@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines pin torch to the local CPU build; GPU users: see README ("GPU").
+CONSTRAINTS ?= constraints.txt
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT) --overwrite
+
+test: setup
+	$(BIN)/ruff check dit_prune tests scripts benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check dit_prune tests scripts benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

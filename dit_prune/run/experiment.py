@@ -1,0 +1,228 @@
+"""The whole before/after experiment of `dit-prune run`, as one function.
+
+Example:
+    >>> cfg = RunConfig(checkpoint="checkpoints/digits-memorized", out="runs/demo")  # doctest: +SKIP
+    >>> report = run_experiment(cfg)  # doctest: +SKIP
+    >>> report["verdict"]  # doctest: +SKIP
+    'not beyond noise control: memorization rate'
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dit_prune.checkpoint import LoadedDiT, load_dit
+from dit_prune.commands.common import pick_device
+from dit_prune.data import digits_split, load_image_folder
+from dit_prune.errors import DitPruneError
+from dit_prune.evaluate import EvalContext, Evaluation, build_context, evaluate_samples
+from dit_prune.metrics.guards import noise_control_images, verdict
+from dit_prune.pruning import count_parameters, prune_units, recover, select_units
+from dit_prune.pruning.recovery_data import recovery_images
+from dit_prune.run.config import RunConfig
+from dit_prune.run.measure import latency_seconds, macs_and_params
+from dit_prune.run.shards import ShardStore
+from dit_prune.sampling import sample_images
+from dit_prune.scorers import CalibrationData, get_scorer, load_scores, save_scores
+from dit_prune.units import HEAD, NEURON, enumerate_units
+
+MODE_KINDS = {"heads": [HEAD], "neurons": [NEURON], "both": [HEAD, NEURON],
+              "params": [HEAD, NEURON]}
+NOISE_KEYS = ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval")
+
+
+@dataclass
+class Arm:
+    """One evaluated model on the run's seeds: its metrics, images and evaluation."""
+
+    name: str
+    metrics: dict[str, Any]
+    images: torch.Tensor  # (N, C, H, W) in [0, 1]
+    evaluation: Evaluation
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Everything validated before any long work starts."""
+
+    loaded: LoadedDiT
+    train_images: torch.Tensor  # (M, C, H, W) in [-1, 1]
+    train_labels: torch.Tensor | None
+    heldout_images: torch.Tensor  # (K, C, H, W)
+    heldout_labels: torch.Tensor | None
+    device: torch.device
+
+
+def prepare_inputs(cfg: RunConfig) -> RunInputs:
+    """Load and check the checkpoint and the data sets; raises DitPruneError on bad input."""
+    loaded = load_dit(cfg.checkpoint)
+    meta = loaded.meta
+    if not meta.num_classes:
+        raise DitPruneError("dit-prune run needs a class-conditional DiT; use dit_prune.pipelines "
+                             "for text-to-image models")
+    if meta.num_classes != cfg.num_classes:
+        raise DitPruneError(f"the checkpoint has {meta.num_classes} classes, the run was given "
+                            f"{cfg.num_classes}")
+    if cfg.train:
+        folder = load_image_folder(cfg.train)
+        train_images, train_labels = folder.images, folder.labels
+    else:
+        train_images, train_labels, _ = recovery_images(meta.extra, "train")
+    if cfg.heldout:
+        folder = load_image_folder(cfg.heldout)
+        heldout_images, heldout_labels = folder.images, folder.labels
+    else:
+        split = digits_split()
+        heldout_images, heldout_labels = split.heldout_images, split.heldout_labels
+    expected = (meta.channels, meta.image_size, meta.image_size)
+    for what, images in (("training images", train_images), ("held-out images", heldout_images)):
+        if tuple(images.shape[1:]) != expected and meta.pipeline_dir is None:
+            raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the model makes "
+                                f"{expected} (C, H, W)")
+    return RunInputs(loaded, train_images, train_labels, heldout_images, heldout_labels,
+                     pick_device(cfg.device))
+
+
+def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Run every stage and return the report dict (also used for report.json)."""
+    inputs = inputs or prepare_inputs(cfg)
+    run_dir = Path(cfg.out)
+    base, scheduler, meta = inputs.loaded
+    base = base.to(inputs.device).eval()
+    seeds, labels = cfg.seed_list(), cfg.labels()
+    store = ShardStore(run_dir / "samples", cfg.shard_size)
+    context = build_context(inputs.train_images, inputs.heldout_images, *_eval_nets(cfg),
+                            cache_dir=run_dir / "cache", device=inputs.device)
+    sampler = Sampler(cfg, scheduler, store, labels, seeds)
+    before = _evaluate("before", sampler(base, "before", meta.weights_sha256), labels, context)
+    kinds = MODE_KINDS[cfg.budget_mode]
+    units = enumerate_units(base, kinds)
+    data = CalibrationData(inputs.train_images, inputs.train_labels, inputs.heldout_images,
+                           inputs.heldout_labels)
+    scores = _cached_scores(run_dir / "scores" / cfg.scorer, cfg.scorer,
+                            {"seed": cfg.seed, **cfg.scorer_options}, base, units, data,
+                            scheduler, meta.weights_sha256, progress)
+    random_scores = _cached_scores(run_dir / "scores" / "random", "random", {"seed": cfg.seed},
+                                   base, units, data, scheduler, meta.weights_sha256, progress)
+    base_cost = macs_and_params(base)
+    base_latency = latency_seconds(base, scheduler, cfg)
+    before.metrics.update(params=base_cost["params"], macs=base_cost["macs"],
+                          latency_s=base_latency)
+    entries = []
+    for budget in tqdm(cfg.budgets, desc="budgets", disable=not progress):
+        entry: dict[str, Any] = {"budget": budget}
+        for arm, arm_scores in (("after", scores), ("random_baseline", random_scores)):
+            model, plan = _pruned_copy(base, units, arm_scores, budget, cfg, inputs)
+            tag = f"{arm}_{budget:g}"
+            result = _evaluate(tag, sampler(model, tag, _fingerprint(model)), labels, context)
+            cost = macs_and_params(model)
+            result.metrics.update(params=cost["params"], macs=cost["macs"],
+                                  latency_s=latency_seconds(model, scheduler, cfg))
+            entry[arm] = result
+            entry[f"{arm}_plan"] = plan
+            if arm == "after":
+                entry["model"] = model
+        control = noise_control_images(before.images, entry["after"].images, seed=cfg.seed)
+        noise_eval = evaluate_samples(control.images, labels, context, seed=cfg.seed)
+        entry["noise_control"] = {k: noise_eval.metrics[k] for k in NOISE_KEYS}
+        entry["noise_control"]["rms"] = float(control.realized_rms.pow(2).mean().sqrt())
+        entry["verdict"] = verdict(before.metrics, entry["after"].metrics, entry["noise_control"])
+        entry["random_verdict"] = _random_verdict(before, entry["random_baseline"], labels,
+                                                  context, cfg.seed)
+        entries.append(entry)
+    return {"before": before, "entries": entries, "context": context, "config": cfg,
+            "meta": meta, "seeds": seeds, "labels": labels, "units": units}
+
+
+class Sampler:
+    """Draws (or reloads) the run's images for a model under a tag, with one seed per image."""
+
+    def __init__(self, cfg: RunConfig, scheduler: Any, store: ShardStore,
+                 labels: torch.Tensor, seeds: list[int]) -> None:
+        self.cfg, self.scheduler, self.store = cfg, scheduler, store
+        self.labels, self.seeds = labels, seeds
+
+    def __call__(self, model: nn.Module, tag: str, model_hash: str) -> torch.Tensor:
+        cfg = self.cfg
+        fingerprint = f"{model_hash}|{cfg.steps}|{cfg.sampler}|{cfg.guidance_scale}"
+
+        def draw(labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+            return sample_images(model, self.scheduler, labels, seeds, steps=cfg.steps,
+                                 guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
+                                 batch_size=cfg.batch_size, progress=False)
+
+        return self.store.sample(tag, draw, self.labels, self.seeds, fingerprint)
+
+
+def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor,
+              context: EvalContext) -> Arm:
+    evaluation = evaluate_samples(images, labels, context)
+    return Arm(name, dict(evaluation.metrics), images, evaluation)
+
+
+def _random_verdict(before: Arm, arm: Arm, labels: torch.Tensor, context: EvalContext,
+                    seed: int) -> str:
+    control = noise_control_images(before.images, arm.images, seed=seed)
+    noise = evaluate_samples(control.images, labels, context, seed=seed).metrics
+    return verdict(before.metrics, arm.metrics, {k: noise[k] for k in NOISE_KEYS})
+
+
+def _pruned_copy(base: nn.Module, units: list, scores: torch.Tensor, budget: float,
+                 cfg: RunConfig, inputs: RunInputs) -> tuple[nn.Module, Any]:
+    model = copy.deepcopy(base)
+    chosen = select_units(units, scores, budget, mode=cfg.budget_mode, model=model)
+    plan = prune_units(model, chosen)
+    if cfg.recover != "none":
+        result = recover(cfg.recover, model, inputs.train_images, inputs.train_labels,
+                         teacher=base, steps=cfg.recover_steps, seed=cfg.seed, progress=False)
+        model = result.model
+    return model.eval(), plan
+
+
+def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.Module,
+                   units: list, data: CalibrationData, scheduler: Any, model_hash: str,
+                   progress: bool) -> torch.Tensor:
+    key = {"scorer": name, "options": options, "model": model_hash,
+           "units": [u.to_json() for u in units]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    if (folder / "scores.json").is_file():
+        saved = load_scores(folder)
+        if saved.config.get("cache_key") == digest and saved.units == units:
+            return saved.scores
+    scorer = get_scorer(name, progress=progress, **options)
+    started = time.perf_counter()
+    result = scorer.compute(model, units, data, scheduler)
+    save_scores(folder, units, result.scores,
+                {"scorer": name, "options": options, "cache_key": digest,
+                 "seconds": round(time.perf_counter() - started, 2)}, raw=result.raw)
+    return result.scores
+
+
+def _fingerprint(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _eval_nets(cfg: RunConfig) -> tuple[Any, Any]:
+    from dit_prune.evaluate import default_checkpoints_dir
+    from dit_prune.metrics.copydetect import load_copy_detector
+    from dit_prune.metrics.features import load_feature_extractor
+
+    root = default_checkpoints_dir()
+    features = load_feature_extractor(cfg.features or root / "digits-features")
+    detector = load_copy_detector(cfg.copy_detector or root / "digits-copydetect")
+    return features, detector

@@ -1,0 +1,221 @@
+"""Turn the experiment's results into report.json, report.md, the pictures and a summary.
+
+report.json carries the keys of DESIGN.md at the top level for the first budget, and every
+budget under "budgets".
+
+Example:
+    >>> fmt_rate(0.25, [0.2, 0.3])
+    '25.0% [20.0, 30.0]'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dit_prune.checkpoint import atomic_write_text
+from dit_prune.run.figures import before_after_grid, tradeoff_plot
+
+METRIC_ROWS = (
+    ("memorization_rate", "memorization rate (ratio test)"),
+    ("copy_rate", "copy rate (copy detector)"),
+    ("fd", "FD"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("class_agreement", "class agreement"),
+    ("params", "parameters"),
+    ("macs", "MACs / forward"),
+    ("latency_s", "latency, 64 images (s)"),
+)
+
+
+def build_report(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-ready report (DESIGN.md keys for the first budget, all budgets listed)."""
+    cfg, ctx, before = result["config"], result["context"], result["before"]
+    names = ctx.describe()
+    budgets = [_budget_entry(e) for e in result["entries"]]
+    first = budgets[0]
+    return _plain({
+        "scorer": cfg.scorer,
+        "budget": first["budget"],
+        "budget_mode": cfg.budget_mode,
+        "units_removed": first["units_removed"],
+        "feature_extractor": names["feature_extractor"],
+        "fd_name": names["fd_name"],
+        "copy_detector": names["copy_detector"],
+        "copy_threshold": names["copy_threshold"],
+        "heldout_false_copy_rate": names["heldout_false_copy_rate"],
+        "num_samples": len(result["seeds"]),
+        "seeds": cfg.to_json()["seeds"],
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "guidance_scale": cfg.guidance_scale,
+        "recover": cfg.recover,
+        "checkpoint": cfg.checkpoint,
+        "checkpoint_sha256": result["meta"].weights_sha256,
+        "num_train_images": names["num_train_images"],
+        "num_heldout_images": names["num_heldout_images"],
+        "before": before.metrics,
+        "after": first["after"],
+        "noise_control": first["noise_control"],
+        "random_baseline": first["random_baseline"],
+        "verdict": first["verdict"],
+        "random_verdict": first["random_verdict"],
+        "budgets": budgets,
+    })
+
+
+def _budget_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "budget": entry["budget"],
+        "units_removed": entry["after_plan"].counts,
+        "after": entry["after"].metrics,
+        "random_baseline": entry["random_baseline"].metrics,
+        "noise_control": entry["noise_control"],
+        "verdict": entry["verdict"],
+        "random_verdict": entry["random_verdict"],
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Tuples, numpy and torch scalars -> JSON types; NaN stays NaN (JSON allows it here)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    return value
+
+
+def fmt_rate(rate: Any, interval: Any = None) -> str:
+    if rate is None or (isinstance(rate, float) and math.isnan(rate)):
+        return "n/a"
+    text = f"{100 * rate:.1f}%"
+    if interval:
+        text += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+    return text
+
+
+def _cell(metrics: dict[str, Any] | None, key: str) -> str:
+    if metrics is None or metrics.get(key) is None:
+        return "—"
+    value = metrics[key]
+    if key in ("memorization_rate", "copy_rate"):
+        return fmt_rate(value, metrics.get(key.replace("rate", "interval")))
+    if key == "fd":
+        interval = metrics.get("fd_interval")
+        return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+    if key in ("precision", "recall", "class_agreement"):
+        return f"{value:.3f}"
+    if key in ("params", "macs"):
+        return f"{int(value):,}"
+    return f"{value:.2f}"
+
+
+def verdict_sentence(report: dict[str, Any]) -> str:
+    budget = f"{100 * report['budget']:g}% of {report['budget_mode']}"
+    removed = ", ".join(f"{n} {k}s" for k, n in report["units_removed"].items())
+    if report["verdict"] == "mitigated":
+        what = "memorization was **mitigated**: both measures fell below the noise control " \
+               "and the quality guards held"
+    else:
+        what = f"**not mitigated** ({report['verdict']})"
+    return (f"Pruning {budget} ({removed}) chosen by `{report['scorer']}`: {what}. "
+            f"Random units at the same budget: {report['random_verdict']}.")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """report.md: the verdict sentence first, then the before/after table and what was measured."""
+    fd_name = report["fd_name"]
+    lines = [f"# dit-prune run: {report['checkpoint']}", "", verdict_sentence(report), "",
+             f"## Budget {report['budget']:g} ({report['budget_mode']})", "",
+             "| | before | after | random, same budget | noise control |",
+             "|---|---|---|---|---|"]
+    for key, label in METRIC_ROWS:
+        label = fd_name if key == "fd" else label
+        lines.append(f"| {label} | {_cell(report['before'], key)} | {_cell(report['after'], key)}"
+                     f" | {_cell(report['random_baseline'], key)} | "
+                     f"{_cell(report['noise_control'], key)} |")
+    if len(report["budgets"]) > 1:
+        lines += ["", "## All budgets", "",
+                  "| budget | removed | memorization after | copy after | "
+                  f"{fd_name} after | memorization random | copy random | {fd_name} random | "
+                  "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+        for b in report["budgets"]:
+            removed = ", ".join(f"{n} {k}" for k, n in b["units_removed"].items())
+            lines.append(
+                f"| {b['budget']:g} | {removed} | {_cell(b['after'], 'memorization_rate')} | "
+                f"{_cell(b['after'], 'copy_rate')} | {_cell(b['after'], 'fd')} | "
+                f"{_cell(b['random_baseline'], 'memorization_rate')} | "
+                f"{_cell(b['random_baseline'], 'copy_rate')} | "
+                f"{_cell(b['random_baseline'], 'fd')} | {b['verdict']} |")
+    lines += [
+        "", "## What was measured", "",
+        f"- {report['num_samples']} samples, seeds {report['seeds']} (class = seed mod classes), "
+        f"{report['sampler'].upper()} {report['steps']} steps, guidance {report['guidance_scale']},"
+        " one generator per image: before, after and random share every seed.",
+        f"- Memorization: ratio test d1/d2 < 1/3 against the {report['num_train_images']} "
+        "training images, pixel space; bootstrap 95% intervals.",
+        f"- Copy rate: `{report['copy_detector']}` embedding, threshold "
+        f"τ = {report['copy_threshold']:.4f} (99th percentile of {report['num_heldout_images']} "
+        f"held-out images; their false-copy rate {fmt_rate(report['heldout_false_copy_rate'])}).",
+        f"- {fd_name}: Fréchet distance on `{report['feature_extractor']}` features against the "
+        "held-out images (bootstrap interval); precision/recall with k-NN manifolds; class "
+        "agreement by the digits classifier.",
+        "- Noise control: the before samples plus Gaussian noise with the RMS of the "
+        f"before→after change (RMS {report['noise_control'].get('rms', float('nan')):.4f}).",
+        f"- Recovery after pruning: {report['recover']}.",
+        "", "![before / after](samples_before_after.png)", "",
+    ]
+    if len(report["budgets"]) > 1:
+        lines += ["![trade-off](tradeoff.png)", ""]
+    return "\n".join(lines)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The one-screen summary printed at the end of `dit-prune run`."""
+    fd = report["fd_name"]
+    rows = [verdict_sentence(report).replace("**", ""), "",
+            f"{'':28}{'before':>24}{'after':>24}{'random':>24}"]
+    for key, label in METRIC_ROWS[:6]:
+        label = fd if key == "fd" else label
+        rows.append(f"{label:28}" + "".join(
+            f"{_cell(report[arm], key):>24}" for arm in ("before", "after", "random_baseline")))
+    rows.append(f"{'noise control':28}{'':24}"
+                f"{'mem ' + fmt_rate(report['noise_control']['memorization_rate']):>24}"
+                f"{'copy ' + fmt_rate(report['noise_control']['copy_rate']):>24}")
+    return rows
+
+
+def write_outputs(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Write report.json, report.md, samples_before_after.png and (several budgets) tradeoff.png."""
+    report = build_report(result)
+    before, entry = result["before"], result["entries"][0]
+    after = entry["after"]
+    nearest = result["context"].train_images[before.evaluation.memorization.nearest].cpu()
+    before_after_grid(before.images, after.images, nearest,
+                      before.evaluation.memorization.memorized,
+                      after.evaluation.memorization.memorized, result["labels"],
+                      result["seeds"], run_dir / "samples_before_after.png",
+                      title=f"{report['scorer']}, budget {report['budget']:g}")
+    if len(result["entries"]) > 1:
+        curves = {
+            arm_name: [(b["budget"], b[arm]["memorization_rate"],
+                        b[arm]["memorization_interval"], b[arm]["fd"])
+                       for b in report["budgets"]]
+            for arm, arm_name in (("after", report["scorer"]), ("random_baseline", "random"))
+        }
+        reference = {"unpruned": (report["before"]["memorization_rate"],
+                                  report["before"]["memorization_interval"],
+                                  report["before"]["fd"])}
+        tradeoff_plot(reference, curves, run_dir / "tradeoff.png", report["fd_name"])
+    atomic_write_text(run_dir / "report.md", render_markdown(report))
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+    return report
