@@ -1,0 +1,166 @@
+"""Score and structurally prune the transformer of a diffusers pipeline, in place or in a copy.
+
+After pruning, the transformer's config carries its pruned structure under
+`dit_prune_structure` (the key `save_checkpoint` / `build_transformer` use), so
+`pipe.save_pretrained(path)` writes a directory that `load_pruned_pipeline(path)` rebuilds.
+The config's own `num_attention_heads` etc. keep describing the unpruned base model.
+
+Example:
+    >>> import diffusers
+    >>> from dit_prune.models import new_dit
+    >>> from dit_prune.pipelines import pixel_dit_pipeline
+    >>> from dit_prune.units import Unit
+    >>> pipe = pixel_dit_pipeline(new_dit("tiny", 10, 8, 1), diffusers.DDIMScheduler())
+    >>> pruned = prune_pipeline(pipe, [Unit("head", 0, 1)])
+    >>> pruned.transformer.transformer_blocks[0].attn1.heads, pipe.transformer is pruned.transformer
+    (3, False)
+    >>> pruned.transformer.config.dit_prune_structure["heads"]
+    [3, 4, 4, 4]
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+
+from dit_prune.checkpoint import STRUCTURE_KEY
+from dit_prune.errors import DitPruneError
+from dit_prune.structure import is_uniform, read_structure
+from dit_prune.units import HEAD, NEURON, Unit, adapter_for, enumerate_units
+
+
+@dataclass(frozen=True)
+class PipelinePruneResult:
+    """What `score_and_prune_pipeline` did: the pruned pipeline, the units it removed, the
+    scores of every candidate unit (aligned with `candidates`) and the structural plan."""
+
+    pipeline: Any
+    removed: tuple[Unit, ...]
+    candidates: tuple[Unit, ...]
+    scores: torch.Tensor  # (U,) higher = contributes more to memorization
+    plan: Any  # dit_prune.pruning PrunePlan
+
+
+def copy_pipeline(pipe: Any) -> Any:
+    """A pipeline of the same class with a deep copy of the transformer and a fresh scheduler.
+
+    The other components (VAE, text encoder, tokenizer) are shared, not copied: they are never
+    modified by pruning, and sharing them saves memory.
+    """
+    transformer = _transformer(pipe)
+    components = dict(pipe.components)
+    components["transformer"] = copy.deepcopy(transformer)
+    scheduler = components.get("scheduler")
+    if scheduler is not None:
+        components["scheduler"] = type(scheduler).from_config(scheduler.config)
+    twin = type(pipe)(**components)
+    if hasattr(pipe, "labels"):  # DiTPipeline's id2label mapping is not a component
+        twin.labels = dict(pipe.labels)
+    if hasattr(pipe, "_progress_bar_config"):
+        twin.set_progress_bar_config(**pipe._progress_bar_config)
+    return twin
+
+
+def prune_pipeline(pipe: Any, units: Iterable[Unit], inplace: bool = False) -> Any:
+    """Remove `units` structurally from the pipeline's transformer; returns the pipeline.
+
+    With `inplace=False` (default) the input pipeline is left untouched and a copy (see
+    `copy_pipeline`) is pruned and returned. Units use the unpruned numbering, so an already
+    pruned pipeline can be pruned again.
+    """
+    from dit_prune.pruning import prune_units
+
+    units = list(units)
+    _transformer(pipe)
+    if not units:
+        raise DitPruneError("no units to prune: pass at least one Unit")
+    target = pipe if inplace else copy_pipeline(pipe)
+    prune_units(target.transformer, units)
+    sync_structure_config(target.transformer)
+    return target
+
+
+def score_and_prune_pipeline(
+    pipe: Any,
+    scorer: Any,
+    budget: float,
+    data: Any,
+    kinds: Sequence[str] = (HEAD, NEURON),
+    inplace: bool = False,
+    **select_options: Any,
+) -> PipelinePruneResult:
+    """Score every unit of `kinds` with `scorer` on `data`, select `budget`, prune.
+
+    `scorer` is a name for `dit_prune.get_scorer` or an object with
+    `score(model, units, data) -> Tensor`. `data` is what the scorer consumes, with images in
+    the transformer's input space: use `encode_images` for a latent class-conditional DiT and
+    `text_calibration_data` for PixArt (scored through `text_conditioning`). Extra keyword
+    arguments go to `select_units`.
+    """
+    from dit_prune.pruning import prune_units, select_units
+
+    model = _transformer(pipe)
+    if isinstance(scorer, str):
+        from dit_prune.scorers import get_scorer
+
+        scorer = get_scorer(scorer)
+    if not hasattr(scorer, "score"):
+        raise DitPruneError(f"scorer must be a name or have .score(), got {type(scorer).__name__}")
+    candidates = enumerate_units(model, kinds)
+    scores = score_units(pipe, scorer, candidates, data)  # (U,)
+    select_options.setdefault("model", model)
+    chosen = list(select_units(candidates, scores, budget, **select_options))
+    target = pipe if inplace else copy_pipeline(pipe)
+    plan = prune_units(target.transformer, chosen)
+    sync_structure_config(target.transformer)
+    return PipelinePruneResult(target, tuple(sorted(chosen)), tuple(candidates), scores, plan)
+
+
+def score_units(pipe: Any, scorer: Any, units: Sequence[Unit], data: Any) -> torch.Tensor:
+    """`scorer.score` on the pipeline's transformer: (U,) aligned with `units`.
+
+    A `TextCalibrationData` is turned into caption-labelled scorer data and scored with the
+    captions plugged in (`text_conditioning`). Scorers that take a `scheduler` get the
+    pipeline's, so noise levels follow the pipeline's schedule.
+    """
+    from dit_prune.pipelines.text import TextCalibrationData, text_conditioning
+
+    model = _transformer(pipe)
+    extra = {}
+    if "scheduler" in inspect.signature(scorer.score).parameters:
+        extra["scheduler"] = pipe.scheduler
+    if isinstance(data, TextCalibrationData):
+        with text_conditioning(model, data):
+            raw = scorer.score(model, list(units), data.calibration_data(model), **extra)
+    else:
+        raw = scorer.score(model, list(units), data, **extra)
+    scores = torch.as_tensor(raw).flatten()  # (U,)
+    if len(scores) != len(units):
+        raise DitPruneError(f"scorer returned {len(scores)} scores for {len(units)} units")
+    return scores
+
+
+def sync_structure_config(model: Any) -> None:
+    """Record the model's pruned structure in its config (and drop a stale one when unpruned)."""
+    adapter_for(model)
+    if is_uniform(model):
+        if STRUCTURE_KEY in model.config:
+            model._internal_dict = FrozenDict(
+                {k: v for k, v in model.config.items() if k != STRUCTURE_KEY}
+            )
+        return
+    model.register_to_config(**{STRUCTURE_KEY: read_structure(model)})
+
+
+def _transformer(pipe: Any) -> Any:
+    model = getattr(pipe, "transformer", None)
+    if model is None:
+        raise DitPruneError(f"{type(pipe).__name__} has no transformer to prune")
+    adapter_for(model)
+    return model
