@@ -26,3 +26,12 @@ def tiny_model():
 
     torch.manual_seed(0)
     return new_dit("tiny", num_classes=10, sample_size=8, channels=1).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """The tiny models run fastest on one thread, and do not thrash when CPUs are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

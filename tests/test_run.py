@@ -1,0 +1,129 @@
+"""`dit-prune run` end to end on a tiny model: report keys, resume, and validation up front."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dit_prune.checkpoint import save_checkpoint
+from dit_prune.cli import main
+from dit_prune.data import balanced_subset, indices_hash
+from dit_prune.training import TrainConfig, train_dit
+
+FAST = ["--seeds", "0-39", "--steps", "4", "--scorer-option", "batches=1",
+        "--scorer-option", "batch_size=32", "--device", "cpu"]
+DESIGN_KEYS = {"scorer", "budget", "units_removed", "feature_extractor", "num_samples", "seeds",
+               "before", "after", "noise_control", "random_baseline", "verdict"}
+ARM_KEYS = {"memorization_rate", "memorization_interval", "copy_rate", "copy_interval", "fd",
+            "precision", "recall", "class_agreement", "params"}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, digits):
+    idx = balanced_subset(digits.pool_labels, 20, seed=0)
+    result = train_dit(digits.pool_images[idx], digits.pool_labels[idx],
+                       TrainConfig(steps=30, batch_size=20, probe_every=0), num_classes=10,
+                       progress=False)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(result.model, result.scheduler, path, extra={"data": {
+        "source": "digits", "pool_indices": idx.tolist(), "indices_sha256": indices_hash(idx)}})
+    return path
+
+
+def _run(checkpoint, out, *extra):
+    return main(["run", str(checkpoint), "--out", str(out), *FAST, *extra])
+
+
+def test_run_writes_the_report_of_design_md(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_checkpoint, out, "--budget", "0.25,0.5") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert DESIGN_KEYS <= set(report)
+    for arm in ("before", "after", "random_baseline"):
+        assert ARM_KEYS <= set(report[arm]), arm
+    assert report["units_removed"] == {"head": 4}  # 25% of 16 heads
+    assert report["after"]["params"] < report["before"]["params"]
+    assert report["num_samples"] == 40 and report["seeds"] == "0-39"
+    assert report["feature_extractor"] == "digitsnet"
+    assert [b["budget"] for b in report["budgets"]] == [0.25, 0.5]
+    assert report["verdict"] == "mitigated" or report["verdict"].startswith(("not", "quality"))
+    for name in ("report.md", "samples_before_after.png", "tradeoff.png", "config.resolved.json",
+                 "pruned/plan.json"):
+        assert (out / name).is_file(), name
+    text = (out / "report.md").read_text()
+    assert "Random units at the same budget" in text.splitlines()[2]
+    assert "before" in capsys.readouterr().out
+
+
+def test_interrupted_run_resumes_to_the_same_report(tiny_checkpoint, tmp_path, monkeypatch):
+    import dit_prune.run.experiment as experiment
+
+    reference = tmp_path / "reference"
+    assert _run(tiny_checkpoint, reference) == 0
+    calls = {"n": 0}
+    real = experiment.sample_images
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(experiment, "sample_images", flaky)
+    assert _run(tiny_checkpoint, out) == 130  # interrupted after the "before" samples
+    assert not (out / "report.json").exists()
+    assert len(list((out / "samples" / "before").glob("shard_*"))) == 1
+    monkeypatch.setattr(experiment, "sample_images", real)
+    assert _run(tiny_checkpoint, out) == 0
+    a = json.loads((reference / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    for key in ("before", "after", "random_baseline", "noise_control"):
+        timing = {"latency_s"}  # wall time differs between runs; everything else must not
+        assert {k: v for k, v in a[key].items() if k not in timing} == \
+            {k: v for k, v in b[key].items() if k not in timing}, key
+    assert a["verdict"] == b["verdict"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "1.5"], "strictly between 0 and 1"),
+    (["--budget", "0"], "strictly between 0 and 1"),
+    (["--scorer", "nope"], "unknown scorer"),
+    (["--seeds", "x-y"], "cannot parse seeds"),
+])
+def test_bad_options_fail_before_work(tiny_checkpoint, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert _run(tiny_checkpoint, out, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_checkpoint_and_other_run_dir(tiny_checkpoint, tmp_path, capsys):
+    assert _run(tmp_path / "missing", tmp_path / "run") == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert _run(tiny_checkpoint, other) == 2
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_wrong_image_size_is_refused(tiny_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "train"
+    for cls in range(2):
+        (folder / str(cls)).mkdir(parents=True)
+        Image.new("L", (16, 16)).save(folder / str(cls) / "a.png")
+    assert _run(tiny_checkpoint, tmp_path / "run", "--train", str(folder)) == 2
+    assert "(1, 16, 16)" in capsys.readouterr().err
+
+
+def test_labels_are_class_balanced():
+    from dit_prune.run.config import RunConfig
+
+    labels = RunConfig(checkpoint="x", out="y", seeds="0-999").labels()
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 100))
