@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
@@ -49,6 +50,19 @@ def is_uniform(model: nn.Module) -> bool:
     )
 
 
+def original_counts(model: nn.Module) -> dict[str, list[int]]:
+    """Units per kind and block of the unpruned architecture that `model.config` describes.
+
+    The unpruned model is built on the meta device, so this costs no memory even for DiT-XL.
+    """
+    adapter = adapter_for(model)
+    config = {k: v for k, v in dict(model.config).items()
+              if not k.startswith("_") and k != "dit_prune_structure"}
+    with torch.device("meta"):
+        full = type(model).from_config(config)
+    return {kind: [adapter.count(b, kind) for b in adapter.blocks(full)] for kind in adapter.kinds}
+
+
 def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
     """Replace the Linears of every unit kind by smaller uninitialised ones matching `structure`.
 
@@ -65,7 +79,7 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
                 f"pruned structure lists {kind!r} for {len(per_block)} blocks; the model has "
                 f"{len(blocks)} blocks and kinds {adapter.kinds}"
             )
-        for block_index, (block, indices) in enumerate(zip(blocks, per_block)):
+        for block_index, (block, indices) in enumerate(zip(blocks, per_block, strict=True)):
             full = adapter.count(block, kind)
             if not indices:
                 raise DitPruneError(f"block {block_index} must keep at least one {kind}")

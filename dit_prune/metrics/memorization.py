@@ -86,7 +86,7 @@ def nearest_two(
     flat_s = samples.reshape(len(samples), -1).float()  # (N, P)
     flat_t = train.reshape(len(train), -1).float()  # (M, P)
     rows, cols = chunk_shape(len(flat_s), len(flat_t), chunk_elements, flat_s.shape[1])
-    train_sq = (flat_t * flat_t).sum(1)  # (M,)
+    train_sq = torch.linalg.vector_norm(flat_t, dim=1).square()  # (M,) no (M, P) temp
     d1 = torch.empty(len(flat_s))  # (N,)
     d2 = torch.empty(len(flat_s))  # (N,)
     nearest = torch.empty(len(flat_s), dtype=torch.long)  # (N,)
@@ -124,9 +124,10 @@ def chunk_shape(
     """(rows, cols) of one distance block: rows * cols <= chunk_elements and rows * dim too.
 
     Whole training sets per block are preferred (fewer passes). The search's working memory
-    beyond its inputs is one (rows, cols) float32 block, the (rows, dim) gathered neighbours of
-    the exact recomputation (both <= 4 * chunk_elements bytes), and O(rows) bookkeeping; a
-    training chunk is copied only when it must move to another device (cols * dim floats).
+    beyond its inputs is one (rows, cols) float32 block plus, for the exact recomputation of
+    the two winners, two (rows, dim) temporaries: at most 4 * (rows*cols + 2*rows*dim) <=
+    12 * chunk_elements bytes (384 MiB at the default), plus O(rows + M) bookkeeping. A training
+    chunk is copied only when it must move to another device (cols * dim floats more).
 
     Example:
         >>> chunk_shape(10_000, 50_000, 1 << 25, dim=3072)

@@ -1,0 +1,148 @@
+"""`dit-prune score`: score every unit of a checkpoint and write the scores into a run directory.
+
+The calibration data defaults to the digits training subset recorded in the checkpoint
+(`dit_prune.json` -> data.pool_indices, indices into the digits pool) and the digits held-out
+set; `--train-data` / `--heldout-data` take image folders instead.
+
+Example:
+    $ dit-prune score checkpoints/digits-memorized --out runs/score-taylor --scorer taylor-gap
+    $ dit-prune score checkpoints/digits-memorized --out runs/score-ye --scorer ye2025 \\
+        --timesteps beta:0.8,2 --batches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from dit_prune.checkpoint import load_dit
+from dit_prune.commands.common import dump_resolved_config, pick_device, prepare_run_dir
+from dit_prune.data import digits_split, load_image_folder
+from dit_prune.errors import DitPruneError
+from dit_prune.scorers import (
+    NORMALIZATIONS,
+    SCORERS,
+    CalibrationData,
+    get_scorer,
+    save_scores,
+)
+from dit_prune.units import UNIT_KINDS, enumerate_units
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("score", help="score heads and neurons by how much they memorize")
+    p.add_argument("checkpoint", help="checkpoint directory (base or pruned)")
+    p.add_argument("--out", required=True, help="run directory to write the scores into")
+    p.add_argument("--scorer", required=True, choices=sorted(SCORERS))
+    p.add_argument("--kinds", default=None,
+                   help="comma list of unit kinds (default: the scorer's kinds, e.g. head,neuron)")
+    p.add_argument("--timesteps", default=None,
+                   help="uniform | uniform:LOW,HIGH | beta:A,B | a list such as 10,50,100 "
+                        "(default: the scorer's own)")
+    p.add_argument("--batches", type=int, default=4, help="calibration batches (noise draws)")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-images", type=int, default=None, help="cap images per split")
+    p.add_argument("--normalize", default="robust-z", choices=NORMALIZATIONS)
+    p.add_argument("--quality-weight", type=float, default=0.0,
+                   help="penalty weight on units whose removal raises the held-out loss")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="scorer-specific option (JSON value), e.g. num_samples=200; repeatable")
+    p.add_argument("--train-data", default=None, help="image folder instead of the digits subset")
+    p.add_argument("--heldout-data", default=None, help="image folder instead of digits held-out")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    specific = parse_options(args.option)
+    scorer = get_scorer(
+        args.scorer, timesteps=args.timesteps, batches=args.batches, batch_size=args.batch_size,
+        seed=args.seed, device=str(pick_device(args.device)), max_images=args.max_images,
+        normalize=args.normalize, quality_weight=args.quality_weight, **specific,
+    )
+    loaded = load_dit(args.checkpoint)
+    kinds = _kinds(args.kinds, scorer)
+    units = enumerate_units(loaded.model, kinds)
+    data, data_meta = calibration_data(args, loaded.meta.extra)
+    run_dir = prepare_run_dir(args.out, args.overwrite)
+    started = time.perf_counter()
+    result = scorer.compute(loaded.model, units, data, loaded.scheduler)
+    seconds = time.perf_counter() - started
+    save_scores(run_dir, result.units, result.scores, scorer.config(), raw=result.raw,
+                extra={"checkpoint": str(args.checkpoint),
+                       "weights_sha256": loaded.meta.weights_sha256,
+                       "data": data_meta, "seconds": round(seconds, 2)})
+    dump_resolved_config(run_dir, args, kinds=list(kinds), scorer_config=scorer.config(),
+                         data=data_meta)
+    top = torch.argsort(result.scores, descending=True)[:5].tolist()
+    print(json.dumps({"units": len(units), "seconds": round(seconds, 1),
+                      "top": [result.units[i].to_json() for i in top]}))
+    print(f"saved {run_dir}")
+    return 0
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """['num_samples=200', 'reference="heldout"'] -> {'num_samples': 200, 'reference': ...}."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DitPruneError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value  # a bare string such as reference=heldout
+    return options
+
+
+def _kinds(text: str | None, scorer: Any) -> tuple[str, ...]:
+    if text is None:
+        return tuple(k for k in scorer.kinds if k != "cross_head")
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in UNIT_KINDS]
+    if not kinds or bad:
+        raise DitPruneError(f"--kinds must be a comma list of {UNIT_KINDS}, got {text!r}")
+    return kinds
+
+
+def calibration_data(args: argparse.Namespace,
+                     meta: dict[str, Any]) -> tuple[CalibrationData, dict[str, Any]]:
+    """Training images from --train-data or the checkpoint's recorded digits subset; held-out
+    images from --heldout-data or the digits held-out set."""
+    split = digits_split() if args.train_data is None or args.heldout_data is None else None
+    if args.train_data is not None:
+        folder = load_image_folder(args.train_data)
+        train_images, train_labels = folder.images, folder.labels
+        train_meta: dict[str, Any] = {"train": str(args.train_data)}
+    else:
+        indices = (meta.get("data") or {}).get("pool_indices")
+        if not indices:
+            raise DitPruneError(
+                f"{args.checkpoint} records no digits training subset (dit_prune.json: "
+                "data.pool_indices); pass --train-data FOLDER"
+            )
+        index = torch.as_tensor(indices, dtype=torch.long)  # (N,)
+        if index.min() < 0 or index.max() >= len(split.pool_images):
+            raise DitPruneError(f"{args.checkpoint}: recorded pool indices are out of range")
+        train_images, train_labels = split.pool_images[index], split.pool_labels[index]
+        train_meta = {"train": "digits pool", "num_train": len(index),
+                      "indices_sha256": (meta.get("data") or {}).get("indices_sha256")}
+    if args.heldout_data is not None:
+        folder = load_image_folder(args.heldout_data)
+        held_images, held_labels = folder.images, folder.labels
+        train_meta["heldout"] = str(args.heldout_data)
+    else:
+        held_images, held_labels = split.heldout_images, split.heldout_labels
+        train_meta["heldout"] = "digits held-out"
+    data = CalibrationData(train_images, train_labels, held_images, held_labels)
+    train_meta.update(num_train=data.num_train, num_heldout=data.num_heldout)
+    return data, train_meta
+
+
+__all__ = ["add_parser", "calibration_data", "parse_options", "run"]

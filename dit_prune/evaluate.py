@@ -1,0 +1,282 @@
+"""The evaluator: memorization (ratio test + copy rate), FD, precision/recall, class agreement.
+
+`evaluate_samples` is what `dit-prune eval` and `dit-prune run` call on generated images in
+[0, 1]; everything it needs that does not depend on the samples (training and held-out images,
+feature network, copy detector, held-out statistics, the calibrated copy threshold) is prepared
+once in an `EvalContext` (`build_context`, or `digits_context` for the embedded default).
+
+Scales: generated samples arrive in [0, 1] (as `sample_images` returns them) and are mapped to
+[-1, 1], the scale of the training images, before any distance or network sees them.
+
+Example:
+    >>> ctx = digits_context()  # doctest: +SKIP
+    >>> result = evaluate_samples(samples, labels, ctx)  # doctest: +SKIP
+    >>> sorted(result.metrics)  # doctest: +SKIP
+    ['class_agreement', 'copy_interval', 'copy_rate', 'fd', 'fd_interval', ...]
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dit_prune.data import check_images, digits_split
+from dit_prune.errors import DitPruneError
+from dit_prune.metrics.copydetect import (
+    CopyDetector,
+    CopyReport,
+    calibrate_threshold,
+    copy_report,
+    load_copy_detector,
+    nearest_cosine,
+)
+from dit_prune.metrics.features import FeatureExtractor, load_feature_extractor
+from dit_prune.metrics.fid import FDResult, ReferenceSet, fd_report, reference_stats
+from dit_prune.metrics.guards import class_agreement, noise_control_images
+from dit_prune.metrics.memorization import MemorizationReport, memorization_report
+from dit_prune.metrics.precision_recall import DEFAULT_K, precision_recall
+
+METRIC_KEYS = ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval", "fd",
+               "fd_interval", "precision", "recall", "class_agreement", "num_samples")
+NOISE_CONTROL_KEYS = ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval")
+FEATURES_DIR = "digits-features"
+COPYDETECT_DIR = "digits-copydetect"
+
+
+def default_checkpoints_dir() -> Path:
+    """`<repository>/checkpoints`, where the digits evaluation nets ship."""
+    return Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Everything the evaluator needs that does not depend on the samples."""
+
+    train_images: torch.Tensor  # (M, C, H, W) in [-1, 1], on `device`
+    heldout_images: torch.Tensor  # (K, C, H, W) in [-1, 1]
+    features: FeatureExtractor
+    copy_detector: CopyDetector
+    reference: ReferenceSet  # held-out feature statistics + a feature subset for P/R
+    copy_threshold: float  # tau, calibrated on the held-out images against train_images
+    heldout_copy_similarities: torch.Tensor  # (K,) held-out -> nearest training image
+    train_embeddings: torch.Tensor  # (M, E) copy-detection embeddings of train_images
+    classifier: Any | None  # has .predict(images) -> labels; None: no class agreement
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def heldout_false_copy_rate(self) -> float:
+        """Fraction of held-out real images called copies at tau (<= 1% by calibration)."""
+        return float((self.heldout_copy_similarities >= self.copy_threshold).double().mean())
+
+    def describe(self) -> dict[str, Any]:
+        """Names and calibration, for reports."""
+        return {
+            "feature_extractor": self.features.name,
+            "fd_name": "FID_inception" if self.features.name == "inception"
+            else f"FD_{self.features.name}",
+            "copy_detector": self.copy_detector.name,
+            "copy_threshold": self.copy_threshold,
+            "heldout_false_copy_rate": self.heldout_false_copy_rate,
+            "num_train_images": len(self.train_images),
+            "num_heldout_images": len(self.heldout_images),
+            "reference_key": self.reference.key,
+        }
+
+
+def build_context(
+    train_images: torch.Tensor,
+    heldout_images: torch.Tensor,
+    features: FeatureExtractor,
+    copy_detector: CopyDetector,
+    classifier: Any | None | str = "features",
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> EvalContext:
+    """Check the image sets, compute held-out statistics (cached) and calibrate tau.
+
+    `classifier="features"` uses the feature network's `predict` when it has one (digitsnet).
+
+    Example:
+        >>> ctx = build_context(train, heldout, extractor, detector)  # doctest: +SKIP
+    """
+    check_images(train_images, "training images")
+    check_images(heldout_images, "held-out images", tuple(train_images.shape[1:]))
+    if len(train_images) < 2:
+        raise DitPruneError(f"the evaluator needs at least 2 training images, got "
+                            f"{len(train_images)}")
+    device = torch.device(device)
+    reference = reference_stats(heldout_images, features, cache_dir, progress)
+    train_emb = copy_detector.embed(train_images)  # (M, E)
+    held_sims, _ = nearest_cosine(copy_detector.embed(heldout_images), train_emb)  # (K,)
+    if classifier == "features":
+        classifier = features if hasattr(features, "predict") else None
+    return EvalContext(
+        train_images=train_images.to(device),
+        heldout_images=heldout_images,
+        features=features,
+        copy_detector=copy_detector,
+        reference=reference,
+        copy_threshold=calibrate_threshold(held_sims),
+        heldout_copy_similarities=held_sims,
+        train_embeddings=train_emb,
+        classifier=classifier,
+        device=device,
+    )
+
+
+def digits_context(
+    train_images: torch.Tensor | None = None,
+    heldout_images: torch.Tensor | None = None,
+    checkpoints_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> EvalContext:
+    """The embedded default: digits-features + digits-copydetect from `checkpoints_dir`.
+
+    Training images default to the whole 1,000-image pool, held-out images to the 797 held-out
+    digits; pass a DiT's own training images (its checkpoint's pool indices) to evaluate it.
+    """
+    root = Path(checkpoints_dir) if checkpoints_dir else default_checkpoints_dir()
+    split = digits_split()
+    features = load_feature_extractor(root / FEATURES_DIR, device)
+    detector = load_copy_detector(root / COPYDETECT_DIR, device)
+    return build_context(
+        split.pool_images if train_images is None else train_images,
+        split.heldout_images if heldout_images is None else heldout_images,
+        features, detector, "features", cache_dir, device, progress,
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """`metrics`: the JSON-ready dict (exactly METRIC_KEYS); the rest is for plots and reports."""
+
+    metrics: dict[str, Any]
+    arrays: dict[str, np.ndarray]  # per-sample: ratios, nearest, similarities, ...
+    memorization: MemorizationReport
+    copy: CopyReport
+    fd: FDResult
+    warnings: list[str] = field(default_factory=list)
+
+
+def to_model_scale(samples: torch.Tensor) -> torch.Tensor:
+    """Generated images in [0, 1] -> [-1, 1] (the training images' scale), with checks."""
+    if samples.ndim != 4:
+        raise DitPruneError(f"samples: expected (N, C, H, W), got {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        raise DitPruneError("samples contain NaN or infinite values")
+    low, high = float(samples.min()), float(samples.max())
+    if low < -1e-4 or high > 1 + 1e-4:
+        raise DitPruneError(f"samples span [{low:.3g}, {high:.3g}]; evaluate_samples takes "
+                            "images in [0, 1] (as sample_images returns them)")
+    return (samples.float() * 2 - 1).clamp(-1, 1)  # (N, C, H, W); clamp rounding only
+
+
+def evaluate_samples(
+    samples: torch.Tensor,
+    labels: torch.Tensor | None,
+    context: EvalContext,
+    seed: int = 0,
+    fd_resamples: int = 200,
+    k: int = DEFAULT_K,
+    progress: bool = False,
+) -> Evaluation:
+    """Measure generated `samples` (N, C, H, W) in [0, 1] conditioned on `labels` (N,) or None.
+
+    metrics: memorization_rate/_interval (ratio test), copy_rate/_interval (tau from the
+    context), fd/_interval (against held-out statistics), precision, recall (k-NN, held-out),
+    class_agreement (None without a classifier or labels), num_samples.
+    """
+    x = to_model_scale(samples)  # (N, C, H, W) in [-1, 1]
+    shape = tuple(context.train_images.shape[1:])
+    check_images(x, "samples", shape)
+    if labels is not None and len(labels) != len(x):
+        raise DitPruneError(f"{len(x)} samples but {len(labels)} labels")
+    notes: list[str] = []
+    mem = memorization_report(x.to(context.device), context.train_images, seed=seed,
+                              progress=progress)
+    copy = copy_report(x, context.train_images, context.copy_detector,
+                       threshold=context.copy_threshold, seed=seed,
+                       train_embeddings=context.train_embeddings)
+    feats = context.features.features(x)  # (N, D)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fd = fd_report(feats, context.reference.stats, context.features.name, fd_resamples, seed)
+    notes += [str(w.message) for w in caught]
+    if len(feats) > k and len(context.reference.features) > k:
+        precision, recall = precision_recall(context.reference.features, feats, k)
+    else:
+        precision = recall = None
+        notes.append(f"precision/recall need more than k={k} samples; got {len(feats)}")
+    agreement = None
+    arrays: dict[str, np.ndarray] = {
+        "ratios": mem.ratios.numpy(), "d1": mem.d1.numpy(), "d2": mem.d2.numpy(),
+        "nearest": mem.nearest.numpy(), "memorized": mem.memorized.numpy(),
+        "copy_similarities": copy.similarities.numpy(), "copy_nearest": copy.nearest.numpy(),
+        "copies": copy.copies.numpy(),
+    }
+    if labels is not None and context.classifier is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+        result = class_agreement(x, labels, context.classifier)
+        agreement = result.rate
+        arrays.update(labels=labels.numpy(), predicted=result.predicted.numpy())
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    metrics = {
+        "memorization_rate": mem.rate,
+        "memorization_interval": list(mem.interval),
+        "copy_rate": copy.rate,
+        "copy_interval": list(copy.interval),
+        "fd": fd.value,
+        "fd_interval": list(fd.interval),
+        "precision": precision,
+        "recall": recall,
+        "class_agreement": agreement,
+        "num_samples": len(x),
+    }
+    return Evaluation(metrics, arrays, mem, copy, fd, notes)
+
+
+def evaluate_noise_control(
+    before: torch.Tensor, after: torch.Tensor, context: EvalContext, seed: int = 0,
+    per_image: bool = True,
+) -> dict[str, Any]:
+    """Both memorization measures on `before` + noise matching the before->after RMS change.
+
+    `before`, `after`: (N, C, H, W) in [0, 1] on the same seeds. Returns NOISE_CONTROL_KEYS plus
+    `noise_rms` (mean realized RMS, [0, 1] scale) and `target_rms`.
+    """
+    control = noise_control_images(before, after, seed, per_image, (0.0, 1.0))
+    x = to_model_scale(control.images)  # (N, C, H, W)
+    mem = memorization_report(x.to(context.device), context.train_images, seed=seed)
+    copy = copy_report(x, context.train_images, context.copy_detector,
+                       threshold=context.copy_threshold, seed=seed,
+                       train_embeddings=context.train_embeddings)
+    return {
+        "memorization_rate": mem.rate,
+        "memorization_interval": list(mem.interval),
+        "copy_rate": copy.rate,
+        "copy_interval": list(copy.interval),
+        "noise_rms": float(control.realized_rms.mean()),
+        "target_rms": float(control.target_rms.mean()),
+    }
+
+
+def balanced_labels(num_classes: int, num_samples: int) -> torch.Tensor:
+    """Class-balanced conditioning labels: num_samples / num_classes of each, in class blocks.
+
+    Example:
+        >>> balanced_labels(3, 6).tolist()
+        [0, 0, 1, 1, 2, 2]
+    """
+    if num_classes < 1 or num_samples % num_classes:
+        raise DitPruneError(f"{num_samples} samples cannot be split evenly over {num_classes} "
+                            "classes: use a multiple of the class count")
+    return torch.arange(num_classes).repeat_interleave(num_samples // num_classes)

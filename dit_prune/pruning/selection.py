@@ -1,0 +1,161 @@
+"""Choose which units to prune: the top-scoring ones within a budget.
+
+Budget modes:
+  * ``heads``   — a fraction of the (self-attention) heads;
+  * ``neurons`` — a fraction of the MLP neurons;
+  * ``cross_heads`` — a fraction of the cross-attention heads (text-conditioned models);
+  * ``both``    — that fraction of every unit kind in `units`, each kind counted on its own
+    (heads and neurons, plus cross-attention heads for text-conditioned models);
+  * ``params``  — a fraction of the parameters held by all units (their q/k/v/out or MLP
+    slices), filled greedily by score across kinds; needs the model for unit sizes.
+
+Counts are ``round(budget * n)`` per kind. Every block keeps at least one unit of each kind
+(a unit that would empty its block is skipped and the next-best is taken). Ties are broken by
+the order of `units`, so the result is deterministic.
+
+Example:
+    >>> import torch
+    >>> from dit_prune.units import Unit
+    >>> units = [Unit("head", 0, i) for i in range(4)] + [Unit("head", 1, i) for i in range(4)]
+    >>> scores = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.0, 0.0, 0.0, 0.0])
+    >>> select_units(units, scores, 0.5, mode="heads")
+    [Unit(kind='head', block=0, index=0), Unit(kind='head', block=0, index=1), \
+Unit(kind='head', block=0, index=2), Unit(kind='head', block=1, index=0)]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dit_prune.errors import DitPruneError
+from dit_prune.units import CROSS_HEAD, HEAD, NEURON, Unit, adapter_for
+
+BUDGET_MODES = ("heads", "neurons", "both", "params", "cross_heads")
+MODE_KINDS = {"heads": (HEAD,), "neurons": (NEURON,), "cross_heads": (CROSS_HEAD,)}
+
+
+def check_budget(budget: float) -> float:
+    """The budget as a float in (0, 1), or a one-line error."""
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        raise DitPruneError(f"budget must be a number in (0, 1), got {budget!r}") from None
+    if not (0.0 < value < 1.0) or math.isnan(value):
+        raise DitPruneError(f"budget must lie strictly between 0 and 1, got {budget}")
+    return value
+
+
+def select_units(
+    units: Sequence[Unit],
+    scores: torch.Tensor | Sequence[float],
+    budget: float,
+    mode: str = "both",
+    model: nn.Module | None = None,
+) -> list[Unit]:
+    """The units to prune, highest score first, within `budget` (see module docstring).
+
+    `scores` is aligned with `units` (higher = prune first). Block sizes are taken from `model`
+    when given, otherwise from `units` (then `units` must list every unit of those blocks).
+    """
+    budget = check_budget(budget)
+    if mode not in BUDGET_MODES:
+        raise DitPruneError(f"unknown budget mode {mode!r}; choose one of {BUDGET_MODES}")
+    units = list(units)
+    values = _scores_array(scores, len(units))
+    if len(set(units)) != len(units):
+        raise DitPruneError("units contain duplicates; each unit needs exactly one score")
+    order = np.argsort(-values, kind="stable")  # highest first; ties keep the order of units
+    sizes = _block_sizes(units, model)
+    if mode == "params":
+        return _select_params(units, order, budget, sizes, _unit_costs(units, model, mode))
+    kinds = MODE_KINDS.get(mode) or tuple(dict.fromkeys(u.kind for u in units))
+    chosen: list[Unit] = []
+    for kind in kinds:
+        candidates = [int(i) for i in order if units[i].kind == kind]
+        if not candidates:
+            raise DitPruneError(f"no {kind} units were scored; cannot apply a {mode} budget")
+        target = int(round(budget * len(candidates)))
+        chosen.extend(_take(units, candidates, target, sizes))
+    rank = {int(i): r for r, i in enumerate(order)}
+    position = {u: i for i, u in enumerate(units)}
+    return sorted(chosen, key=lambda u: rank[position[u]])
+
+
+def _scores_array(scores: torch.Tensor | Sequence[float], n: int) -> np.ndarray:
+    if isinstance(scores, torch.Tensor):
+        values = scores.detach().to("cpu", torch.float64).flatten().numpy()
+    else:
+        values = np.asarray(list(scores), dtype=np.float64).ravel()
+    if len(values) != n:
+        raise DitPruneError(f"{len(values)} scores for {n} units: they must be aligned")
+    if not np.all(np.isfinite(values)):
+        raise DitPruneError(f"{int((~np.isfinite(values)).sum())} scores are NaN or infinite")
+    return values
+
+
+def _block_sizes(units: list[Unit], model: nn.Module | None) -> Counter:
+    """(block, kind) -> units present there."""
+    if model is None:
+        return Counter((u.block, u.kind) for u in units)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    sizes: Counter = Counter()
+    for u in units:
+        key = (u.block, u.kind)
+        if key not in sizes:
+            if u.block >= len(blocks) or u.kind not in adapter.kinds:
+                raise DitPruneError(f"{u} does not exist in the model ({len(blocks)} blocks)")
+            sizes[key] = adapter.count(blocks[u.block], u.kind)
+    return sizes
+
+
+def _take(units: list[Unit], candidates: list[int], target: int, sizes: Counter) -> list[Unit]:
+    taken: list[Unit] = []
+    removed: Counter = Counter()
+    for i in candidates:
+        if len(taken) >= target:
+            break
+        key = (units[i].block, units[i].kind)
+        if removed[key] + 1 >= sizes[key]:
+            continue  # keep at least one unit of this kind in the block
+        removed[key] += 1
+        taken.append(units[i])
+    return taken
+
+
+def _unit_costs(units: list[Unit], model: nn.Module | None, mode: str) -> list[int]:
+    if model is None:
+        raise DitPruneError(f"budget mode {mode!r} needs the model to size units in parameters")
+    from dit_prune.pruning.structural import unit_cost
+
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    cache: dict[tuple[int, str], int] = {}
+    for u in units:
+        if (u.block, u.kind) not in cache:
+            cache[(u.block, u.kind)] = unit_cost(adapter, blocks[u.block], u.kind)
+    return [cache[(u.block, u.kind)] for u in units]
+
+
+def _select_params(
+    units: list[Unit], order: np.ndarray, budget: float, sizes: Counter, costs: list[int]
+) -> list[Unit]:
+    """Greedy by score: take each unit whose parameters still fit in the budget."""
+    target = budget * sum(costs)
+    total = 0
+    removed: Counter = Counter()
+    taken: list[Unit] = []
+    for i in (int(j) for j in order):
+        key = (units[i].block, units[i].kind)
+        if total + costs[i] > target or removed[key] + 1 >= sizes[key]:
+            continue
+        total += costs[i]
+        removed[key] += 1
+        taken.append(units[i])
+    return taken

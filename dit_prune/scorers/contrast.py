@@ -1,0 +1,156 @@
+"""`activation-contrast`: units whose activations stand out on memorized generations (NeMo-like).
+
+In the spirit of Hintersdorf et al. 2024 (NeMo): generate `num_samples` images with fixed seeds
+(DDIM, `sampling_steps`), split them into memorized and not by the ratio test against the
+training images (DESIGN.md), and score each unit by the standardized difference
+
+    (mean over memorized samples - mean over the reference) / std over the reference
+
+of its trajectory activation statistic: the RMS of the unit's down-projection input channels
+over tokens and sampling steps (conditional branch only under guidance).
+
+The reference is the non-memorized samples, or, when fewer than `min_reference` samples are not
+memorized (a model that copies almost everything), trajectories started from held-out images
+noised to `contrast_t` and denoised from there; the memorized statistic is then taken over the
+same steps (t <= contrast_t) so both groups cover the same noise levels. `reference` forces
+one or the other ('samples' / 'heldout'); 'auto' chooses as above.
+
+Example:
+    >>> from dit_prune.scorers import get_scorer
+    >>> scorer = get_scorer("activation-contrast", num_samples=40, reference="heldout")
+    >>> scorer.contrast_t
+    500
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from dit_prune.errors import DitPruneError
+from dit_prune.hooks import Gates, LayerSlot, observe, unit_slots
+from dit_prune.metrics.memorization import memorization_report
+from dit_prune.scorers.base import Scorer, ScoringContext
+from dit_prune.scorers.trajectories import (
+    Trajectories,
+    heldout_subset,
+    run_trajectories,
+    sample_plan,
+)
+from dit_prune.units import Unit
+
+REFERENCES = ("auto", "samples", "heldout")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Mixin fields of the scorers that generate images (seeds come from `options.seed`)."""
+
+    num_samples: int = 100
+    sampling_steps: int = 50
+    guidance_scale: float = 1.0
+
+    def _check_sampling(self) -> None:
+        if not isinstance(self.num_samples, int) or self.num_samples < 2:
+            raise DitPruneError(f"num_samples must be an integer >= 2, got {self.num_samples!r}")
+        if not isinstance(self.sampling_steps, int) or self.sampling_steps < 1:
+            raise DitPruneError(f"sampling_steps must be positive, got {self.sampling_steps!r}")
+        if not self.guidance_scale >= 0:
+            raise DitPruneError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
+
+
+@dataclass(frozen=True)
+class ActivationContrast(Scorer, SamplingOptions):
+    """Standardized activation difference, memorized generations vs a reference."""
+
+    name: ClassVar[str] = "activation-contrast"
+    reference: str = "auto"
+    contrast_t: int = 500
+    min_reference: int = 16
+
+    def __post_init__(self) -> None:
+        self._check_sampling()
+        if self.reference not in REFERENCES:
+            raise DitPruneError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not isinstance(self.contrast_t, int) or self.contrast_t < 0:
+            raise DitPruneError(f"contrast_t must be a non-negative integer, got {self.contrast_t}")
+
+    def raw_scores(self, ctx: ScoringContext, units: list[Unit]) -> torch.Tensor:
+        labels, seeds = sample_plan(ctx.data.train_labels, ctx.null_label, self.num_samples,
+                                    ctx.options.seed)
+        stats = _TrajectoryStats(ctx, units, len(seeds), self.contrast_t)
+        run = stats.run(labels, seeds, self.sampling_steps, self.guidance_scale)
+        memorized = memorization_report(run.samples, ctx.data.train_images).memorized  # (N,)
+        if not memorized.any():
+            raise DitPruneError(
+                f"none of {len(seeds)} samples is memorized (ratio test): activation-contrast "
+                "needs memorized generations"
+            )
+        use_heldout = self.reference == "heldout" or (
+            self.reference == "auto" and int((~memorized).sum()) < self.min_reference)
+        if not use_heldout:
+            values = stats.per_unit(late_only=False)  # (N, U)
+            return standardized_difference(values[memorized], values[~memorized])
+        images, ref_labels = heldout_subset(ctx.data.heldout_images, ctx.data.heldout_labels,
+                                            ctx.null_label, self.num_samples, ctx.options.seed)
+        ref_seeds = [s + 500_000 for s in seeds[: len(images)]]
+        ref = _TrajectoryStats(ctx, units, len(images), self.contrast_t)
+        ref.run(ref_labels, ref_seeds, self.sampling_steps, self.guidance_scale, images)
+        values = stats.per_unit(late_only=True)[memorized]  # (N_mem, U)
+        return standardized_difference(values, ref.per_unit(late_only=True))
+
+
+def standardized_difference(group: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(mean(group) - mean(reference)) / std(reference), per column: (U,)."""
+    if len(reference) < 2:
+        raise DitPruneError(f"the reference group has {len(reference)} samples; need at least 2")
+    spread = reference.std(0).clamp_min(1e-12)  # (U,)
+    return (group.mean(0) - reference.mean(0)) / spread  # (U,)
+
+
+class _TrajectoryStats:
+    """Per-sample, per-channel mean squared activations accumulated along trajectories, over
+    all steps and over the steps with t <= `cutoff`."""
+
+    def __init__(self, ctx: ScoringContext, units: list[Unit], count: int, cutoff: int) -> None:
+        self.ctx = ctx
+        self.units = units
+        self.cutoff = cutoff
+        self.layout = Gates(unit_slots(ctx.model, units), [], units)
+        dims = [slot.layer.in_features for slot in self.layout.slots]
+        self.sums = [torch.zeros(count, d, dtype=torch.float64) for d in dims]  # [(N, D_in)]
+        self.late = [torch.zeros(count, d, dtype=torch.float64) for d in dims]  # [(N, D_in)]
+        self.seen: set[int] = set()  # timesteps run
+        self.current: tuple[torch.Tensor, int] = (torch.empty(0, dtype=torch.long), 0)
+
+    def run(self, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
+            start_images: torch.Tensor | None = None) -> Trajectories:
+        start_t = self.cutoff if start_images is not None else None
+        with observe(self.ctx.model, self.units, self._record):
+            return run_trajectories(
+                self.ctx.model, self.ctx.scheduler, labels, seeds, steps, guidance,
+                self.ctx.options.batch_size, before_step=self._before,
+                start_images=start_images, start_t=start_t, progress=self.ctx.options.progress)
+
+    def per_unit(self, late_only: bool) -> torch.Tensor:
+        """(N, U) RMS of each unit's channels over tokens and (late) steps."""
+        steps = len([t for t in self.seen if t <= self.cutoff]) if late_only else len(self.seen)
+        if steps == 0:
+            raise DitPruneError(f"no sampling step at or below t = {self.cutoff}")
+        sums = self.late if late_only else self.sums
+        ones = [torch.ones(1, s.shape[1], dtype=torch.float64) for s in sums]
+        widths = self.layout.unit_sums(ones)  # (1, U)
+        return (self.layout.unit_sums(sums) / widths / steps).sqrt()  # (N, U)
+
+    def _before(self, rows: torch.Tensor, step: int, t: int) -> None:
+        self.current = (rows, t)
+        self.seen.add(t)
+
+    def _record(self, s: int, slot: LayerSlot, x: torch.Tensor) -> None:
+        rows, t = self.current
+        ms = x[: len(rows)].double().pow(2).mean(1).cpu()  # (B, D_in), conditional half
+        self.sums[s][rows] += ms
+        if t <= self.cutoff:
+            self.late[s][rows] += ms

@@ -1,0 +1,90 @@
+"""Save and load scores: `scores.safetensors` (tensors) + `scores.json` (units, scorer, options).
+
+Example:
+    >>> import tempfile, torch
+    >>> from dit_prune.units import Unit
+    >>> units = [Unit("head", 0, 1), Unit("neuron", 2, 5)]
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = save_scores(d, units, torch.tensor([0.5, -1.0]), {"scorer": "random"})
+    ...     saved = load_scores(d)
+    >>> saved.units == units, saved.scores.tolist(), saved.config["scorer"]
+    (True, [0.5, -1.0], 'random')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dit_prune.checkpoint import atomic_write_text, atomic_write_with
+from dit_prune.errors import DitPruneError
+from dit_prune.units import Unit
+
+SCORES_NAME = "scores.safetensors"
+SIDECAR_NAME = "scores.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SavedScores:
+    units: list[Unit]
+    scores: torch.Tensor  # (U,) float64
+    raw: torch.Tensor | None  # (U,) float64
+    config: dict[str, Any]  # scorer name, options, and anything else recorded
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_scores(
+    directory: str | os.PathLike[str],
+    units: list[Unit],
+    scores: torch.Tensor,
+    config: dict[str, Any],
+    raw: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write scores (and raw scores) + the JSON sidecar into `directory`, each file atomically."""
+    directory = Path(directory)
+    if len(scores) != len(units) or (raw is not None and len(raw) != len(units)):
+        raise DitPruneError(f"{len(scores)} scores for {len(units)} units")
+    tensors = {"scores": scores.detach().to(torch.float64).cpu().contiguous()}
+    if raw is not None:
+        tensors["raw"] = raw.detach().to(torch.float64).cpu().contiguous()
+    sidecar = {
+        "format": FORMAT_VERSION,
+        "num_units": len(units),
+        "units": [u.to_json() for u in units],
+        **config,
+        "extra": extra or {},
+    }
+    atomic_write_with(directory / SCORES_NAME, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_text(directory / SIDECAR_NAME, json.dumps(sidecar, indent=1, default=str))
+    return directory
+
+
+def load_scores(directory: str | os.PathLike[str]) -> SavedScores:
+    """Read what `save_scores` wrote; one-line errors for missing, corrupt or mismatched files."""
+    directory = Path(directory)
+    weights, sidecar_path = directory / SCORES_NAME, directory / SIDECAR_NAME
+    for path in (weights, sidecar_path):
+        if not path.is_file():
+            raise DitPruneError(f"scores file missing: {path}")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+        units = [Unit.from_json(item) for item in sidecar.pop("units")]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DitPruneError(f"corrupt scores sidecar {sidecar_path}: {exc}") from None
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise DitPruneError(f"corrupt scores file {weights}: {exc}") from None
+    if "scores" not in tensors or len(tensors["scores"]) != len(units):
+        raise DitPruneError(f"{weights} does not hold one score per unit of {sidecar_path}")
+    extra = sidecar.pop("extra", {})
+    return SavedScores(units, tensors["scores"], tensors.get("raw"), sidecar, extra)
