@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 demo: setup
-	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT) --overwrite
+	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT) --budget 0.2,0.1,0.3 --overwrite
 
 test: setup
 	$(BIN)/ruff check dit_prune tests scripts benchmarks

@@ -127,3 +127,29 @@ def test_labels_are_class_balanced():
 
     labels = RunConfig(checkpoint="x", out="y", seeds="0-999").labels()
     assert torch.equal(torch.bincount(labels), torch.full((10,), 100))
+
+
+def test_two_processes_give_the_same_report_as_one(tiny_checkpoint, tmp_path):
+    """Sampling shards split across 2 CPU processes under `accelerate launch`, same numbers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["run", str(tiny_checkpoint), *FAST, "--shard-size", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "dit_prune.cli", *args, "--out", str(tmp_path / "one")]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    two = [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dit_prune.cli", *args,
+           "--out", str(tmp_path / "two")]
+    for command in (one, two):
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a = json.loads((tmp_path / "one" / "report.json").read_text())
+    b = json.loads((tmp_path / "two" / "report.json").read_text())
+    for key in ("before", "after", "random_baseline", "noise_control"):
+        assert {k: v for k, v in a[key].items() if k != "latency_s"} == \
+            {k: v for k, v in b[key].items() if k != "latency_s"}, key
+    assert len(list((tmp_path / "two" / "samples" / "before").glob("shard_*"))) == 4

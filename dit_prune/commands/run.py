@@ -43,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--features", help="feature network for FD (default: digits-features)")
     p.add_argument("--copy-detector", help="copy-detection model (default: digits-copydetect)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--shard-size", type=int, default=250,
+                   help="images per sample shard (the unit of resuming and of multi-process work)")
     p.add_argument("--overwrite", action="store_true",
                    help="discard an earlier run in --out whose options differ")
     p.set_defaults(func=run)
@@ -60,6 +62,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         recover=args.recover, recover_steps=args.recover_steps, seed=args.seed,
         train=args.train, heldout=args.heldout, features=args.features,
         copy_detector=args.copy_detector, device=args.device,
+        shard_size=args.shard_size,
     )
 
 

@@ -104,7 +104,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     store = ShardStore(run_dir / "samples", cfg.shard_size)
     context = build_context(inputs.train_images, inputs.heldout_images, *_eval_nets(cfg),
                             cache_dir=run_dir / "cache", device=inputs.device)
-    sampler = Sampler(cfg, scheduler, store, labels, seeds)
+    sampler = Sampler(cfg, scheduler, store, labels, seeds, progress)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), labels, context)
     kinds = MODE_KINDS[cfg.budget_mode]
     units = enumerate_units(base, kinds)
@@ -149,9 +149,9 @@ class Sampler:
     """Draws (or reloads) the run's images for a model under a tag, with one seed per image."""
 
     def __init__(self, cfg: RunConfig, scheduler: Any, store: ShardStore,
-                 labels: torch.Tensor, seeds: list[int]) -> None:
+                 labels: torch.Tensor, seeds: list[int], progress: bool = True) -> None:
         self.cfg, self.scheduler, self.store = cfg, scheduler, store
-        self.labels, self.seeds = labels, seeds
+        self.labels, self.seeds, self.progress = labels, seeds, progress
 
     def __call__(self, model: nn.Module, tag: str, model_hash: str) -> torch.Tensor:
         cfg = self.cfg
@@ -162,7 +162,7 @@ class Sampler:
                                  guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
                                  batch_size=cfg.batch_size, progress=False)
 
-        return self.store.sample(tag, draw, self.labels, self.seeds, fingerprint)
+        return self.store.sample(tag, draw, self.labels, self.seeds, fingerprint, self.progress)
 
 
 def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor,
@@ -196,17 +196,25 @@ def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.M
     key = {"scorer": name, "options": options, "model": model_hash,
            "units": [u.to_json() for u in units]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    if (folder / "scores.json").is_file():
-        saved = load_scores(folder)
-        if saved.config.get("cache_key") == digest and saved.units == units:
-            return saved.scores
-    scorer = get_scorer(name, progress=progress, **options)
-    started = time.perf_counter()
-    result = scorer.compute(model, units, data, scheduler)
-    save_scores(folder, units, result.scores,
-                {"scorer": name, "options": options, "cache_key": digest,
-                 "seconds": round(time.perf_counter() - started, 2)}, raw=result.raw)
-    return result.scores
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process and not _cache_hit(folder, digest, units):
+        scorer = get_scorer(name, progress=progress, **options)
+        started = time.perf_counter()
+        result = scorer.compute(model, units, data, scheduler)
+        save_scores(folder, units, result.scores,
+                    {"scorer": name, "options": options, "cache_key": digest,
+                     "seconds": round(time.perf_counter() - started, 2)}, raw=result.raw)
+    state.wait_for_everyone()  # other processes read what the main process scored
+    return load_scores(folder).scores
+
+
+def _cache_hit(folder: Path, digest: str, units: list) -> bool:
+    if not (folder / "scores.json").is_file():
+        return False
+    saved = load_scores(folder)
+    return saved.config.get("cache_key") == digest and saved.units == units
 
 
 def _fingerprint(model: nn.Module) -> str:

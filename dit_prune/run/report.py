@@ -147,15 +147,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## All budgets", "",
                   "| budget | removed | memorization after | copy after | "
                   f"{fd_name} after | memorization random | copy random | {fd_name} random | "
-                  "verdict |", "|---|---|---|---|---|---|---|---|---|"]
-        for b in report["budgets"]:
+                  "noise control (memorization / copy) | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for b in sorted(report["budgets"], key=lambda b: b["budget"]):
             removed = ", ".join(f"{n} {k}" for k, n in b["units_removed"].items())
             lines.append(
                 f"| {b['budget']:g} | {removed} | {_cell(b['after'], 'memorization_rate')} | "
                 f"{_cell(b['after'], 'copy_rate')} | {_cell(b['after'], 'fd')} | "
                 f"{_cell(b['random_baseline'], 'memorization_rate')} | "
                 f"{_cell(b['random_baseline'], 'copy_rate')} | "
-                f"{_cell(b['random_baseline'], 'fd')} | {b['verdict']} |")
+                f"{_cell(b['random_baseline'], 'fd')} | "
+                f"{_cell(b['noise_control'], 'memorization_rate')} / "
+                f"{_cell(b['noise_control'], 'copy_rate')} | {b['verdict']} |")
     lines += [
         "", "## What was measured", "",
         f"- {report['num_samples']} samples, seeds {report['seeds']} (class = seed mod classes), "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from dit_prune.checkpoint import atomic_write_with
 
@@ -32,6 +33,7 @@ class ShardStore:
         labels: torch.Tensor,
         seeds: Sequence[int],
         fingerprint: str,
+        progress: bool = True,
     ) -> torch.Tensor:
         """All images for `seeds` under `tag`, drawing only the shards not on disk yet.
 
@@ -45,17 +47,21 @@ class ShardStore:
         folder.mkdir(parents=True, exist_ok=True)
         seeds = list(seeds)
         starts = list(range(0, len(seeds), self.shard_size))
-        for number, start in enumerate(starts):
-            if number % state.num_processes != state.process_index:
-                continue
+        mine = [n for n in range(len(starts)) if n % state.num_processes == state.process_index]
+        bar = tqdm(total=len(seeds), desc=f"sampling {tag}", unit="img", leave=False,
+                   disable=not (progress and state.is_main_process))
+        for number in mine:
+            start = starts[number]
             path = folder / f"shard_{number:05d}.safetensors"
             stop = start + self.shard_size
-            if self._valid(path, fingerprint, seeds[start:stop]):
-                continue
-            images = draw(labels[start:stop], seeds[start:stop]).contiguous()  # (S, C, H, W)
-            meta = {"fingerprint": fingerprint, "seeds": ",".join(map(str, seeds[start:stop]))}
-            atomic_write_with(path, lambda tmp, im=images, m=meta: save_file(
-                {"images": im}, str(tmp), metadata=m))
+            if not self._valid(path, fingerprint, seeds[start:stop]):
+                images = draw(labels[start:stop], seeds[start:stop]).contiguous()  # (S, C, H, W)
+                meta = {"fingerprint": fingerprint,
+                        "seeds": ",".join(map(str, seeds[start:stop]))}
+                atomic_write_with(path, lambda tmp, im=images, m=meta: save_file(
+                    {"images": im}, str(tmp), metadata=m))
+            bar.update(len(seeds[start:stop]) * state.num_processes)
+        bar.close()
         state.wait_for_everyone()
         return torch.cat([
             load_file(str(folder / f"shard_{n:05d}.safetensors"))["images"]
