@@ -139,3 +139,15 @@ def test_observe_sees_every_forward(tiny, batch):
         _run(tiny, batch)
         _run(tiny, batch)
     assert sorted(seen) == [(0, (3, 16, 128))] * 2 + [(1, (3, 16, 512))] * 2
+
+
+def test_per_example_gates_sum_to_shared_gates(tiny, batch):
+    units = [Unit("head", 2, 0), Unit("neuron", 1, 3)]
+    x, t, y = batch
+    with gates(tiny, units) as shared:
+        grads = torch.autograd.grad(_run(tiny, batch).pow(2).sum(), shared.tensors)
+    with gates(tiny, units, batch=len(x)) as each:
+        per_example = torch.autograd.grad(_run(tiny, batch).pow(2).sum(), each.tensors)
+    rows = each.unit_sums(per_example)  # (B, U)
+    assert rows.shape == (3, 2)
+    assert torch.allclose(rows.sum(0), shared.unit_sums(grads), rtol=1e-4, atol=1e-6)

@@ -1,7 +1,9 @@
 """The scorer interface, the scoring context, and the one-backward gate-gradient pass.
 
 A scorer maps (model, units, calibration data) to one score per unit, higher = contributes more
-to memorization = prune first. `compute` also returns the raw (un-normalized) scores.
+to memorization = prune first. `compute` also returns the raw (un-normalized) scores. Scorers
+call ``model(x_t, timestep=t, class_labels=y)``; a text-conditioned model (PixArt) is scored
+inside `dit_prune.pipelines.text_conditioning`, which turns those labels into captions.
 
 Example:
     >>> from dit_prune.scorers import get_scorer
@@ -29,12 +31,11 @@ from dit_prune.scorers.calibration import (
     ExampleChunk,
     count_examples,
     iterate_examples,
+    null_label,
 )
 from dit_prune.scorers.normalize import normalize_scores
 from dit_prune.scorers.options import ScorerOptions, TimestepDistribution
 from dit_prune.units import CROSS_HEAD, HEAD, NEURON, Unit, adapter_for, group_units
-
-SUPPORTED_FOR_SCORING = ("DiTTransformer2DModel",)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class ScoringContext:
 
     @property
     def null_label(self) -> int:
-        return int(self.model.config.num_embeds_ada_norm)
+        return null_label(self.model)
 
     def examples(self, split: str, with_direction: bool = False) -> Iterator[ExampleChunk]:
         total = count_examples(self.data, split, self.options, self.timesteps)
@@ -133,11 +134,6 @@ class Scorer:
     def _check(self, model: nn.Module, units: Sequence[Unit],
                data: CalibrationData | None) -> list[Unit]:
         adapter_for(model)  # "unsupported model: <class>" for anything else
-        if type(model).__name__ not in SUPPORTED_FOR_SCORING:
-            raise DitPruneError(
-                f"scorers support class-conditional {', '.join(SUPPORTED_FOR_SCORING)}; "
-                f"{type(model).__name__} needs text conditioning, which is not supported yet"
-            )
         units = list(units)
         if not units:
             raise DitPruneError("no units to score")

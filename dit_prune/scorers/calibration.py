@@ -171,6 +171,11 @@ def noised(chunk: ExampleChunk, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return a.sqrt() * chunk.x0 + (1 - a).sqrt() * chunk.noise  # (B, C, H, W)
 
 
+def null_label(model: nn.Module) -> int:
+    """The unconditional label: the class count of a class-conditional DiT (0 when none)."""
+    return int(getattr(model.config, "num_embeds_ada_norm", None) or 0)
+
+
 def predict_eps(model: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
     """The model's epsilon prediction (first C channels when it also learns sigma)."""

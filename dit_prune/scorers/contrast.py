@@ -6,8 +6,10 @@ training images (DESIGN.md), and score each unit by the standardized difference
 
     (mean over memorized samples - mean over the reference) / std over the reference
 
-of its trajectory activation statistic: the RMS of the unit's down-projection input channels
-over tokens and sampling steps (conditional branch only under guidance).
+of its trajectory activation statistic: the RMS, over tokens and sampling steps, of what the
+unit writes into the residual stream (its input channels times its down-projection columns;
+conditional branch only under guidance). For a neuron this is |a| * ||w||, and since the
+difference is standardized per unit, its input activation alone would rank the same.
 
 The reference is the non-memorized samples, or, when fewer than `min_reference` samples are not
 memorized (a model that copies almost everything), trajectories started from held-out images
@@ -30,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from dit_prune.errors import DitPruneError
-from dit_prune.hooks import Gates, LayerSlot, observe, unit_slots
+from dit_prune.hooks import LayerSlot, observe, slot_column_index, unit_slots
 from dit_prune.metrics.memorization import memorization_report
 from dit_prune.scorers.base import Scorer, ScoringContext
 from dit_prune.scorers.trajectories import (
@@ -111,17 +113,19 @@ def standardized_difference(group: torch.Tensor, reference: torch.Tensor) -> tor
 
 
 class _TrajectoryStats:
-    """Per-sample, per-channel mean squared activations accumulated along trajectories, over
-    all steps and over the steps with t <= `cutoff`."""
+    """Per-sample mean square of each unit's output contribution (its channels times its
+    down-projection columns) accumulated along trajectories, over all steps and over the steps
+    with t <= `cutoff`."""
 
     def __init__(self, ctx: ScoringContext, units: list[Unit], count: int, cutoff: int) -> None:
         self.ctx = ctx
         self.units = units
         self.cutoff = cutoff
-        self.layout = Gates(unit_slots(ctx.model, units), [], units)
-        dims = [slot.layer.in_features for slot in self.layout.slots]
-        self.sums = [torch.zeros(count, d, dtype=torch.float64) for d in dims]  # [(N, D_in)]
-        self.late = [torch.zeros(count, d, dtype=torch.float64) for d in dims]  # [(N, D_in)]
+        self.slots = unit_slots(ctx.model, units)
+        self.index = [slot_column_index(slot) for slot in self.slots]  # [(U_s, width)]
+        sizes = [len(slot.units) for slot in self.slots]
+        self.sums = [torch.zeros(count, n, dtype=torch.float64) for n in sizes]  # [(N, U_s)]
+        self.late = [torch.zeros(count, n, dtype=torch.float64) for n in sizes]  # [(N, U_s)]
         self.seen: set[int] = set()  # timesteps run
         self.current: tuple[torch.Tensor, int] = (torch.empty(0, dtype=torch.long), 0)
 
@@ -135,22 +139,33 @@ class _TrajectoryStats:
                 start_images=start_images, start_t=start_t, progress=self.ctx.options.progress)
 
     def per_unit(self, late_only: bool) -> torch.Tensor:
-        """(N, U) RMS of each unit's channels over tokens and (late) steps."""
+        """(N, U) RMS of each unit's output contribution over tokens and (late) steps."""
         steps = len([t for t in self.seen if t <= self.cutoff]) if late_only else len(self.seen)
         if steps == 0:
             raise DitPruneError(f"no sampling step at or below t = {self.cutoff}")
-        sums = self.late if late_only else self.sums
-        ones = [torch.ones(1, s.shape[1], dtype=torch.float64) for s in sums]
-        widths = self.layout.unit_sums(ones)  # (1, U)
-        return (self.layout.unit_sums(sums) / widths / steps).sqrt()  # (N, U)
+        flat: dict[Unit, int] = {}
+        for slot in self.slots:
+            flat.update((unit, len(flat)) for unit in slot.units)
+        gather = torch.tensor([flat[u] for u in self.units], dtype=torch.long)  # (U,)
+        sums = torch.cat(self.late if late_only else self.sums, 1)  # (N, sum U_s)
+        return (sums[:, gather] / steps).sqrt()  # (N, U)
 
     def _before(self, rows: torch.Tensor, step: int, t: int) -> None:
         self.current = (rows, t)
         self.seen.add(t)
 
+    @torch.no_grad()
     def _record(self, s: int, slot: LayerSlot, x: torch.Tensor) -> None:
         rows, t = self.current
-        ms = x[: len(rows)].double().pow(2).mean(1).cpu()  # (B, D_in), conditional half
+        x = x[: len(rows)].float()  # (B, T, D_in), conditional half
+        index = self.index[s].to(x.device)  # (U_s, width)
+        weight = slot.layer.weight.float()[:, index]  # (D_out, U_s, width)
+        if index.shape[1] == 1:  # neurons: rank one, |a| * ||w||
+            ms = x.pow(2).mean(1)[:, index[:, 0]] * weight[..., 0].pow(2).mean(0)  # (B, U_s)
+        else:
+            out = torch.einsum("btuw,ouw->btuo", x[..., index], weight)  # (B, T, U_s, D_out)
+            ms = out.pow(2).mean((1, 3))  # (B, U_s)
+        ms = ms.double().cpu()
         self.sums[s][rows] += ms
         if t <= self.cutoff:
             self.late[s][rows] += ms

@@ -64,7 +64,9 @@ def save_scores(
         "extra": extra or {},
     }
     atomic_write_with(directory / SCORES_NAME, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_text(directory / SIDECAR_NAME, json.dumps(sidecar, indent=1, default=str))
+    text = json.dumps({**sidecar, "units": "@units"}, indent=1, default=str)
+    units_json = json.dumps(sidecar["units"], separators=(",", ":"))  # one line
+    atomic_write_text(directory / SIDECAR_NAME, text.replace('"@units"', units_json, 1))
     return directory
 
 

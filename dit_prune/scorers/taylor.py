@@ -73,7 +73,7 @@ class TaylorGap(Scorer):
     """dL_train(u) - dL_heldout(u): high when removing u hurts only the training fit."""
 
     name: ClassVar[str] = "taylor-gap"
-    order: int = 2  # 1: first order only; 2: plus the Gauss-Newton curvature term
+    order: int = 1  # 1: first order (default); 2: plus the Gauss-Newton curvature term
 
     def __post_init__(self) -> None:
         if self.order not in (1, 2):

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dit_prune.sampling import initial_noise, make_sampling_scheduler, predict_noise
+from dit_prune.scorers.calibration import null_label
 
 # called before each model call with (indices of the batch's images, step index, timestep)
 StepCallback = Callable[[torch.Tensor, int, int], None]
@@ -62,7 +63,7 @@ def run_trajectories(
     timestep <= `start_t`, and only the remaining steps are run.
     """
     device = next(model.parameters()).device
-    null = int(model.config.num_embeds_ada_norm)
+    null = null_label(model)
     channels, size = int(model.config.in_channels), int(model.config.sample_size)
     sched = make_sampling_scheduler(scheduler, "ddim", steps)
     timesteps = sched.timesteps.clone()  # (S_all,)
