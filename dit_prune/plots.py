@@ -51,18 +51,19 @@ def nearest_pairs_grid(
 
     samples: (N, C, H, W) in [0, 1]; train_images: (M, C, H, W) in [-1, 1]; nearest, ratios:
     (N,) from memorization_report; copies: optional (N,) bool from copy_report. Memorized pairs
-    (ratio < threshold) get a red frame and "M", copy-detected ones "C". The first `max_pairs`
-    samples are shown, in seed order.
+    (ratio < threshold) get a red frame and "M", copy-detected ones "C". `max_pairs` samples
+    evenly spaced over the set are shown (so every class block appears), in seed order.
     """
     count = min(len(samples), max_pairs)
+    shown = np.unique(np.linspace(0, len(samples) - 1, count).round().astype(int))
     rows = max(1, -(-count // pairs_per_row))
     fig = Figure(figsize=(2.0 * pairs_per_row, 1.25 * rows + (0.4 if title else 0.1)), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, 2 * pairs_per_row, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
-    for i in range(count):
-        row, col = divmod(i, pairs_per_row)
+    for slot, i in enumerate(shown.tolist()):
+        row, col = divmod(slot, pairs_per_row)
         gen_ax, train_ax = axes[row, 2 * col], axes[row, 2 * col + 1]
         neighbour = (train_images[int(nearest[i])] + 1) / 2  # (C, H, W) in [0, 1]
         for ax, image in ((gen_ax, samples[i]), (train_ax, neighbour)):
@@ -91,14 +92,14 @@ def nearest_pairs_grid(
 def ratio_histogram_plot(ratios: torch.Tensor, path: str | Path,
                          threshold: float = MEMORIZATION_THRESHOLD, title: str = "") -> Path:
     """PNG histogram of d1/d2 ratios with the memorization threshold marked."""
-    fig = Figure(figsize=(4, 3), dpi=100)
+    fig = Figure(figsize=(5, 3.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.hist(np.clip(np.asarray(ratios, dtype=np.float64), 0, 1), bins=40, range=(0, 1),
             color="#1f77b4")
     ax.axvline(threshold, color=MEMORIZED_COLOR, linestyle="--",
                label=f"threshold {threshold:.3g}: memorized below")
-    ax.set_xlabel("d1 / d2 (nearest / second-nearest training image)")
+    ax.set_xlabel("d1 / d2 (nearest / second-nearest training image)", fontsize=8)
     ax.set_ylabel("samples")
     ax.legend(fontsize=7)
     ax.set_title(title or "ratio test", fontsize=9)

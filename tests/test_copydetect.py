@@ -34,14 +34,14 @@ def detector():
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits64():
     split = digits_split()
     train = split.pool_images[balanced_subset(split.pool_labels, 64, seed=0)]
     return split, train
 
 
-def test_embeddings_are_unit_vectors(detector, digits) -> None:
-    split, _ = digits
+def test_embeddings_are_unit_vectors(detector, digits64) -> None:
+    split, _ = digits64
     emb = detector.embed(split.heldout_images[:10])
     assert emb.shape == (10, 64)
     assert torch.allclose(emb.norm(dim=1), torch.ones(10), atol=1e-5)
@@ -57,8 +57,8 @@ def test_calibration_puts_99_percent_of_heldout_below_tau() -> None:
     assert float((ties < calibrate_threshold(ties)).float().mean()) >= 0.99 - 1e-9
 
 
-def test_controls_heldout_train_and_noisy_copies(detector, digits) -> None:
-    split, train = digits
+def test_controls_heldout_train_and_noisy_copies(detector, digits64) -> None:
+    split, train = digits64
     held = copy_report(split.heldout_images, train, detector, heldout_images=split.heldout_images)
     assert held.rate <= 0.011 and held.heldout_false_copy_rate == held.rate
     assert held.threshold_source == "held-out (797 images)"
@@ -72,8 +72,8 @@ def test_controls_heldout_train_and_noisy_copies(detector, digits) -> None:
     assert (by_copy.nearest == torch.arange(len(train))).float().mean() >= 0.95
 
 
-def test_report_fields_and_default_threshold(detector, digits) -> None:
-    split, train = digits
+def test_report_fields_and_default_threshold(detector, digits64) -> None:
+    split, train = digits64
     with pytest.warns(UserWarning, match="stored tau"):
         report = copy_report(train[:5], split.pool_images, detector)
     assert report.threshold == detector.default_threshold
@@ -82,8 +82,8 @@ def test_report_fields_and_default_threshold(detector, digits) -> None:
     assert report.heldout_false_copy_rate is None
 
 
-def test_bad_input(detector, digits) -> None:
-    split, train = digits
+def test_bad_input(detector, digits64) -> None:
+    split, train = digits64
     with pytest.raises(DitPruneError, match="expected"):
         copy_report(torch.zeros(3, 1, 4, 4), train, detector, threshold=0.9)
     with pytest.raises(DitPruneError, match="NaN"):
@@ -109,8 +109,9 @@ class _FakeInception(nn.Module):
         return x.float().mean(dim=(2, 3)).repeat(1, 2)  # (B, 6)
 
 
-def test_torchscript_detector_and_feature_networks(tmp_path, digits) -> None:
-    split, train = digits
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torchscript_detector_and_feature_networks(tmp_path, digits64) -> None:
+    split, train = digits64
     torch.jit.script(_Embed()).save(str(tmp_path / "sscd_toy.pt"))
     detector = load_copy_detector(tmp_path / "sscd_toy.pt", resize=16)
     assert detector.name == "sscd_toy" and detector.default_threshold is None
@@ -131,8 +132,8 @@ def test_torchscript_detector_and_feature_networks(tmp_path, digits) -> None:
         load_feature_extractor(tmp_path / "junk.pt")
 
 
-def test_shipped_feature_net(digits) -> None:
-    split, _ = digits
+def test_shipped_feature_net(digits64) -> None:
+    split, _ = digits64
     extractor = load_digits_features(default_checkpoints_dir() / "digits-features")
     assert extractor.name == "digitsnet" and extractor.feature_dim == 64
     assert accuracy(extractor.net, split.heldout_images, split.heldout_labels) >= 0.97
@@ -141,8 +142,8 @@ def test_shipped_feature_net(digits) -> None:
         extractor.features(torch.zeros(2, 3, 8, 8))
 
 
-def test_training_is_deterministic_by_seed(digits) -> None:
-    split, _ = digits
+def test_training_is_deterministic_by_seed(digits64) -> None:
+    split, _ = digits64
     cfg = CopyTrainConfig(steps=3, batch_size=32)
     a, _ = train_copy_detector(split.pool_images[:100], cfg, progress=False)
     b, _ = train_copy_detector(split.pool_images[:100], cfg, progress=False)

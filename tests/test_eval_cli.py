@@ -46,6 +46,7 @@ def checkpoint(tmp_path_factory):
     return path, bare
 
 
+@pytest.mark.filterwarnings("ignore:20 generated samples")
 def test_eval_writes_the_run_directory(checkpoint, tmp_path, capsys) -> None:
     path, _ = checkpoint
     out = tmp_path / "run"
@@ -66,6 +67,7 @@ def test_eval_writes_the_run_directory(checkpoint, tmp_path, capsys) -> None:
     assert "memorization rate" in report and "Warnings" in report and "tau" in report
     arrays = np.load(out / "per_sample.npz")
     assert arrays["ratios"].shape == (20,) and arrays["seeds"].tolist() == list(range(20))
+    assert arrays["samples_uint8"].shape == (20, 1, 8, 8)
     config = json.loads((out / "config.resolved.json").read_text())
     assert config["seeds_resolved"] == "0-19" and config["evaluator"]["copy_threshold"] > 0
     # the same run directory again needs --overwrite
@@ -98,7 +100,9 @@ def test_evaluate_samples_contract_and_controls(context) -> None:
     split = digits_split()
     train01 = (context.train_images + 1) / 2  # the training images as "samples" in [0, 1]
     labels = torch.as_tensor(split.pool_labels[balanced_subset(split.pool_labels, 64, seed=0)])
-    result = evaluate_samples(train01, labels, context, fd_resamples=20)
+    with pytest.warns(UserWarning, match="64 generated samples <= feature dimension 64"):
+        result = evaluate_samples(train01, labels, context, fd_resamples=20)
+    assert any("feature dimension" in w for w in result.warnings)
     assert tuple(result.metrics) == METRIC_KEYS
     assert result.metrics["memorization_rate"] == 1.0 and result.metrics["copy_rate"] == 1.0
     assert result.metrics["class_agreement"] == 1.0

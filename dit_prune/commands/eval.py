@@ -42,6 +42,7 @@ from dit_prune.sampling import SAMPLERS, format_seeds, parse_seeds, sample_image
 TRAIN_FROM_CHECKPOINT = "digits-from-checkpoint"
 TRAIN_POOL = "digits-pool"
 HELDOUT_DIGITS = "digits-heldout"
+SAVED_SAMPLES_MAX_VALUES = 1 << 26  # per_sample.npz keeps the samples up to 64 MiB of uint8
 
 
 def default_stats_cache() -> Path:
@@ -177,7 +178,10 @@ def write_outputs(run_dir: Path, args: argparse.Namespace, samples: torch.Tensor
 
     def save_arrays(tmp: Path) -> None:
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, seeds=np.asarray(seeds), **result.arrays)
+        images = {}
+        if samples.numel() <= SAVED_SAMPLES_MAX_VALUES:  # small images: keep them, as uint8
+            images["samples_uint8"] = (samples * 255).round().to(torch.uint8).numpy()
+        np.savez_compressed(buffer, seeds=np.asarray(seeds), **result.arrays, **images)
         tmp.write_bytes(buffer.getvalue())
 
     atomic_write_with(run_dir / "per_sample.npz", save_arrays)
@@ -233,7 +237,7 @@ def render_report(doc: dict[str, Any]) -> str:
         f"{doc['num_train_images']} training images (held-out false-copy rate "
         f"{doc['heldout_false_copy_rate']:.4f}).",
         "",
-        f"Most replicated training images (ratio test, index: samples): "
+        "Most replicated training images (ratio test; training-set index: samples): "
         f"{_pairs(doc['most_replicated'])}",
         f"Most copied training images (copy detector): {_pairs(doc['most_copied'])}",
         "",

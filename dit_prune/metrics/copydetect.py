@@ -179,7 +179,7 @@ class CopyReport:
         """Fraction of held-out real images at or above the threshold (<= 1% by calibration)."""
         if self.heldout_similarities is None:
             return None
-        return float((self.heldout_similarities >= self.threshold).float().mean())
+        return float((self.heldout_similarities >= self.threshold).double().mean())
 
     def most_copied(self, top: int = 10) -> list[tuple[int, int]]:
         """(training index, number of samples that are copies of it), most copied first."""
@@ -273,7 +273,7 @@ def copy_report(
         raise DitPruneError("copy_report needs held-out images (to calibrate tau) or a threshold")
     copies = sims >= tau  # (N,)
     return CopyReport(
-        rate=float(copies.float().mean()) if len(copies) else float("nan"),
+        rate=float(copies.double().mean()) if len(copies) else float("nan"),
         interval=bootstrap_interval(copies, seed=seed),
         num_samples=len(samples),
         similarities=sims,

@@ -100,6 +100,7 @@ def nearest_two(
             # |t|^2 - 2 s.t, written into one (r, c) buffer
             score = torch.addmm(train_sq[j : j + cols].to(device), block, ref.T, alpha=-2.0)
             vals, idx = score.topk(min(2, score.shape[1]), dim=1, largest=False)  # (r, k)
+            del score  # free the block before the next one is allocated: one block at a time
             merged_d = torch.cat([run_d, vals], 1)  # (r, 2 + k)
             merged_i = torch.cat([run_i, idx + j], 1)  # (r, 2 + k)
             order = merged_d.argsort(dim=1, stable=True)[:, :2]  # (r, 2)
@@ -184,7 +185,7 @@ def memorization_report(
     ratios = d1 / d2.clamp_min(1e-12)  # (N,)
     memorized = ratios < threshold  # (N,)
     return MemorizationReport(
-        rate=float(memorized.float().mean()) if len(memorized) else float("nan"),
+        rate=float(memorized.double().mean()) if len(memorized) else float("nan"),
         interval=bootstrap_interval(memorized, seed=seed),
         num_samples=len(samples),
         ratios=ratios,

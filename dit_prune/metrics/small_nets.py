@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,7 @@ def _two_fold_false_rate(detector: CopyDetector, train: torch.Tensor, held: torc
 
 
 def _machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} torch threads available, torch " \
+    return f"{platform.machine()}, 1 training thread ({os.cpu_count()} CPUs), torch " \
            f"{torch.__version__}"
 
 
