@@ -119,7 +119,8 @@ def build_transformer(config: dict[str, Any]) -> nn.Module:
     try:
         model = cls.from_config(clean)
     except (TypeError, ValueError) as exc:
-        raise DitPruneError(f"cannot build {config['_class_name']} from its config: {exc}") from None
+        name = config["_class_name"]
+        raise DitPruneError(f"cannot build {name} from its config: {exc}") from None
     disable_block_label_dropout(model)
     if structure is not None:
         resize_to_structure(model, structure)
@@ -266,5 +267,6 @@ def _load_scheduler(root: Path) -> Any:
     config = _read_json(config_file, "scheduler config")
     cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
     if cls is None:
-        raise DitPruneError(f"unknown scheduler class in {config_file}: {config.get('_class_name')}")
+        name = config.get("_class_name")
+        raise DitPruneError(f"unknown scheduler class in {config_file}: {name}")
     return cls.from_config(config)

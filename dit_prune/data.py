@@ -155,7 +155,8 @@ def check_images(images: torch.Tensor, what: str, shape: tuple[int, ...] | None 
     `shape` is (C, H, W); `what` names the images in the message.
     """
     if images.ndim != 4:
-        raise DitPruneError(f"{what}: expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+        shape_now = tuple(images.shape)
+        raise DitPruneError(f"{what}: expected images of shape (N, C, H, W), got {shape_now}")
     if shape is not None and tuple(images.shape[1:]) != tuple(shape):
         raise DitPruneError(
             f"{what}: images are {tuple(images.shape[1:])}, expected {tuple(shape)} (C, H, W)"

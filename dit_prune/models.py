@@ -46,7 +46,8 @@ def new_dit(
     if size not in DIT_SIZES:
         raise DitPruneError(f"unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")
     if sample_size % patch_size:
-        raise DitPruneError(f"sample size {sample_size} is not divisible by patch size {patch_size}")
+        raise DitPruneError(
+            f"sample size {sample_size} is not divisible by patch size {patch_size}")
     model = DiTTransformer2DModel(
         **DIT_SIZES[size](),
         in_channels=channels,

@@ -92,7 +92,8 @@ def sample_images(
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()  # (N,)
     seeds = [int(s) for s in seeds]
     if len(labels) != len(seeds):
-        raise DitPruneError(f"{len(labels)} labels but {len(seeds)} seeds: need one of each per image")
+        raise DitPruneError(
+            f"{len(labels)} labels but {len(seeds)} seeds: need one of each per image")
     num_classes = int(model.config.num_embeds_ada_norm)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DitPruneError(
@@ -152,7 +153,8 @@ def predict_noise(
     channels = x.shape[1]
     if guidance_scale is None:
         timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)  # (B,)
-        return model(x, timestep=timesteps, class_labels=labels).sample[:, :channels]  # (B, C, h, w)
+        out = model(x, timestep=timesteps, class_labels=labels).sample  # (B, C or 2C, h, w)
+        return out[:, :channels]  # (B, C, h, w)
     x_in = torch.cat([x, x])  # (2B, C, h, w)
     labels_in = torch.cat([labels, torch.full_like(labels, null)])  # (2B,)
     timesteps = torch.full((len(x_in),), int(t), device=x.device, dtype=torch.long)  # (2B,)

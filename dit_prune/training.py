@@ -147,7 +147,7 @@ def train_dit(
 @torch.no_grad()
 def _update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     d = min(decay, (1 + step) / (10 + step))  # warm-up: early EMA tracks the weights closely
-    for e, p in zip(ema.parameters(), model.parameters()):
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.mul_(d).add_(p.detach(), alpha=1 - d)
 
 

@@ -24,7 +24,8 @@ def test_round_trip_is_bit_exact(tiny_model, tmp_path):
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
     save_checkpoint(tiny_model, sched, tmp_path / "ckpt", extra={"note": "x"})
     model, scheduler, meta = load_dit(tmp_path / "ckpt")
-    for (name, a), b in zip(tiny_model.state_dict().items(), model.state_dict().values()):
+    pairs = zip(tiny_model.state_dict().items(), model.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
         assert torch.equal(a, b), name
     assert torch.equal(_outputs(tiny_model), _outputs(model))
     assert (meta.image_size, meta.channels, meta.num_classes, meta.null_class) == (8, 1, 10, 10)
@@ -106,5 +107,5 @@ def test_latent_dit_pipeline_directory(tmp_path):
     assert meta.pipeline_dir == str(tmp_path / "pipe")
     assert (meta.channels, meta.num_classes, meta.null_class) == (4, 1000, 1000)
     assert type(scheduler).__name__ == "DDIMScheduler"
-    for a, b in zip(transformer.state_dict().values(), model.state_dict().values()):
+    for a, b in zip(transformer.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)

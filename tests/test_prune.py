@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -44,10 +45,13 @@ def tiny_pixart(seed=0) -> PixArtTransformer2DModel:
 
 
 def randomize(model, seed):
+    """Every parameter random (the zero-initialised adaLN and output layers made live), scaled
+    by 1/sqrt(fan-in) so that activations stay O(1) and float32 rounding stays far below 1e-5."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)  # zero-init layers made live
+            std = p[0].numel() ** -0.5 if p.ndim >= 2 else 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model.eval()
 
 
@@ -115,7 +119,7 @@ def configs_and_units(draw):
     return config, units
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=int(os.environ.get("PRUNE_EXAMPLES", 25)), deadline=None)
 @given(configs_and_units())
 def test_pruned_output_equals_ablation(case):
     config, units = case
@@ -289,7 +293,9 @@ def test_recovery_trains_the_pruned_model():
     before = model.transformer_blocks[0].attn1.to_q.weight.clone()
     tuned = finetune(model, images, labels, steps=2, batch_size=4, progress=False)
     assert len(tuned.losses) == 2 and tuned.model.transformer_blocks[0].attn1.heads == 1
+    teacher.train()
     result = distill(tuned.model, teacher, images, None, steps=2, batch_size=4, progress=False)
+    assert teacher.training and teacher.pos_embed.proj.weight.requires_grad  # left as it was
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert not torch.equal(before, result.model.transformer_blocks[0].attn1.to_q.weight)
     with pytest.raises(DitPruneError, match="empty"):

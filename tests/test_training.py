@@ -23,7 +23,8 @@ def test_short_training_lowers_the_loss(digits):
 
 def test_same_seed_same_weights(digits):
     a, b = _train(digits, 15), _train(digits, 15)
-    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+    pairs = zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True)
+    for (name, pa), pb in pairs:
         assert torch.equal(pa, pb), name
     c = _train(digits, 15, seed=1)
     assert not torch.equal(a.model.pos_embed.proj.weight, c.model.pos_embed.proj.weight)

@@ -17,7 +17,6 @@ from dit_prune.errors import DitPruneError
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, RunConfig
 
 
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run", help="baseline, score, prune, evaluate on the same seeds, compare with random",

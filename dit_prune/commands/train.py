@@ -102,7 +102,8 @@ def _training_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor
             try:
                 size = int(args.subset)
             except ValueError:
-                raise DitPruneError(f"--subset must be an integer or 'all', got {args.subset}") from None
+                raise DitPruneError(
+                    f"--subset must be an integer or 'all', got {args.subset}") from None
             idx = balanced_subset(split.pool_labels, size, args.subset_seed)
         meta = {"source": "digits", "pool_indices": idx.tolist(), "subset_seed": args.subset_seed,
                 "indices_sha256": indices_hash(idx), "num_images": len(idx)}

@@ -94,7 +94,10 @@ def finetune(
     num_train_timesteps: int = 1000,
     progress: bool = True,
 ) -> RecoveryResult:
-    """Plain fine-tuning of `model` on images (N, C, H, W) in [-1, 1] with labels (N,)."""
+    """Plain fine-tuning of `model` on images (N, C, H, W) in [-1, 1] with labels (N,).
+
+    Trains `model` in place with `train_dit` and returns its EMA copy as `result.model`.
+    """
     from dit_prune.training import TrainConfig, train_dit
 
     _require_class_conditional(model)
@@ -122,7 +125,11 @@ def distill(
     num_train_timesteps: int = 1000,
     progress: bool = True,
 ) -> RecoveryResult:
-    """Match `student` to `teacher` (MSE on the full output) at t in [t_min, t_max] only."""
+    """Match `student` to `teacher` (MSE on the full output) at t in [t_min, t_max] only.
+
+    `student` is trained in place (and returned); `teacher` is left as it was (run in eval mode
+    under no_grad, its mode restored afterwards).
+    """
     _require_class_conditional(student)
     config = RecoveryConfig(steps=steps, lr=lr, batch_size=batch_size, t_min=t_min,
                             t_max=min(t_max, num_train_timesteps - 1), seed=seed)
@@ -136,35 +143,40 @@ def distill(
     alphas = diffusers.DDPMScheduler(
         num_train_timesteps=num_train_timesteps).alphas_cumprod.to(device)  # (T,)
     null = null_class(student)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher_was_training = teacher.training
+    teacher.to(device).eval()
     student.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="distilling", disable=not progress)
-    for step in bar:
-        idx = torch.randint(len(images), (config.batch_size,), generator=gen)  # (B,)
-        x0 = images[idx].to(device)  # (B, C, H, W)
-        y = _draw_labels(labels, idx, null, config.label_dropout, gen).to(device)  # (B,)
-        t = torch.randint(config.t_min, config.t_max + 1, (config.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
-        a = alphas[t.to(device)].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B, C, H, W)
-        with torch.no_grad():
-            target = teacher(xt, timestep=t.to(device), class_labels=y).sample  # (B, C', H, W)
-        pred = student(xt, timestep=t.to(device), class_labels=y).sample  # (B, C', H, W)
-        loss = F.mse_loss(pred, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
-    student.eval()
+    try:
+        for step in bar:
+            idx = torch.randint(len(images), (config.batch_size,), generator=gen)  # (B,)
+            x0 = images[idx].to(device)  # (B, C, H, W)
+            y = _draw_labels(labels, idx, null, config.label_dropout, gen).to(device)  # (B,)
+            t = torch.randint(config.t_min, config.t_max + 1, (config.batch_size,),
+                              generator=gen).to(device)  # (B,)
+            noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
+            a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B, C, H, W)
+            with torch.no_grad():
+                target = teacher(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
+            pred = student(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
+            loss = F.mse_loss(pred, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+        student.eval()
+        teacher.train(teacher_was_training)
     summary = asdict(config)
     summary["num_images"] = len(images)
     summary["labelled"] = labels is not None

@@ -1,7 +1,7 @@
 """The whole before/after experiment of `dit-prune run`, as one function.
 
 Example:
-    >>> cfg = RunConfig(checkpoint="checkpoints/digits-memorized", out="runs/demo")  # doctest: +SKIP
+    >>> cfg = RunConfig("checkpoints/digits-memorized", out="runs/demo")  # doctest: +SKIP
     >>> report = run_experiment(cfg)  # doctest: +SKIP
     >>> report["verdict"]  # doctest: +SKIP
     'not beyond noise control: memorization rate'
@@ -27,7 +27,7 @@ from dit_prune.data import digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 from dit_prune.evaluate import EvalContext, Evaluation, build_context, evaluate_samples
 from dit_prune.metrics.guards import noise_control_images, verdict
-from dit_prune.pruning import count_parameters, prune_units, recover, select_units
+from dit_prune.pruning import prune_units, recover, select_units
 from dit_prune.pruning.recovery_data import recovery_images
 from dit_prune.run.config import RunConfig
 from dit_prune.run.measure import latency_seconds, macs_and_params

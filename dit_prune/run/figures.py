@@ -48,7 +48,7 @@ def before_after_grid(
     axes = fig.subplots(3, n, squeeze=False)
     rows = (before, after, (nearest_train + 1) / 2)
     flags = (memorized_before, memorized_after, None)
-    for r, (images, marks) in enumerate(zip(rows, flags)):
+    for r, (images, marks) in enumerate(zip(rows, flags, strict=True)):
         for c in range(n):
             ax = axes[r][c]
             ax.imshow(_to_display(images[c]), cmap="gray", vmin=0, vmax=1)

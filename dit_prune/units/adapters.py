@@ -79,7 +79,9 @@ class BlockAdapter:
 
 ADAPTERS: dict[str, BlockAdapter] = {
     "DiTTransformer2DModel": BlockAdapter("DiTTransformer2DModel", (HEAD, NEURON)),
-    "PixArtTransformer2DModel": BlockAdapter("PixArtTransformer2DModel", (HEAD, NEURON, CROSS_HEAD)),
+    "PixArtTransformer2DModel": BlockAdapter(
+        "PixArtTransformer2DModel", (HEAD, NEURON, CROSS_HEAD)
+    ),
 }
 
 
