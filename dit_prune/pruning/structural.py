@@ -142,10 +142,12 @@ def _prune_groups(
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     try:
         graph = build_graph(model)
+        # every group is built and checked before any is applied: a refusal changes nothing
+        groups = [(b, kind, positions, _checked_group(graph, adapter, model, b, kind, positions))
+                  for (b, kind), positions in sorted(grouped.items())]
         touched: set[str] = set()
-        for (b, kind), positions in tqdm(sorted(grouped.items()), desc="pruning",
-                                         disable=not progress):
-            touched |= _prune_one(graph, model, adapter, b, kind, positions)
+        for b, kind, positions, group in tqdm(groups, desc="pruning", disable=not progress):
+            touched |= _apply_group(group, model, adapter, b, kind, positions)
         for name, p in model.named_parameters():
             if name not in touched and tuple(p.shape) != shapes[name]:
                 raise RuntimeError(f"structural pruning changed {name}, which it must not touch")
@@ -155,23 +157,39 @@ def _prune_groups(
         model.train(was_training)
 
 
-def _prune_one(
+def _checked_group(
     graph: tp.DependencyGraph,
+    adapter: BlockAdapter,
+    model: nn.Module,
+    b: int,
+    kind: str,
+    positions: list[int],
+) -> Any:
+    """torch-pruning's group for the units at `positions` of one (block, kind), checked."""
+    block = adapter.blocks(model)[b]
+    width = adapter.width(block, kind)
+    channels = [p * width + c for p in positions for c in range(width)]  # whole-unit ranges
+    ups = adapter.up_proj(block, kind)
+    group = graph.get_pruning_group(ups[0], tp.prune_linear_out_channels, channels)
+    allowed = {id(layer) for layer in [*ups, adapter.down_proj(block, kind)]}
+    _check_group(group, allowed, channels, f"block {b} {kind}")
+    return group
+
+
+def _apply_group(
+    group: Any,
     model: nn.Module,
     adapter: BlockAdapter,
     b: int,
     kind: str,
     positions: list[int],
 ) -> set[str]:
-    """Prune the units at `positions` of one (block, kind); returns the parameter names touched."""
+    """Prune one checked group, fix bookkeeping; returns the parameter names touched."""
     block = adapter.blocks(model)[b]
     width = adapter.width(block, kind)
     kept = adapter.kept(block, kind)
-    channels = [p * width + c for p in positions for c in range(width)]
     ups = adapter.up_proj(block, kind)
     down = adapter.down_proj(block, kind)
-    group = graph.get_pruning_group(ups[0], tp.prune_linear_out_channels, channels)
-    _check_group(group, {id(layer) for layer in [*ups, down]}, channels, f"block {b} {kind}")
     group.prune(record_history=False)
     remaining = len(kept) - len(positions)
     if any(up.out_features != remaining * width for up in ups) or \
