@@ -32,6 +32,9 @@ _PUBLIC = {
     "frechet_distance": "dit_prune.metrics.fid",
     "load_copy_detector": "dit_prune.metrics.copydetect",
     "copy_report": "dit_prune.metrics.copydetect",
+    "prune_pipeline": "dit_prune.pipelines",
+    "load_pruned_pipeline": "dit_prune.pipelines",
+    "generate_decoded": "dit_prune.pipelines",
 }
 
 __all__ = sorted(_PUBLIC)

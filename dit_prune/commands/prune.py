@@ -12,9 +12,7 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import time
 from pathlib import Path
@@ -27,12 +25,12 @@ from dit_prune.checkpoint import load_dit
 from dit_prune.commands.common import dump_resolved_config, pick_device
 from dit_prune.errors import DitPruneError
 from dit_prune.pruning.format import PLAN_NAME, read_plan, save_pruned
-from dit_prune.pruning.inputs import example_inputs
 from dit_prune.pruning.recovery import RECOVERY_METHODS, recover
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES, recovery_images
-from dit_prune.pruning.scores_io import load_scores
 from dit_prune.pruning.selection import BUDGET_MODES, check_budget, select_units
 from dit_prune.pruning.structural import PrunePlan, prune_units
+from dit_prune.run.measure import macs_and_params
+from dit_prune.scorers.io import load_scores
 from dit_prune.structure import original_counts
 from dit_prune.units import Unit, adapter_for, enumerate_units
 
@@ -73,15 +71,15 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded = load_dit(checkpoint, device=device)
     model, meta = loaded.model, loaded.meta
-    scores = load_scores(args.scores)
+    scores = load_scores(_score_dir(Path(args.scores)))
     units, values, already_gone = _present_units(model, scores.units, scores.scores)
     chosen = select_units(units, values, budget, mode=args.budget_mode, model=model)
     if not chosen:
         raise DitPruneError(f"budget {budget} of {args.budget_mode} selects no unit")
     teacher = copy.deepcopy(model) if args.recover == "distill" else None
-    before = _count(model)
+    before = macs_and_params(model)
     plan = prune_units(model, chosen, progress=True)
-    after = _count(model)
+    after = macs_and_params(model)
     recovery, data_info = _recover(args, model, teacher, meta.extra)
     if recovery is not None:
         model = recovery.model
@@ -91,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint_sha256": meta.weights_sha256,
         "base_sha256": base_hash,
         "scores": str(args.scores),
-        "scorer": scores.scorer,
+        "scorer": scores.config.get("scorer", "unknown"),
         "budget": budget,
         "budget_mode": args.budget_mode,
         "units_removed": plan.counts,
@@ -144,15 +142,6 @@ def _present_units(
     return [units[i] for i in keep], values[keep], len(units) - len(keep)
 
 
-def _count(model: nn.Module) -> dict[str, int]:
-    """Parameters and MACs of one forward at batch 1 (torch-pruning's counter)."""
-    import torch_pruning as tp
-
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the counter chats
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs(model))
-    return {"macs": int(macs), "params": int(params)}
-
-
 def _pair(before: int, after: int) -> dict[str, Any]:
     return {"before": before, "after": after, "ratio": round(after / before, 6)}
 
@@ -179,3 +168,8 @@ def _lineage(checkpoint: Path, weights_sha256: str) -> tuple[str, list[PrunePlan
     info = read_plan(plan_file)
     history = [PrunePlan.from_json(p) for p in info.get("plans", [])]
     return str(info.get("base_sha256") or weights_sha256), history
+
+
+def _score_dir(path: Path) -> Path:
+    """`dit-prune score` output: the run directory, or one of its two files."""
+    return path.parent if path.is_file() else path

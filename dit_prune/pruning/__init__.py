@@ -14,12 +14,11 @@ Example:
 
 from dit_prune.pruning.format import load_pruned, read_plan, save_pruned
 from dit_prune.pruning.recovery import RecoveryResult, distill, finetune, recover
-from dit_prune.pruning.scores_io import LoadedScores, load_scores
 from dit_prune.pruning.selection import BUDGET_MODES, check_budget, select_units
 from dit_prune.pruning.structural import PrunePlan, count_parameters, prune_units, unit_cost
 
 __all__ = [
-    "BUDGET_MODES", "LoadedScores", "PrunePlan", "RecoveryResult", "check_budget",
-    "count_parameters", "distill", "finetune", "load_pruned", "load_scores", "prune_units",
+    "BUDGET_MODES", "PrunePlan", "RecoveryResult", "check_budget",
+    "count_parameters", "distill", "finetune", "load_pruned", "prune_units",
     "read_plan", "recover", "save_pruned", "select_units", "unit_cost",
 ]
