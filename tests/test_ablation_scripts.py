@@ -1,0 +1,90 @@
+"""Smoke runs of the ablation scripts (scripts/*.py --smoke): each writes its table and plot.
+
+Usage:
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_ablation_scripts.py -q
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("| ")]
+
+
+def test_common_aggregation_and_formatting() -> None:
+    common = load_script("ablation_common")
+    mean, std, count = common.mean_std([0.2, 0.4, None, float("nan")])
+    assert count == 2 and mean == pytest.approx(0.3) and std == pytest.approx(0.1414, abs=1e-3)
+    assert common.fmt((0.25, 0.05, 3), "copy_rate") == "25.0 ± 5.0%"
+    assert common.fmt((21.0, 0.0, 1), "fd") == "21.0"
+    assert common.fmt((0.0, 0.0, 0), "fd") == "—"
+    assert common.parse_list("0.1, 0.2", float) == [0.1, 0.2]
+
+
+def test_ablate_budget_smoke(tmp_path: Path) -> None:
+    result = load_script("ablate_budget").main(["--smoke", "--out", str(tmp_path)])
+    rows = table_lines(result["table"])
+    assert any("unpruned" in r for r in rows)
+    assert any("**magnitude**" in r and "0.25" in r for r in rows)
+    assert any("**random**" in r and "0.25" in r for r in rows)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in result["plots"])
+    # cached: a second call reads the stored reports instead of recomputing
+    again = load_script("ablate_budget").main(["--smoke", "--out", str(tmp_path)])
+    assert table_lines(again["table"]) == rows
+
+
+def test_ablate_timesteps_smoke(tmp_path: Path) -> None:
+    result = load_script("ablate_timesteps").main(["--smoke", "--out", str(tmp_path)])
+    rows = table_lines(result["table"])
+    for dist in ("`uniform`", "`uniform:700,1000`", "`random`"):
+        assert any(dist in r for r in rows)
+    assert len(table_lines(result["overlap"])) == 2  # header + one pair
+    assert result["plot"].is_file()
+
+
+def test_transition_smoke(tmp_path: Path) -> None:
+    result = load_script("transition").main(["--smoke", "--out", str(tmp_path),
+                                             "--scores-root", str(tmp_path / "none")])
+    rows = table_lines(result["table"])
+    assert len(rows) == 2 and rows[1].startswith("| 10 | 20 |")
+    pruning = table_lines(result["pruning_table"])
+    assert any("unpruned" in r for r in pruning) and any("random" in r for r in pruning)
+    assert result["plot"].is_file()
+
+
+def test_disjoint_halves_are_balanced_and_disjoint() -> None:
+    import torch
+
+    transition = load_script("transition")
+    labels = torch.arange(200) % 10
+    a, b = transition.disjoint_halves(labels, 20, seed=3)
+    assert len(a) == len(b) == 20 and not set(a) & set(b)
+    assert torch.bincount(labels[a]).tolist() == [2] * 10
+    assert torch.bincount(labels[b]).tolist() == [2] * 10
+
+
+def test_robustness_smoke(tmp_path: Path) -> None:
+    result = load_script("robustness").main(["--smoke", "--out", str(tmp_path)])
+    rows = table_lines(result["table"])
+    assert len(rows) == 1 + 6  # header + 3 models x (train, held-out)
+    assert any("unpruned" in r and "held-out" in r for r in rows)
+    assert result["plot"].is_file()
