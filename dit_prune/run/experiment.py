@@ -25,8 +25,15 @@ from dit_prune.checkpoint import LoadedDiT, load_dit
 from dit_prune.commands.common import pick_device
 from dit_prune.data import digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
-from dit_prune.evaluate import EvalContext, Evaluation, build_context, evaluate_samples
-from dit_prune.metrics.guards import noise_control_images, verdict
+from dit_prune.evaluate import (
+    EvalContext,
+    Evaluation,
+    build_context,
+    evaluate_noise_control,
+    evaluate_samples,
+)
+from dit_prune.metrics.guards import verdict
+from dit_prune.metrics.netio import weights_fingerprint
 from dit_prune.pruning import prune_units, recover, select_units
 from dit_prune.pruning.recovery_data import recovery_images
 from dit_prune.run.config import RunConfig
@@ -38,7 +45,6 @@ from dit_prune.units import HEAD, NEURON, enumerate_units
 
 MODE_KINDS = {"heads": [HEAD], "neurons": [NEURON], "both": [HEAD, NEURON],
               "params": [HEAD, NEURON]}
-NOISE_KEYS = ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval")
 
 
 @dataclass
@@ -125,7 +131,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
         for arm, arm_scores in (("after", scores), ("random_baseline", random_scores)):
             model, plan = _pruned_copy(base, units, arm_scores, budget, cfg, inputs)
             tag = f"{arm}_{budget:g}"
-            result = _evaluate(tag, sampler(model, tag, _fingerprint(model)), labels, context)
+            images = sampler(model, tag, weights_fingerprint(model))  # (N, C, H, W)
+            result = _evaluate(tag, images, labels, context)
             cost = macs_and_params(model)
             result.metrics.update(params=cost["params"], macs=cost["macs"],
                                   latency_s=latency_seconds(model, scheduler, cfg))
@@ -133,13 +140,11 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
             entry[f"{arm}_plan"] = plan
             if arm == "after":
                 entry["model"] = model
-        control = noise_control_images(before.images, entry["after"].images, seed=cfg.seed)
-        noise_eval = evaluate_samples(control.images, labels, context, seed=cfg.seed)
-        entry["noise_control"] = {k: noise_eval.metrics[k] for k in NOISE_KEYS}
-        entry["noise_control"]["rms"] = float(control.realized_rms.pow(2).mean().sqrt())
+        entry["noise_control"] = evaluate_noise_control(before.images, entry["after"].images,
+                                                        context, seed=cfg.seed)
         entry["verdict"] = verdict(before.metrics, entry["after"].metrics, entry["noise_control"])
-        entry["random_verdict"] = _random_verdict(before, entry["random_baseline"], labels,
-                                                  context, cfg.seed)
+        entry["random_verdict"] = _random_verdict(before, entry["random_baseline"], context,
+                                                  cfg.seed)
         entries.append(entry)
     return {"before": before, "entries": entries, "context": context, "config": cfg,
             "meta": meta, "seeds": seeds, "labels": labels, "units": units}
@@ -171,11 +176,9 @@ def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor,
     return Arm(name, dict(evaluation.metrics), images, evaluation)
 
 
-def _random_verdict(before: Arm, arm: Arm, labels: torch.Tensor, context: EvalContext,
-                    seed: int) -> str:
-    control = noise_control_images(before.images, arm.images, seed=seed)
-    noise = evaluate_samples(control.images, labels, context, seed=seed).metrics
-    return verdict(before.metrics, arm.metrics, {k: noise[k] for k in NOISE_KEYS})
+def _random_verdict(before: Arm, arm: Arm, context: EvalContext, seed: int) -> str:
+    noise = evaluate_noise_control(before.images, arm.images, context, seed=seed)
+    return verdict(before.metrics, arm.metrics, noise)
 
 
 def _pruned_copy(base: nn.Module, units: list, scores: torch.Tensor, budget: float,
@@ -215,14 +218,6 @@ def _cache_hit(folder: Path, digest: str, units: list) -> bool:
         return False
     saved = load_scores(folder)
     return saved.config.get("cache_key") == digest and saved.units == units
-
-
-def _fingerprint(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _eval_nets(cfg: RunConfig) -> tuple[Any, Any]:

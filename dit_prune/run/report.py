@@ -173,7 +173,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "held-out images (bootstrap interval); precision/recall with k-NN manifolds; class "
         "agreement by the digits classifier.",
         "- Noise control: the before samples plus Gaussian noise with the RMS of the "
-        f"before→after change (RMS {report['noise_control'].get('rms', float('nan')):.4f}).",
+        "before→after change, matched per image (mean RMS "
+        f"{report['noise_control'].get('noise_rms', float('nan')):.4f} on the [0, 1] scale).",
         f"- Recovery after pruning: {report['recover']}.",
         "", "![before / after](samples_before_after.png)", "",
     ]
