@@ -14,10 +14,13 @@ from typing import Any
 import torch
 
 from dit_prune.errors import DitPruneError
+from dit_prune.pruning.recovery import RECOVERY_METHODS
+from dit_prune.pruning.selection import BUDGET_MODES as SELECTION_MODES
 from dit_prune.sampling import SAMPLERS, format_seeds, parse_seeds
 
-RECOVERIES = ("none", "finetune", "distill")
-BUDGET_MODES = ("heads", "neurons", "both", "params")
+RECOVERIES = RECOVERY_METHODS
+# `dit-prune run` handles class-conditional DiTs, which have no cross-attention heads
+BUDGET_MODES = tuple(mode for mode in SELECTION_MODES if mode != "cross_heads")
 
 
 @dataclass(frozen=True)

@@ -36,15 +36,13 @@ from dit_prune.metrics.guards import verdict
 from dit_prune.metrics.netio import weights_fingerprint
 from dit_prune.pruning import prune_units, recover, select_units
 from dit_prune.pruning.recovery_data import recovery_images
+from dit_prune.pruning.selection import MODE_KINDS
 from dit_prune.run.config import RunConfig
 from dit_prune.run.measure import latency_seconds, macs_and_params
 from dit_prune.run.shards import ShardStore
 from dit_prune.sampling import sample_images
 from dit_prune.scorers import CalibrationData, get_scorer, load_scores, save_scores
 from dit_prune.units import HEAD, NEURON, enumerate_units
-
-MODE_KINDS = {"heads": [HEAD], "neurons": [NEURON], "both": [HEAD, NEURON],
-              "params": [HEAD, NEURON]}
 
 
 @dataclass
@@ -112,7 +110,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                             cache_dir=run_dir / "cache", device=inputs.device)
     sampler = Sampler(cfg, scheduler, store, labels, seeds, progress)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), labels, context)
-    kinds = MODE_KINDS[cfg.budget_mode]
+    kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds
     units = enumerate_units(base, kinds)
     data = CalibrationData(inputs.train_images, inputs.train_labels, inputs.heldout_images,
                            inputs.heldout_labels)
