@@ -69,10 +69,17 @@ def run_cached(cfg: Any, report_path: Path, inputs: Any = None) -> dict[str, Any
     """run_experiment(cfg) → build_report, stored at report_path; reread if already there.
 
     Sample shards, reference statistics and scores are cached in cfg.out by run_experiment
-    itself, so several scorers sharing one run folder share the before / random arms.
+    itself, so several scorers sharing one run folder share the before / random arms. A stored
+    report is reused only if it holds the same budgets and was made by the same scoring code.
     """
+    from dit_prune.scorers import scoring_code_fingerprint
+
+    code = scoring_code_fingerprint()
     if report_path.is_file():
-        return json.loads(report_path.read_text())
+        cached = json.loads(report_path.read_text())
+        budgets = [b["budget"] for b in cached.get("budgets", [])]
+        if cached.get("scoring_code") == code and budgets == list(cfg.budgets):
+            return cached
     from dit_prune.run import run_experiment
     from dit_prune.run.report import build_report
 
@@ -81,6 +88,7 @@ def run_cached(cfg: Any, report_path: Path, inputs: Any = None) -> dict[str, Any
         result = run_experiment(cfg, inputs, progress=False)
     report = build_report(result)
     report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["scoring_code"] = code
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1))
     return report

@@ -87,6 +87,23 @@ def test_interrupted_run_resumes_to_the_same_report(tiny_checkpoint, tmp_path, m
     assert a["verdict"] == b["verdict"]
 
 
+def test_cached_scores_are_not_reused_after_the_scoring_code_changes(tiny_checkpoint, tmp_path,
+                                                                   monkeypatch):
+    import dit_prune.run.experiment as experiment
+
+    out = tmp_path / "run"
+    assert _run(tiny_checkpoint, out) == 0
+    scored = []
+    real = experiment.get_scorer
+    monkeypatch.setattr(experiment, "get_scorer",
+                        lambda name, **kw: scored.append(name) or real(name, **kw))
+    assert _run(tiny_checkpoint, out) == 0  # same options: the run resumes from its caches
+    assert scored == []  # same code: both cached score sets are reused
+    monkeypatch.setattr(experiment, "scoring_code_fingerprint", lambda: "changed-code")
+    assert _run(tiny_checkpoint, out) == 0
+    assert sorted(scored) == ["random", "taylor-gap"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--budget", "1.5"], "strictly between 0 and 1"),
     (["--budget", "0"], "strictly between 0 and 1"),

@@ -41,7 +41,13 @@ from dit_prune.run.config import RunConfig
 from dit_prune.run.measure import latency_seconds, macs_and_params
 from dit_prune.run.shards import ShardStore
 from dit_prune.sampling import sample_images
-from dit_prune.scorers import CalibrationData, get_scorer, load_scores, save_scores
+from dit_prune.scorers import (
+    CalibrationData,
+    get_scorer,
+    load_scores,
+    save_scores,
+    scoring_code_fingerprint,
+)
 from dit_prune.units import HEAD, NEURON, enumerate_units
 
 
@@ -195,7 +201,7 @@ def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.M
                    units: list, data: CalibrationData, scheduler: Any, model_hash: str,
                    progress: bool) -> torch.Tensor:
     key = {"scorer": name, "options": options, "model": model_hash,
-           "units": [u.to_json() for u in units]}
+           "units": [u.to_json() for u in units], "code": scoring_code_fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     from accelerate import PartialState
 

@@ -32,7 +32,7 @@ from dit_prune.scorers.baselines import Magnitude, Random
 from dit_prune.scorers.calibration import CalibrationData
 from dit_prune.scorers.condgap import CondGap
 from dit_prune.scorers.contrast import ActivationContrast
-from dit_prune.scorers.io import SavedScores, load_scores, save_scores
+from dit_prune.scorers.io import SavedScores, load_scores, save_scores, scoring_code_fingerprint
 from dit_prune.scorers.normalize import NORMALIZATIONS, normalize_scores
 from dit_prune.scorers.options import ScorerOptions, TimestepDistribution
 from dit_prune.scorers.sensitivity import Sensitivity
@@ -41,7 +41,7 @@ from dit_prune.scorers.taylor import TaylorGap, Ye2025
 __all__ = [
     "NORMALIZATIONS", "SCORERS", "CalibrationData", "SavedScores", "ScoreResult", "Scorer",
     "ScorerOptions", "ScoringContext", "TimestepDistribution", "get_scorer", "load_scores",
-    "normalize_scores", "save_scores",
+    "normalize_scores", "save_scores", "scoring_code_fingerprint",
 ]
 
 SCORERS: MappingProxyType[str, type[Scorer]] = MappingProxyType({

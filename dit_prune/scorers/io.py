@@ -90,3 +90,23 @@ def load_scores(directory: str | os.PathLike[str]) -> SavedScores:
         raise DitPruneError(f"{weights} does not hold one score per unit of {sidecar_path}")
     extra = sidecar.pop("extra", {})
     return SavedScores(units, tensors["scores"], tensors.get("raw"), sidecar, extra)
+
+
+def scoring_code_fingerprint() -> str:
+    """A short digest of the source that decides scores (scorers, hooks, units, sampling).
+
+    Cached scores are keyed on it, so scores computed by older code are never reused.
+
+    Example:
+        >>> len(scoring_code_fingerprint())
+        16
+    """
+    import hashlib
+
+    package = Path(__file__).resolve().parent.parent  # dit_prune/
+    files = sorted([*(package / "scorers").glob("*.py"), *(package / "units").glob("*.py"),
+                    package / "hooks.py", package / "sampling.py"])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
