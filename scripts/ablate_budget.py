@@ -29,6 +29,7 @@ from ablation_common import (  # noqa: E402
     mean_std,
     new_figure,
     parse_list,
+    parse_scorer_spec,
     run_cached,
     save_figure,
     timed,
@@ -43,7 +44,8 @@ SMOKE_SCORER_OPTIONS = {"batches": 1, "max_images": 16}
 def parse_args(argv: list[str] | None = None) -> Any:
     parser = base_parser(__doc__.splitlines()[0], "runs/ablate_budget")
     parser.add_argument("--scorers", default="taylor-gap,ye2025,magnitude",
-                        help="scorers to compare ('random' is always the baseline arm)")
+                        help="scorers to compare ('random' is always the baseline arm); a "
+                        "scorer may carry options, e.g. 'taylor-gap+quality_weight=0.5'")
     parser.add_argument("--budgets", default="0.1,0.2")
     parser.add_argument("--modes", default="heads,neurons", help="heads, neurons and/or both")
     parser.add_argument("--recover", default="none", help="comma list of none/finetune/distill")
@@ -72,10 +74,11 @@ def run_grid(args: Any) -> list[dict[str, Any]]:
             for scorer in scorers]
     inputs, records = None, []
     for mode, rec, seed, scorer in tqdm(grid, desc="ablate_budget"):
+        name, own = parse_scorer_spec(scorer)
         cfg = RunConfig(checkpoint=args.checkpoint, out=str(out / "runs" / mode / rec /
                                                             f"seed{seed}"),
-                        scorer=scorer, budgets=budgets, budget_mode=mode, seeds=args.seeds,
-                        steps=args.steps, scorer_options=dict(options), recover=rec,
+                        scorer=name, budgets=budgets, budget_mode=mode, seeds=args.seeds,
+                        steps=args.steps, scorer_options={**options, **own}, recover=rec,
                         recover_steps=args.recover_steps, seed=seed, device="cpu")
         path = out / "reports" / f"{mode}_{rec}_{scorer}_seed{seed}.json"
         if inputs is None and not path.is_file():

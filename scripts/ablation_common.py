@@ -30,6 +30,27 @@ def parse_list(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
     return [kind(item.strip()) for item in text.split(",") if item.strip()]
 
 
+def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'taylor-gap+quality_weight=0.5' -> ('taylor-gap', {'quality_weight': 0.5}).
+
+    The whole spec is the arm's label in tables; numbers are read as int or float.
+    """
+    name, *items = spec.split("+")
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"scorer spec {spec!r}: expected KEY=VALUE after '+', got {item!r}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = value
+    return name, options
+
+
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """The options every ablation script shares."""
     parser = argparse.ArgumentParser(description=description)

@@ -1,8 +1,9 @@
 """The memorization-to-generalization transition on the digits, and whether pruning moves a
 memorizing model's samples towards a generalizing model's.
 
-Part 1: for each n, two tiny DiTs are trained (same settings, fixed step count) on two disjoint
-class-balanced sets of n pool digits (halves A and B). Each is judged against its own training
+Part 1: for each n and each training seed, two tiny DiTs are trained (same settings, fixed step
+count) on two disjoint class-balanced sets of n pool digits (halves A and B; only A when the
+1,000-digit pool cannot hold two). Each is judged against its own training
 set (memorization rate, copy rate, FD to held-out digits); and the FD between A's and B's samples
 on the same seeds measures whether they converge (Kadkhodaie et al. 2024) — compared with the
 FD between two disjoint real sets of the same size (the floor).
@@ -12,8 +13,8 @@ memorized model before pruning, after scorer-chosen pruning and after random pru
 reused from ablate_budget's cache when present).
 
 Usage:
-    OMP_NUM_THREADS=1 python scripts/transition.py --out runs/transition --ns 16,64,256 \
-        --train-steps 1200 --seeds 0-299 --steps 25 --pruning-seeds 0,1,2
+    OMP_NUM_THREADS=1 python scripts/transition.py --out runs/transition --ns 16,64,256,500,1000 \
+        --train-steps 1000 --seeds 0-299 --steps 25 --pruning-seeds 0,1,2
     OMP_NUM_THREADS=1 python scripts/transition.py --smoke --out /tmp/transition_smoke
 """
 
@@ -45,8 +46,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> Any:
     parser = base_parser(__doc__.splitlines()[0], "runs/transition")
-    parser.add_argument("--ns", default="16,64,256", help="training-set sizes (per half)")
-    parser.add_argument("--train-steps", type=int, default=1200)
+    parser.add_argument("--ns", default="16,64,256,500,1000",
+                        help="training-set sizes (per model; halves only up to 500)")
+    parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--generalized", default="checkpoints/digits-generalized")
     parser.add_argument("--scorer", default="taylor-gap")
@@ -56,34 +58,42 @@ def parse_args(argv: list[str] | None = None) -> Any:
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
-        args.ns, args.train_steps = "10", 20
+        args.ns, args.train_steps = "10,600", 20
     return args
 
 
-def disjoint_halves(labels: torch.Tensor, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint class-balanced index sets of size n each (indices into labels)."""
+def disjoint_halves(labels: torch.Tensor, n: int, seed: int) -> list[np.ndarray]:
+    """Two disjoint class-balanced index sets of size n each (indices into labels); only one
+    when the pool cannot hold two."""
     from dit_prune.data import balanced_subset
 
     a = balanced_subset(labels, n, seed)
+    if 2 * n > len(labels):
+        return [np.sort(a)]
     rest = np.setdiff1d(np.arange(len(labels)), a)
     b = rest[balanced_subset(labels[rest], n, seed + 1)]
-    return a, np.sort(b)
+    return [np.sort(a), np.sort(b)]
 
 
 def trained_model(images: torch.Tensor, labels: torch.Tensor, steps: int, batch: int, seed: int,
                   path: Path) -> torch.nn.Module:
-    """Train (or reload from path) a tiny DiT on images (N, C, H, W) in [-1, 1]."""
+    """Train (or reload from path, a safetensors file) a tiny DiT on images (N, C, H, W) in
+    [-1, 1]; the file is written atomically, so an interrupted training leaves nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from dit_prune.checkpoint import atomic_write_with
     from dit_prune.models import new_dit
     from dit_prune.training import TrainConfig, train_dit
 
     if path.is_file():
         model = new_dit("tiny", 10, images.shape[-1], images.shape[1])
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model.load_state_dict(load_file(str(path)))
         return model.eval()
     cfg = TrainConfig(steps=steps, batch_size=batch, probe_every=0, seed=seed)
     result = train_dit(images, labels, cfg, num_classes=10, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(result.model.state_dict(), path)
+    state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+    atomic_write_with(path, lambda tmp: save_file(state, str(tmp)))
     return result.model.eval()
 
 
@@ -129,33 +139,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     floor = fd_between(features, split.heldout_images[perm[:half]],
                        split.heldout_images[perm[half: 2 * half]])
     rows, summary = [], []
+    train_seeds = parse_list(args.pruning_seeds, int)
     for n in tqdm(parse_list(args.ns, int), desc="transition"):
-        idx_a, idx_b = disjoint_halves(split.pool_labels, n, seed=n)
-        per_half, samples = [], []
-        for name, idx in (("A", idx_a), ("B", idx_b)):
-            imgs, labs = split.pool_images[idx], split.pool_labels[idx]
-            model = trained_model(imgs, labs, args.train_steps, args.batch_size, 0,
-                                  out / "models" / f"n{n}_{name}_{args.train_steps}.pt")
-            images = draw(model, scheduler, seeds, args.steps)  # (N, C, H, W) in [0, 1]
-            ctx = build_context(imgs, split.heldout_images, features, detector,
-                                cache_dir=out / "cache")
-            per_half.append(evaluate_samples(images, labels, ctx).metrics)
-            samples.append(images * 2 - 1)
-        between = fd_between(features, samples[0], samples[1])
-        stats = {k: mean_std(m[k] for m in per_half)
+        per_model, between = [], []
+        for seed in train_seeds:
+            samples = []
+            halves = disjoint_halves(split.pool_labels, n, seed=1000 * seed + n)
+            for name, idx in zip("AB", halves, strict=False):
+                imgs, labs = split.pool_images[idx], split.pool_labels[idx]
+                path = out / "models" / f"n{n}_{name}_seed{seed}_{args.train_steps}.safetensors"
+                model = trained_model(imgs, labs, args.train_steps, args.batch_size, seed, path)
+                images = draw(model, scheduler, seeds, args.steps)  # (N, C, H, W) in [0, 1]
+                ctx = build_context(imgs, split.heldout_images, features, detector,
+                                    cache_dir=out / "cache")
+                per_model.append(evaluate_samples(images, labels, ctx).metrics)
+                samples.append(images * 2 - 1)
+            if len(samples) == 2:
+                between.append(fd_between(features, samples[0], samples[1]))
+        stats = {k: mean_std(m[k] for m in per_model)
                  for k in ("memorization_rate", "copy_rate", "fd", "class_agreement")}
-        rows.append([n, args.train_steps, fmt(stats["memorization_rate"], "memorization_rate"),
+        gap = mean_std(between)
+        rows.append([n, args.train_steps, len(per_model),
+                     fmt(stats["memorization_rate"], "memorization_rate"),
                      fmt(stats["copy_rate"], "copy_rate"), fmt(stats["fd"], "fd"),
-                     f"{between:.1f}", f"{floor:.1f}"])
-        summary.append({"n": n, "stats": stats, "fd_between_halves": between, "floor": floor,
-                        "halves": per_half})
-    notes = [f"Each row: two tiny DiTs trained for {args.train_steps} steps (batch "
-             f"{args.batch_size}, lr 1e-3, training seed 0) on disjoint class-balanced halves of "
-             f"n pool digits; ± is over the two halves (one training seed each); {len(seeds)} "
-             f"samples each, DDIM {args.steps} steps, same seeds for both halves.",
+                     fmt(gap, "fd"), f"{floor:.1f}"])
+        summary.append({"n": n, "stats": stats, "fd_between_halves": gap, "floor": floor,
+                        "models": per_model, "fd_between_per_seed": between})
+    notes = [f"Each row: tiny DiTs trained for {args.train_steps} steps (batch "
+             f"{args.batch_size}, lr 1e-3) on disjoint class-balanced halves A and B of n pool "
+             f"digits, for training seeds {args.pruning_seeds} (each seed draws its own halves "
+             "and its own initialisation); only half A when the 1,000-digit pool cannot hold two "
+             f"halves. Rates and FD to held-out: mean ± std over all models; FD between halves: "
+             f"mean ± std over seeds. {len(seeds)} samples each, DDIM {args.steps} steps, the "
+             "same seeds for every model.",
              f"floor: FD between two disjoint sets of {half} real held-out digits."]
     table = write_table(out / "transition_table.md",
-                        ["n per half", "train steps", "memorization (ratio)", "copy rate",
+                        ["n per model", "train steps", "models", "memorization (ratio)",
+                         "copy rate",
                          "FD_digitsnet to held-out", "FD between halves' samples", "real floor"],
                         rows, title="Memorization vs training-set size", notes=notes)
     prune_rows = _pruning_part(args, features, scheduler, seeds)
@@ -224,10 +244,13 @@ def _plot(summary: list[dict[str, Any]], path: Path) -> Path:
     axes[0].set_xlabel("training images n")
     axes[0].set_ylabel("%")
     axes[0].legend()
-    axes[1].plot(ns, [r["fd_between_halves"] for r in summary], marker="o",
-                 label="FD between halves' samples")
-    axes[1].plot(ns, [r["stats"]["fd"][0] for r in summary], marker="s",
-                 label="FD to held-out (mean of halves)")
+    paired = [r for r in summary if r["fd_between_halves"][2]]
+    axes[1].errorbar([r["n"] for r in paired], [r["fd_between_halves"][0] for r in paired],
+                     yerr=[r["fd_between_halves"][1] for r in paired], marker="o", capsize=3,
+                     label="FD between halves' samples")
+    axes[1].errorbar(ns, [r["stats"]["fd"][0] for r in summary],
+                     yerr=[r["stats"]["fd"][1] for r in summary], marker="s", capsize=3,
+                     label="FD to held-out (mean over models)")
     axes[1].axhline(summary[0]["floor"], color="grey", linestyle=":", label="real-vs-real floor")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("training images n")

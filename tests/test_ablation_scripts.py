@@ -65,7 +65,9 @@ def test_transition_smoke(tmp_path: Path) -> None:
     result = load_script("transition").main(["--smoke", "--out", str(tmp_path),
                                              "--scores-root", str(tmp_path / "none")])
     rows = table_lines(result["table"])
-    assert len(rows) == 2 and rows[1].startswith("| 10 | 20 |")
+    assert len(rows) == 3 and rows[1].startswith("| 10 | 20 | 2 |")  # halves A and B
+    assert rows[2].startswith("| 600 | 20 | 1 |")  # the pool cannot hold two halves of 600
+    assert rows[2].split("|")[7].strip() == "—"  # so no FD between halves
     pruning = table_lines(result["pruning_table"])
     assert any("unpruned" in r for r in pruning) and any("random" in r for r in pruning)
     assert result["plot"].is_file()
@@ -80,6 +82,8 @@ def test_disjoint_halves_are_balanced_and_disjoint() -> None:
     assert len(a) == len(b) == 20 and not set(a) & set(b)
     assert torch.bincount(labels[a]).tolist() == [2] * 10
     assert torch.bincount(labels[b]).tolist() == [2] * 10
+    (only,) = transition.disjoint_halves(labels, 150, seed=3)
+    assert len(only) == 150
 
 
 def test_robustness_smoke(tmp_path: Path) -> None:
@@ -88,3 +92,12 @@ def test_robustness_smoke(tmp_path: Path) -> None:
     assert len(rows) == 1 + 6  # header + 3 models x (train, held-out)
     assert any("unpruned" in r and "held-out" in r for r in rows)
     assert result["plot"].is_file()
+
+
+def test_scorer_specs_carry_typed_options() -> None:
+    common = load_script("ablation_common")
+    assert common.parse_scorer_spec("taylor-gap") == ("taylor-gap", {})
+    assert common.parse_scorer_spec("taylor-gap+quality_weight=0.5+batches=2+timesteps=beta:1,2") \
+        == ("taylor-gap", {"quality_weight": 0.5, "batches": 2, "timesteps": "beta:1,2"})
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        common.parse_scorer_spec("taylor-gap+oops")
