@@ -144,6 +144,28 @@ def fmt(stat: tuple[float, float, int], key: str) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
 
 
+def scored_and_pruned(base: Any, scorer: str, seed: int, budget: float, mode: str, data: Any,
+                      scheduler: Any, smoke: bool = False) -> Any:
+    """A copy of base with `budget` of its `mode` units removed by `scorer` (scored afresh with
+    `seed` on data, a CalibrationData; tiny calibration when smoke). Scoring takes seconds on
+    the digits model, so scores are not cached here: they always come from the current code."""
+    import copy
+
+    from dit_prune.pruning import MODE_KINDS, prune_units, select_units
+    from dit_prune.scorers import get_scorer
+    from dit_prune.units import enumerate_units
+
+    units = enumerate_units(base, MODE_KINDS[mode])
+    name, options = parse_scorer_spec(scorer)
+    if smoke:
+        options = {"batches": 1, "max_images": 16, **options}
+    scores = get_scorer(name, progress=False, seed=seed, **options).compute(
+        base, units, data, scheduler).scores  # (U,)
+    model = copy.deepcopy(base)
+    prune_units(model, select_units(units, scores, budget, mode=mode, model=model))
+    return model.eval()
+
+
 def write_table(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]],
                 title: str = "", notes: Sequence[str] = ()) -> Path:
     """A markdown table (with an optional heading and notes) at path."""

@@ -34,6 +34,7 @@ from ablation_common import (  # noqa: E402
     new_figure,
     parse_list,
     save_figure,
+    scored_and_pruned,
     timed,
     write_json,
     write_table,
@@ -52,8 +53,6 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--prior-weight", type=float, default=1.0,
                         help="weight of the penalty keeping the noise's mean 0 and std 1")
-    parser.add_argument("--scores-root", default="runs/ablate_budget/runs",
-                        help="reuse cached scores from ablate_budget (<root>/<mode>/none/seed<s>)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.targets, args.attack_steps, args.ddim_steps, args.pruning_seeds = 4, 3, 3, "0"
@@ -113,30 +112,9 @@ def success(samples: torch.Tensor, target_index: torch.Tensor, reference: torch.
 def pruned_models(base: torch.nn.Module, args: Any, seed: int, data: Any,
                   scheduler: Any) -> dict[str, torch.nn.Module]:
     """{'<scorer> <budget>': ..., 'random <budget>': ...} pruned copies of base."""
-    import copy
-
-    from dit_prune.pruning import prune_units, select_units
-    from dit_prune.run.experiment import MODE_KINDS
-    from dit_prune.scorers import get_scorer, load_scores
-    from dit_prune.units import enumerate_units
-
-    units = enumerate_units(base, MODE_KINDS[args.mode])
-    models = {}
-    for name in (args.scorer, "random"):
-        cached = Path(args.scores_root) / args.mode / "none" / f"seed{seed}" / "scores" / name
-        if not args.smoke and (cached / "scores.json").is_file():
-            saved = load_scores(cached)
-            scores = saved.scores if saved.units == units else None
-        else:
-            scores = None
-        if scores is None:
-            extra = {"batches": 1, "max_images": 16} if args.smoke else {}
-            scorer = get_scorer(name, progress=False, seed=seed, **extra)
-            scores = scorer.compute(base, units, data, scheduler).scores
-        model = copy.deepcopy(base)
-        prune_units(model, select_units(units, scores, args.budget, mode=args.mode, model=model))
-        models[f"{name} {args.budget:g}"] = model.eval()
-    return models
+    return {f"{name} {args.budget:g}": scored_and_pruned(base, name, seed, args.budget, args.mode,
+                                                         data, scheduler, args.smoke)
+            for name in (args.scorer, "random")}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from ablation_common import (  # noqa: E402
     new_figure,
     parse_list,
     save_figure,
+    scored_and_pruned,
     timed,
     write_json,
     write_table,
@@ -54,7 +55,6 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--scorer", default="taylor-gap")
     parser.add_argument("--mode", default="heads")
     parser.add_argument("--budget", type=float, default=0.2)
-    parser.add_argument("--scores-root", default="runs/ablate_budget/runs")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
@@ -193,40 +193,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _pruning_part(args: Any, features: Any, scheduler: Any, seeds: list[int]) -> list[list[str]]:
-    import copy
-
     from dit_prune.checkpoint import load_dit
-    from dit_prune.pruning import prune_units, select_units
-    from dit_prune.run.experiment import MODE_KINDS
-    from dit_prune.scorers import CalibrationData, get_scorer, load_scores
-    from dit_prune.units import enumerate_units
+    from dit_prune.data import digits_split
+    from dit_prune.pruning.recovery_data import recovery_images
+    from dit_prune.scorers import CalibrationData
 
     general = draw(load_dit(args.generalized).model, scheduler, seeds, args.steps) * 2 - 1
-    base, _, meta = load_dit(args.checkpoint)
+    base, scheduler_of_base, meta = load_dit(args.checkpoint)
     unpruned = fd_between(features, draw(base, scheduler, seeds, args.steps) * 2 - 1, general)
     rows = [[f"{Path(args.checkpoint).name}, unpruned", f"{unpruned:.1f}"]]
-    units = enumerate_units(base, MODE_KINDS[args.mode])
+    train, train_labels, _ = recovery_images(meta.extra, "train")
+    split = digits_split()
+    data = CalibrationData(train, train_labels, split.heldout_images, split.heldout_labels)
     for name in (args.scorer, "random"):
         values = []
         for seed in parse_list(args.pruning_seeds, int):
-            cached = Path(args.scores_root) / args.mode / "none" / f"seed{seed}" / "scores" / name
-            if (cached / "scores.json").is_file() and not args.smoke:
-                scores = load_scores(cached).scores
-            else:
-                from dit_prune.data import digits_split
-                from dit_prune.pruning.recovery_data import recovery_images
-
-                train, train_labels, _ = recovery_images(meta.extra, "train")
-                split = digits_split()
-                data = CalibrationData(train, train_labels, split.heldout_images,
-                                       split.heldout_labels)
-                extra = {"batches": 1, "max_images": 16} if args.smoke else {}
-                scores = get_scorer(name, progress=False, seed=seed, **extra).compute(
-                    base, units, data, load_dit(args.checkpoint).scheduler).scores
-            model = copy.deepcopy(base)
-            prune_units(model, select_units(units, scores, args.budget, mode=args.mode,
-                                            model=model))
-            values.append(fd_between(features, draw(model.eval(), scheduler, seeds, args.steps)
+            model = scored_and_pruned(base, name, seed, args.budget, args.mode, data,
+                                      scheduler_of_base, args.smoke)
+            values.append(fd_between(features, draw(model, scheduler, seeds, args.steps)
                                      * 2 - 1, general))
         rows.append([f"pruned by {name}, {args.mode} {args.budget:g}",
                      fmt(mean_std(values), "fd")])

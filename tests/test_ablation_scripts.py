@@ -62,8 +62,7 @@ def test_ablate_timesteps_smoke(tmp_path: Path) -> None:
 
 
 def test_transition_smoke(tmp_path: Path) -> None:
-    result = load_script("transition").main(["--smoke", "--out", str(tmp_path),
-                                             "--scores-root", str(tmp_path / "none")])
+    result = load_script("transition").main(["--smoke", "--out", str(tmp_path)])
     rows = table_lines(result["table"])
     assert len(rows) == 3 and rows[1].startswith("| 10 | 20 | 2 |")  # halves A and B
     assert rows[2].startswith("| 600 | 20 | 1 |")  # the pool cannot hold two halves of 600
