@@ -151,7 +151,8 @@ def scored_and_pruned(base: Any, scorer: str, seed: int, budget: float, mode: st
     the digits model, so scores are not cached here: they always come from the current code."""
     import copy
 
-    from dit_prune.pruning import MODE_KINDS, prune_units, select_units
+    from dit_prune.pruning import prune_units, select_units
+    from dit_prune.pruning.selection import MODE_KINDS
     from dit_prune.scorers import get_scorer
     from dit_prune.units import enumerate_units
 
