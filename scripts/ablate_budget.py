@@ -48,14 +48,16 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         "scorer may carry options, e.g. 'taylor-gap+quality_weight=0.5'")
     parser.add_argument("--budgets", default="0.1,0.2")
     parser.add_argument("--modes", default="heads,neurons", help="heads, neurons and/or both")
-    parser.add_argument("--recover", default="none", help="comma list of none/finetune/distill")
+    parser.add_argument("--recover", default="none",
+                        help="comma list of none/finetune/distill, each optionally with the "
+                        "images it trains on, e.g. finetune:unused (default: the training images)")
     parser.add_argument("--recover-steps", type=int, default=200)
     parser.add_argument("--tag", default="budget", help="name of the table / plot files")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
         args.scorers, args.budgets, args.modes = "magnitude", "0.25", "heads"
-        args.recover_steps = 5
+        args.recover, args.recover_steps = "none,finetune:unused", 5
     return args
 
 
@@ -72,19 +74,23 @@ def run_grid(args: Any) -> list[dict[str, Any]]:
     grid = [(mode, rec, seed, scorer) for mode in parse_list(args.modes)
             for rec in parse_list(args.recover) for seed in parse_list(args.pruning_seeds, int)
             for scorer in scorers]
-    inputs, records = None, []
+    inputs: dict[str, Any] = {}  # prepared once per recovery (its images are part of them)
+    records = []
     for mode, rec, seed, scorer in tqdm(grid, desc="ablate_budget"):
         name, own = parse_scorer_spec(scorer)
-        cfg = RunConfig(checkpoint=args.checkpoint, out=str(out / "runs" / mode / rec /
+        method, _, source = rec.partition(":")
+        cfg = RunConfig(checkpoint=args.checkpoint, out=str(out / "runs" / mode /
+                                                            rec.replace(":", "-") /
                                                             f"seed{seed}"),
                         scorer=name, budgets=budgets, budget_mode=mode, seeds=args.seeds,
-                        steps=args.steps, scorer_options={**options, **own}, recover=rec,
+                        steps=args.steps, scorer_options={**options, **own}, recover=method,
+                        recover_data=source or "train",
                         recover_steps=args.recover_steps, seed=seed, device="cpu")
-        path = out / "reports" / f"{mode}_{rec}_{scorer}_seed{seed}.json"
-        if inputs is None and not path.is_file():
-            inputs = prepare_inputs(cfg)
+        path = out / "reports" / f"{mode}_{rec.replace(':', '-')}_{scorer}_seed{seed}.json"
+        if rec not in inputs and not path.is_file():
+            inputs[rec] = prepare_inputs(cfg)
         try:
-            report = run_cached(cfg, path, inputs)
+            report = run_cached(cfg, path, inputs.get(rec))
         except DitPruneError as exc:  # e.g. ye2025 scores heads only
             print(f"skipped {scorer} on {mode}: {exc}")
             continue
@@ -209,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for mode in parse_list(args.modes):
         for rec in parse_list(args.recover):
             mine = [r for r in rows if r["mode"] == mode and r["recover"] == rec]
-            plots.append(pareto_plot(mine, before, out / f"{args.tag}_pareto_{mode}_{rec}.png",
+            name = f"{args.tag}_pareto_{mode}_{rec.replace(':', '-')}.png"
+            plots.append(pareto_plot(mine, before, out / name,
                                      f"{mode}, recovery {rec}: mean ± std over seeds "
                                      f"{args.pruning_seeds}, {n} samples"))
     write_json(out / f"{args.tag}_summary.json", {"before": before, "rows": rows})

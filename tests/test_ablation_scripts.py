@@ -44,8 +44,10 @@ def test_ablate_budget_smoke(tmp_path: Path) -> None:
     result = load_script("ablate_budget").main(["--smoke", "--out", str(tmp_path)])
     rows = table_lines(result["table"])
     assert any("unpruned" in r for r in rows)
-    assert any("**magnitude**" in r and "0.25" in r for r in rows)
-    assert any("**random**" in r and "0.25" in r for r in rows)
+    for recovery in ("none", "finetune:unused"):
+        assert any(f"| {recovery} | 0.25 | **magnitude**" in r for r in rows), recovery
+        assert any(f"| {recovery} | 0.25 | **random**" in r for r in rows), recovery
+    assert len(result["plots"]) == 2
     assert all(p.is_file() and p.stat().st_size > 0 for p in result["plots"])
     # cached: a second call reads the stored reports instead of recomputing
     again = load_script("ablate_budget").main(["--smoke", "--out", str(tmp_path)])

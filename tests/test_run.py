@@ -109,6 +109,7 @@ def test_cached_scores_are_not_reused_after_the_scoring_code_changes(tiny_checkp
     (["--budget", "0"], "strictly between 0 and 1"),
     (["--scorer", "nope"], "unknown scorer"),
     (["--seeds", "x-y"], "cannot parse seeds"),
+    (["--recover", "finetune", "--recover-data", "/no/such/folder"], "/no/such/folder"),
 ])
 def test_bad_options_fail_before_work(tiny_checkpoint, tmp_path, capsys, args, message):
     out = tmp_path / "run"
@@ -116,6 +117,34 @@ def test_bad_options_fail_before_work(tiny_checkpoint, tmp_path, capsys, args, m
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_recovery_on_unused_digits_trains_on_images_the_model_never_saw(tiny_checkpoint,
+                                                                        tmp_path, monkeypatch):
+    import dit_prune.run.experiment as experiment
+    from dit_prune.data import digits_split
+
+    seen = []
+    real = experiment.recover
+
+    def spy(method, model, images, labels, **kwargs):
+        seen.append(images)
+        return real(method, model, images, labels, **kwargs)
+
+    monkeypatch.setattr(experiment, "recover", spy)
+    out = tmp_path / "run"
+    assert _run(tiny_checkpoint, out, "--recover", "finetune", "--recover-steps", "2",
+                "--recover-data", "unused") == 0
+    pool = digits_split().pool_images  # (1000, C, H, W)
+    trained = set(json.loads((tiny_checkpoint / "dit_prune.json").read_text())
+                  ["data"]["pool_indices"])
+    assert seen and all(len(images) == len(pool) - len(trained) for images in seen)
+    flat = pool.flatten(1)
+    for images in seen:  # every recovery image is a pool digit outside the training subset
+        match = torch.cdist(images.flatten(1), flat).argmin(dim=1).tolist()
+        assert not set(match) & trained
+    resolved = json.loads((out / "config.resolved.json").read_text())["resolved"]
+    assert resolved["recover_data"] == "unused"
 
 
 def test_missing_checkpoint_and_other_run_dir(tiny_checkpoint, tmp_path, capsys):

@@ -36,6 +36,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="scorer option, e.g. timesteps=beta:0.8,2 or batches=8 (repeatable)")
     p.add_argument("--recover", default="none", choices=RECOVERIES)
     p.add_argument("--recover-steps", type=int, default=200)
+    p.add_argument("--recover-data", default="train",
+                   help="images recovery trains on: train (the checkpoint's training images), "
+                   "unused (digits pool images it never saw), heldout (contaminates FD, which is "
+                   "measured against them) or an image folder")
     p.add_argument("--seed", type=int, default=0, help="scoring and random-control seed")
     p.add_argument("--train", help="training image folder (default: the checkpoint's digits)")
     p.add_argument("--heldout", help="held-out image folder (default: held-out digits)")
@@ -58,7 +62,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         checkpoint=args.checkpoint, out=args.out, scorer=args.scorer, budgets=budgets,
         budget_mode=args.budget_mode, seeds=args.seeds, steps=args.steps, sampler=args.sampler,
         guidance_scale=args.guidance_scale, scorer_options=_scorer_options(args.scorer_option),
-        recover=args.recover, recover_steps=args.recover_steps, seed=args.seed,
+        recover=args.recover, recover_steps=args.recover_steps,
+        recover_data=args.recover_data, seed=args.seed,
         train=args.train, heldout=args.heldout, features=args.features,
         copy_detector=args.copy_detector, device=args.device,
         shard_size=args.shard_size,

@@ -40,6 +40,7 @@ class RunConfig:
     scorer_options: dict[str, Any] = field(default_factory=dict)
     recover: str = "none"
     recover_steps: int = 200
+    recover_data: str = "train"  # train, unused (pool digits the model never saw) or a folder
     seed: int = 0
     train: str | None = None  # image folder; default: the checkpoint's recorded digits subset
     heldout: str | None = None  # image folder; default: the digits held-out set

@@ -71,6 +71,8 @@ class RunInputs:
     heldout_images: torch.Tensor  # (K, C, H, W)
     heldout_labels: torch.Tensor | None
     device: torch.device
+    recovery_images: torch.Tensor | None = None  # (R, C, H, W) in [-1, 1]; None: no recovery
+    recovery_labels: torch.Tensor | None = None
 
 
 def prepare_inputs(cfg: RunConfig) -> RunInputs:
@@ -99,14 +101,35 @@ def prepare_inputs(cfg: RunConfig) -> RunInputs:
         if tuple(images.shape[1:]) != expected and meta.pipeline_dir is None:
             raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the model makes "
                                 f"{expected} (C, H, W)")
+    recovery, recovery_labels = _recovery_data(cfg, meta.extra, train_images, train_labels)
+    if recovery is not None and tuple(recovery.shape[1:]) != tuple(train_images.shape[1:]):
+        raise DitPruneError(f"recovery images ({cfg.recover_data}) are "
+                            f"{tuple(recovery.shape[1:])} but the training images are "
+                            f"{tuple(train_images.shape[1:])}")
     return RunInputs(loaded, train_images, train_labels, heldout_images, heldout_labels,
-                     pick_device(cfg.device))
+                     pick_device(cfg.device), recovery, recovery_labels)
+
+
+def _recovery_data(cfg: RunConfig, extra: dict[str, Any], train_images: torch.Tensor,
+                   train_labels: torch.Tensor | None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The images recovery trains on: none without recovery, the run's training images for
+    'train', otherwise what `recovery_images` finds (unused digits, held-out, a folder)."""
+    if cfg.recover == "none":
+        return None, None
+    if cfg.recover_data == "train":
+        return train_images, train_labels
+    images, labels, _ = recovery_images(extra, cfg.recover_data)
+    return images, labels
 
 
 def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Run every stage and return the report dict (also used for report.json)."""
     inputs = inputs or prepare_inputs(cfg)
+    if cfg.recover != "none" and inputs.recovery_images is None:
+        raise DitPruneError("these inputs were prepared for a run without recovery; call "
+                            "prepare_inputs with the recovery's config")
     run_dir = Path(cfg.out)
     base, scheduler, meta = inputs.loaded
     base = base.to(inputs.device).eval()
@@ -191,7 +214,7 @@ def _pruned_copy(base: nn.Module, units: list, scores: torch.Tensor, budget: flo
     chosen = select_units(units, scores, budget, mode=cfg.budget_mode, model=model)
     plan = prune_units(model, chosen)
     if cfg.recover != "none":
-        result = recover(cfg.recover, model, inputs.train_images, inputs.train_labels,
+        result = recover(cfg.recover, model, inputs.recovery_images, inputs.recovery_labels,
                          teacher=base, steps=cfg.recover_steps, seed=cfg.seed, progress=False)
         model = result.model
     return model.eval(), plan
