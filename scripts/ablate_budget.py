@@ -99,6 +99,48 @@ def run_grid(args: Any) -> list[dict[str, Any]]:
     return records
 
 
+def recovery_controls(args: Any) -> list[dict[str, Any]]:
+    """The unpruned model given each fine-tuning recovery of the grid (same steps, data and
+    seed), on the same sampling seeds: what recovery does without any pruning. Distillation is
+    left out: the unpruned model distilled from itself is the unpruned model."""
+    import copy
+    import json
+
+    from dit_prune.evaluate import build_context, evaluate_samples
+    from dit_prune.pruning import recover
+    from dit_prune.run import RunConfig
+    from dit_prune.run.experiment import evaluation_nets, prepare_inputs
+    from dit_prune.sampling import sample_images
+
+    out, rows = Path(args.out), []
+    for rec in parse_list(args.recover):
+        method, _, source = rec.partition(":")
+        if method != "finetune":
+            continue
+        for seed in parse_list(args.pruning_seeds, int):
+            path = out / "reports" / f"unpruned_{rec.replace(':', '-')}_seed{seed}.json"
+            if not path.is_file():
+                cfg = RunConfig(checkpoint=args.checkpoint, out=str(out / "controls"),
+                                seeds=args.seeds, steps=args.steps, recover=method,
+                                recover_data=source or "train", recover_steps=args.recover_steps,
+                                seed=seed, device="cpu")
+                inputs = prepare_inputs(cfg)
+                base, scheduler, _ = inputs.loaded
+                model = recover(method, copy.deepcopy(base), inputs.recovery_images,
+                                inputs.recovery_labels, steps=cfg.recover_steps, seed=seed,
+                                progress=False).model.eval()
+                images = sample_images(model, scheduler, cfg.labels(), cfg.seed_list(),
+                                       steps=cfg.steps, progress=False)  # (N, C, H, W)
+                context = build_context(inputs.train_images, inputs.heldout_images,
+                                        *evaluation_nets(cfg), cache_dir=out / "controls" / "cache")
+                metrics = evaluate_samples(images, cfg.labels(), context).metrics
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"recover": rec, "seed": seed, "metrics": metrics},
+                                           default=float))
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (mode, recovery, budget, scorer incl. random), aggregated over seeds."""
     groups: dict[tuple, dict[str, Any]] = {}
@@ -219,7 +261,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             plots.append(pareto_plot(mine, before, out / name,
                                      f"{mode}, recovery {rec}: mean ± std over seeds "
                                      f"{args.pruning_seeds}, {n} samples"))
-    write_json(out / f"{args.tag}_summary.json", {"before": before, "rows": rows})
+    controls = recovery_controls(args)
+    if controls:
+        control_rows = []
+        for rec in sorted({c["recover"] for c in controls}):
+            mine = [c["metrics"] for c in controls if c["recover"] == rec]
+            stats = aggregate(mine)
+            control_rows.append([f"unpruned + {rec}", len(mine)] + [
+                fmt(stats[k], k) for k in ("memorization_rate", "copy_rate", "fd",
+                                           "class_agreement")])
+        write_table(out / f"{args.tag}_recovery_controls.md",
+                    ["model", "seeds", "memorization (ratio)", "copy rate", "FD_digitsnet",
+                     "class agr."], control_rows,
+                    title="Recovery without pruning (control)",
+                    notes=[f"same {args.recover_steps} recovery steps, data and seeds as the "
+                           "pruned arms; same sampling seeds."])
+    write_json(out / f"{args.tag}_summary.json", {"before": before, "rows": rows,
+                                                  "recovery_controls": controls})
     done()
     print(table.read_text())
     return {"table": table, "plots": plots, "rows": rows}

@@ -48,6 +48,8 @@ def test_ablate_budget_smoke(tmp_path: Path) -> None:
         assert any(f"| {recovery} | 0.25 | **magnitude**" in r for r in rows), recovery
         assert any(f"| {recovery} | 0.25 | **random**" in r for r in rows), recovery
     assert len(result["plots"]) == 2
+    controls = table_lines(tmp_path / "budget_recovery_controls.md")
+    assert len(controls) == 2 and controls[1].startswith("| unpruned + finetune:unused | 1 |")
     assert all(p.is_file() and p.stat().st_size > 0 for p in result["plots"])
     # cached: a second call reads the stored reports instead of recomputing
     again = load_script("ablate_budget").main(["--smoke", "--out", str(tmp_path)])

@@ -135,7 +135,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     base = base.to(inputs.device).eval()
     seeds, labels = cfg.seed_list(), cfg.labels()
     store = ShardStore(run_dir / "samples", cfg.shard_size)
-    context = build_context(inputs.train_images, inputs.heldout_images, *_eval_nets(cfg),
+    context = build_context(inputs.train_images, inputs.heldout_images, *evaluation_nets(cfg),
                             cache_dir=run_dir / "cache", device=inputs.device)
     sampler = Sampler(cfg, scheduler, store, labels, seeds, progress)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), labels, context)
@@ -247,7 +247,8 @@ def _cache_hit(folder: Path, digest: str, units: list) -> bool:
     return saved.config.get("cache_key") == digest and saved.units == units
 
 
-def _eval_nets(cfg: RunConfig) -> tuple[Any, Any]:
+def evaluation_nets(cfg: RunConfig) -> tuple[Any, Any]:
+    """(feature extractor, copy detector) of the run: its options, else the shipped digits nets."""
     from dit_prune.evaluate import default_checkpoints_dir
     from dit_prune.metrics.copydetect import load_copy_detector
     from dit_prune.metrics.features import load_feature_extractor
