@@ -104,3 +104,13 @@ def test_scorer_specs_carry_typed_options() -> None:
         == ("taylor-gap", {"quality_weight": 0.5, "batches": 2, "timesteps": "beta:1,2"})
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         common.parse_scorer_spec("taylor-gap+oops")
+
+
+def test_head_effects_smoke(tmp_path: Path) -> None:
+    result = load_script("head_effects").main(["--smoke", "--out", str(tmp_path)])
+    rows = table_lines(result["table"])
+    assert len(rows) == 1 + 4  # header + the 4 heads measured in smoke mode
+    oracles = table_lines(result["oracles"])
+    assert any("oracle: copy, FD-feasible" in r for r in oracles)
+    assert all(("mitigated" in r) or ("not beyond" in r) or ("quality" in r) for r in oracles[1:])
+    assert result["plot"].is_file()
