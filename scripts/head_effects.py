@@ -2,14 +2,16 @@
 scorer ranks heads by that effect, and what an oracle that knows every single-head effect can
 reach at a budget.
 
-For every head h, the model with h removed (structurally) samples the run's seeds; the copy rate,
-memorization rate and FD are compared with the unpruned model on the same seeds. The scorer's
-scores (mean over scoring seeds) are set against the measured copy drops (Spearman). Two oracles
-then pick heads at the budget from the measured single-head effects, and the chosen set is pruned
-and measured together (with the noise control and the verdict):
+For every head h, the model with h removed (structurally) samples the selection seeds; the copy
+rate, memorization rate and FD are compared with the unpruned model on the same seeds. The
+scorer's scores (mean over scoring seeds) are set against the measured copy drops (Spearman). Two
+oracles then pick heads at the budget from the measured single-head effects, and the chosen set is
+pruned and measured together on the evaluation seeds, which the selection never saw (with the
+noise control and the verdict):
 - `oracle: copy`: the heads whose removal lowers the copy rate most;
 - `oracle: copy, FD-feasible`: the same among heads whose own FD rise is at most
-  `--fd-share` of the unpruned FD (so that the set stays within the 10% guard if effects add).
+  `--fd-share` of the unpruned FD (so that the set stays within the 10% guard if effects add);
+- `<scorer>, FD-feasible`: the scorer's top heads among those same FD-feasible heads.
 
 Usage:
     OMP_NUM_THREADS=1 python scripts/head_effects.py --out runs/head_effects --seeds 0-999 \
@@ -52,18 +54,22 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--fd-share", type=float, default=0.03,
                         help="largest single-head FD rise (fraction of unpruned FD) the "
                         "FD-feasible oracle accepts")
+    parser.add_argument("--select-seeds", default="1000-1999",
+                        help="sampling seeds on which single-head effects are measured (keep "
+                        "them apart from --seeds, on which the oracle sets are evaluated)")
     parser.add_argument("--max-heads", type=int, default=0, help="measure only the first N heads "
                         "(0 = all)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.pruning_seeds, args.max_heads = "0-29", 5, "0", 4
+        args.select_seeds = "1000-1029"
     return args
 
 
 class Measurer:
     """Samples a model on the run's seeds (cached shards) and evaluates it against `before`."""
 
-    def __init__(self, args: Any, out: Path) -> None:
+    def __init__(self, args: Any, out: Path, seeds: str) -> None:
         from dit_prune.checkpoint import load_dit
         from dit_prune.data import digits_split
         from dit_prune.evaluate import build_context
@@ -77,7 +83,7 @@ class Measurer:
         self.base, self.scheduler, self.meta = load_dit(args.checkpoint)
         self.base.eval()
         self.steps = args.steps
-        self.seeds = parse_seeds(args.seeds)
+        self.seeds = parse_seeds(seeds)
         self.labels = torch.tensor([s % 10 for s in self.seeds])  # (N,)
         train, train_labels, _ = recovery_images(self.meta.extra, "train")
         split = digits_split()
@@ -86,7 +92,7 @@ class Measurer:
         cfg = RunConfig(checkpoint=args.checkpoint, out=str(out))
         self.context = build_context(train, split.heldout_images, *evaluation_nets(cfg),
                                      cache_dir=out / "cache")
-        self.store = ShardStore(out / "samples", 250)
+        self.store = ShardStore(out / f"samples_{seeds}", 250)
         self.before_images, self.before = self.measure(self.base, "before")
 
     def measure(self, model: torch.nn.Module, tag: str) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -124,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit_threads()
     done = timed("head_effects")
     out = Path(args.out)
-    m = Measurer(args, out)
+    m = Measurer(args, out, args.select_seeds)
+    judge = Measurer(args, out, args.seeds)
     units = enumerate_units(m.base, (HEAD,))
     measured = units[: args.max_heads] if args.max_heads else units
     effects = []
@@ -143,19 +150,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rho_fd = float(spearmanr(copy_drop, fd_rise).statistic)
 
     feasible = fd_rise <= args.fd_share * m.before["fd"]
+    blocked = torch.full_like(copy_drop, INFEASIBLE)  # (H,)
     oracles = {"oracle: copy": copy_drop.clone(),
-               "oracle: copy, FD-feasible": torch.where(feasible, copy_drop,
-                                                         torch.full_like(copy_drop, INFEASIBLE))}
+               "oracle: copy, FD-feasible": torch.where(feasible, copy_drop, blocked),
+               f"{args.scorer}, FD-feasible": torch.where(feasible, score.double(),
+                                                          blocked.double())}
     chosen_rows, oracle_results = [], {}
     for name, values in oracles.items():
         chosen = select_units(measured, values, args.budget, mode="heads", model=m.base)
         tag = name.replace(": ", "_").replace(", ", "_")
-        images, metrics = m.measure(m.pruned(chosen), tag)
-        noise = evaluate_noise_control(m.before_images, images, m.context)
+        images, metrics = judge.measure(m.pruned(chosen), tag)
+        noise = evaluate_noise_control(judge.before_images, images, judge.context)
         result = {"heads": [f"{u.block}.{u.index}" for u in chosen], "metrics": metrics,
-                  "noise_control": noise, "verdict": verdict(m.before, metrics, noise)}
+                  "noise_control": noise, "verdict": verdict(judge.before, metrics, noise)}
         oracle_results[name] = result
-        fd_change = 100 * (metrics["fd"] / m.before["fd"] - 1)
+        fd_change = 100 * (metrics["fd"] / judge.before["fd"] - 1)
         chosen_rows.append([name, ", ".join(result["heads"]),
                             f"{100 * metrics['memorization_rate']:.1f}%",
                             f"{100 * metrics['copy_rate']:.1f}%",
@@ -172,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      m.before["fd"] else "no"])
     n = len(m.seeds)
     b = m.before
-    notes = [f"{n} samples (seeds {args.seeds}), DDIM {args.steps} steps; unpruned: copy rate "
+    notes = [f"{n} samples (selection seeds {args.select_seeds}), DDIM {args.steps} steps; "
+             "unpruned: copy rate "
              f"{100 * b['copy_rate']:.1f}%, memorization {100 * b['memorization_rate']:.1f}%, "
              f"FD_digitsnet {b['fd']:.2f}.",
              f"score: `{args.scorer}` (robust z), mean over scoring seeds {args.pruning_seeds}.",
@@ -186,10 +196,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     oracle_table = write_table(out / "head_effects_oracles.md",
                                ["selection", "heads removed", "memorization (ratio)", "copy rate",
                                 "noise-control copy", "FD_digitsnet", "class agr.", "verdict"],
-                               chosen_rows, title=f"Oracle selections at {args.budget:g} of heads")
+                               chosen_rows, title=f"Oracle selections at {args.budget:g} of heads",
+                               notes=[f"chosen on seeds {args.select_seeds}, measured on seeds "
+                                      f"{args.seeds} ({len(judge.seeds)} samples); unpruned "
+                                      f"there: copy rate {100 * judge.before['copy_rate']:.1f}%, "
+                                      "memorization "
+                                      f"{100 * judge.before['memorization_rate']:.1f}%, FD "
+                                      f"{judge.before['fd']:.2f}."])
     plot = _plot(effects, score, m.before, args, out / "head_effects.png")
     write_json(out / "head_effects_summary.json", {
-        "before": m.before, "heads": [u.to_json() for u in measured], "effects": effects,
+        "before_selection": m.before, "before": judge.before,
+        "heads": [u.to_json() for u in measured], "effects": effects,
         "score": score.tolist(), "spearman_score_copy_drop": rho_copy,
         "spearman_copy_drop_fd_rise": rho_fd, "oracles": oracle_results})
     done()
