@@ -208,9 +208,9 @@ HEADER = ["units", "recovery", "budget", "scorer", "removed", "memorization (rat
 def pareto_plot(rows: list[dict[str, Any]], before: dict[str, Any], path: Path,
                 title: str) -> Path:
     """Copy rate and memorization rate against FD, one line per scorer over budgets."""
-    fig, axes = new_figure(2)
+    fig, axes = new_figure(3, ratios=(1, 1, 0.55))
     scorers = sorted({r["scorer"] for r in rows}, key=lambda n: (n == "random", n))
-    for ax, key, label in zip(axes, ("copy_rate", "memorization_rate"),
+    for ax, key, label in zip(axes[:2], ("copy_rate", "memorization_rate"),
                               ("copy rate (copy detector)", "memorization rate (ratio test)"),
                               strict=True):
         ax.scatter([before["fd"]], [100 * before[key]], marker="*", s=160, color="k",
@@ -226,10 +226,14 @@ def pareto_plot(rows: list[dict[str, Any]], before: dict[str, Any], path: Path,
                 ax.annotate(f"{r['budget']:g}", (x, y), textcoords="offset points",
                             xytext=(4, 4), fontsize=7)
         ax.axvline(1.1 * before["fd"], color="grey", linestyle=":", label="FD +10% guard")
+        ax.fill_between([0.9 * before["fd"], 1.1 * before["fd"]], 0, 50 * before[key],
+                        color="green", alpha=0.12, label="goal: rate halved, FD within 10%")
         ax.set_xlabel("FD_digitsnet (lower is better)")
         ax.set_ylabel(f"{label}, %")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[2].axis("off")  # the third panel holds the legend, clear of the data
+    axes[2].legend(handles, labels, loc="center left", fontsize=8)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

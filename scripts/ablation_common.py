@@ -186,14 +186,17 @@ def write_json(path: Path, data: Any) -> Path:
     return path
 
 
-def new_figure(ncols: int, width: float = 5.0, height: float = 4.0) -> tuple[Any, Any]:
-    """A matplotlib (Agg) figure with ncols axes (always an array)."""
+def new_figure(ncols: int, width: float = 5.0, height: float = 4.0,
+               ratios: Sequence[float] | None = None) -> tuple[Any, Any]:
+    """A matplotlib (Agg) figure with ncols axes (always an array), of relative widths ratios."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    ratios = list(ratios) if ratios else [1.0] * ncols
+    fig, axes = plt.subplots(1, ncols, figsize=(width * sum(ratios), height), squeeze=False,
+                             gridspec_kw={"width_ratios": ratios})
     return fig, axes[0]
 
 
