@@ -3,17 +3,17 @@ memorizing model's samples towards a generalizing model's.
 
 Part 1: for each n and each training seed, two tiny DiTs are trained (same settings, fixed step
 count) on two disjoint class-balanced sets of n pool digits (halves A and B; only A when the
-1,000-digit pool cannot hold two). Each is judged against its own training
-set (memorization rate, copy rate, FD to held-out digits); and the FD between A's and B's samples
-on the same seeds measures whether they converge (Kadkhodaie et al. 2024) — compared with the
-FD between two disjoint real sets of the same size (the floor).
+1,000-digit pool cannot hold two, and then the whole pool for n = 1,000). Each is judged against
+its own training set (memorization rate, copy rate, FD to held-out digits); and the FD between
+A's and B's samples on the same seeds measures whether they converge (Kadkhodaie et al. 2024) —
+compared with the FD between two disjoint real sets of the same size (the floor).
 
 Part 2: FD, on the same seeds, between the shipped generalized model's samples and those of the
 memorized model before pruning, after scorer-chosen pruning and after random pruning (scores
 reused from ablate_budget's cache when present).
 
 Usage:
-    OMP_NUM_THREADS=1 python scripts/transition.py --out runs/transition --ns 16,64,256,500,1000 \
+    OMP_NUM_THREADS=1 python scripts/transition.py --out runs/transition --ns 16,64,256,400,1000 \
         --train-steps 1000 --seeds 0-299 --steps 25 --pruning-seeds 0,1,2
     OMP_NUM_THREADS=1 python scripts/transition.py --smoke --out /tmp/transition_smoke
 """
@@ -47,8 +47,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> Any:
     parser = base_parser(__doc__.splitlines()[0], "runs/transition")
-    parser.add_argument("--ns", default="16,64,256,500,1000",
-                        help="training-set sizes (per model; halves only up to 500)")
+    parser.add_argument("--ns", default="16,64,256,400,1000",
+                        help="training-set sizes per model (two balanced halves fit up to 430 "
+                        "in the digits pool; 1000 = the whole pool)")
     parser.add_argument("--train-steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--generalized", default="checkpoints/digits-generalized")
@@ -64,14 +65,19 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 def disjoint_halves(labels: torch.Tensor, n: int, seed: int) -> list[np.ndarray]:
     """Two disjoint class-balanced index sets of size n each (indices into labels); only one
-    when the pool cannot hold two."""
+    when the pool cannot hold two balanced halves, and the whole pool (unbalanced if the pool
+    is) when n is its size."""
     from dit_prune.data import balanced_subset
+    from dit_prune.errors import DitPruneError
 
+    if n >= len(labels):
+        return [np.arange(len(labels))]
     a = balanced_subset(labels, n, seed)
-    if 2 * n > len(labels):
-        return [np.sort(a)]
     rest = np.setdiff1d(np.arange(len(labels)), a)
-    b = rest[balanced_subset(labels[rest], n, seed + 1)]
+    try:
+        b = rest[balanced_subset(labels[rest], n, seed + 1)]
+    except DitPruneError:  # some class has too few images left for a second half
+        return [np.sort(a)]
     return [np.sort(a), np.sort(b)]
 
 

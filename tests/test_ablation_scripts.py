@@ -87,6 +87,10 @@ def test_disjoint_halves_are_balanced_and_disjoint() -> None:
     assert torch.bincount(labels[b]).tolist() == [2] * 10
     (only,) = transition.disjoint_halves(labels, 150, seed=3)
     assert len(only) == 150
+    uneven = torch.cat([torch.arange(100) % 10, torch.zeros(5, dtype=torch.long)])  # 15 zeros
+    (whole,) = transition.disjoint_halves(uneven, 105, seed=0)
+    assert whole.tolist() == list(range(105))
+    assert len(transition.disjoint_halves(uneven, 60, seed=0)) == 1  # 2 x 6 of class 9 > 10
 
 
 def test_robustness_smoke(tmp_path: Path) -> None:
