@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
-    fmt,
     limit_threads,
     mean_std,
     new_figure,
@@ -165,7 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "noise_control": noise, "verdict": verdict(judge.before, metrics, noise)}
         oracle_results[name] = result
         fd_change = 100 * (metrics["fd"] / judge.before["fd"] - 1)
+        picked = [measured.index(u) for u in chosen]
+        result["additive_copy_drop"] = float(copy_drop[picked].sum())
+        result["additive_fd_rise"] = float(fd_rise[picked].sum())
+        joint_drop = judge.before["copy_rate"] - metrics["copy_rate"]
         chosen_rows.append([name, ", ".join(result["heads"]),
+                            f"{100 * result['additive_copy_drop']:.1f} / {100 * joint_drop:.1f}",
+                            f"{100 * result['additive_fd_rise'] / m.before['fd']:+.0f}% / "
+                            f"{fd_change:+.0f}%",
                             f"{100 * metrics['memorization_rate']:.1f}%",
                             f"{100 * metrics['copy_rate']:.1f}%",
                             f"{100 * noise['copy_rate']:.1f}%",
@@ -194,7 +200,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "Δ memorization (pts)", "Δ FD", "Δ class agr.", "FD-feasible"], rows,
                         title="Removing one head at a time", notes=notes)
     oracle_table = write_table(out / "head_effects_oracles.md",
-                               ["selection", "heads removed", "memorization (ratio)", "copy rate",
+                               ["selection", "heads removed",
+                                "copy drop, pts: sum of single / joint",
+                                "FD change: sum of single / joint",
+                                "memorization (ratio)", "copy rate",
                                 "noise-control copy", "FD_digitsnet", "class agr.", "verdict"],
                                chosen_rows, title=f"Oracle selections at {args.budget:g} of heads",
                                notes=[f"chosen on seeds {args.select_seeds}, measured on seeds "
@@ -229,9 +238,8 @@ def _plot(effects: list[dict[str, float]], score: torch.Tensor, before: dict[str
     axes[1].scatter(score.tolist(), drop, s=40)
     axes[1].set_xlabel(f"{args.scorer} score (mean over seeds {args.pruning_seeds})")
     axes[1].set_ylabel("copy-rate drop, points")
-    stat = mean_std(drop)
-    axes[1].set_title(f"mean drop {fmt((stat[0] / 100, stat[1] / 100, stat[2]), 'copy_rate')}",
-                      fontsize=8)
+    mean, std, _ = mean_std(drop)
+    axes[1].set_title(f"single-head copy-rate drop: {mean:.1f} ± {std:.1f} points", fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
     return save_figure(fig, path)
