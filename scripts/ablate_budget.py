@@ -6,10 +6,13 @@ noise control). Runs of one (kind, recovery, seed) share a folder, so the before
 and the reference statistics are computed once; reports are cached, so reruns only add what
 is missing.
 
-Usage:
+Recovery arms (`--recover distill,finetune:unused`) also get a control: the unpruned model given
+the same fine-tuning. Scorers may carry options: `taylor-gap+quality_weight=0.5`.
+
+Usage (the commands behind docs/results.md are listed there):
     OMP_NUM_THREADS=1 python scripts/ablate_budget.py --out runs/ablate_budget \
-        --scorers taylor-gap,ye2025,magnitude --budgets 0.1,0.2 --modes heads,neurons \
-        --recover none --pruning-seeds 0,1,2 --seeds 0-299 --steps 25
+        --scorers taylor-gap,cond-gap,ye2025,magnitude --budgets 0.05,0.1,0.2,0.3 --modes heads \
+        --recover none,distill,finetune:unused --pruning-seeds 0,1,2 --seeds 0-999 --steps 25
     OMP_NUM_THREADS=1 python scripts/ablate_budget.py --smoke --out /tmp/ablate_smoke
 """
 
