@@ -147,6 +147,22 @@ def test_recovery_on_unused_digits_trains_on_images_the_model_never_saw(tiny_che
     assert resolved["recover_data"] == "unused"
 
 
+def test_fine_tuning_on_unlabelled_images_is_refused_before_work(tiny_checkpoint, tmp_path,
+                                                                 capsys, digits):
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, image in enumerate(digits.heldout_images[:3]):  # (C, H, W) in [-1, 1]
+        pixels = ((image[0] + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(pixels, mode="L").save(flat / f"{i}.png")
+    out = tmp_path / "run"
+    assert _run(tiny_checkpoint, out, "--recover", "finetune", "--recover-data", str(flat)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs labelled images" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
 def test_missing_checkpoint_and_other_run_dir(tiny_checkpoint, tmp_path, capsys):
     assert _run(tmp_path / "missing", tmp_path / "run") == 2
     assert "checkpoint not found" in capsys.readouterr().err

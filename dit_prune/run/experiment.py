@@ -102,6 +102,9 @@ def prepare_inputs(cfg: RunConfig) -> RunInputs:
             raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the model makes "
                                 f"{expected} (C, H, W)")
     recovery, recovery_labels = _recovery_data(cfg, meta.extra, train_images, train_labels)
+    if cfg.recover == "finetune" and recovery_labels is None:
+        raise DitPruneError(f"fine-tuning needs labelled images, but {cfg.recover_data} has none "
+                            "(use class subfolders, or --recover distill)")
     if recovery is not None and tuple(recovery.shape[1:]) != tuple(train_images.shape[1:]):
         raise DitPruneError(f"recovery images ({cfg.recover_data}) are "
                             f"{tuple(recovery.shape[1:])} but the training images are "
