@@ -120,6 +120,7 @@ def recovery_controls(args: Any) -> list[dict[str, Any]]:
         method, _, source = rec.partition(":")
         if method != "finetune":
             continue
+        inputs = None  # the same for every seed: loaded once, and only if a seed is missing
         for seed in parse_list(args.pruning_seeds, int):
             path = out / "reports" / f"unpruned_{rec.replace(':', '-')}_seed{seed}.json"
             if not path.is_file():
@@ -127,7 +128,7 @@ def recovery_controls(args: Any) -> list[dict[str, Any]]:
                                 seeds=args.seeds, steps=args.steps, recover=method,
                                 recover_data=source or "train", recover_steps=args.recover_steps,
                                 seed=seed, device="cpu")
-                inputs = prepare_inputs(cfg)
+                inputs = inputs or prepare_inputs(cfg)
                 base, scheduler, _ = inputs.loaded
                 model = recover(method, copy.deepcopy(base), inputs.recovery_images,
                                 inputs.recovery_labels, steps=cfg.recover_steps, seed=seed,

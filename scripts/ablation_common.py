@@ -144,6 +144,18 @@ def fmt(stat: tuple[float, float, int], key: str) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
 
 
+def digits_calibration(meta: Any) -> Any:
+    """CalibrationData of a digits checkpoint: the training digits its metadata records, and the
+    held-out digits (with labels)."""
+    from dit_prune.data import digits_split
+    from dit_prune.pruning.recovery_data import recovery_images
+    from dit_prune.scorers import CalibrationData
+
+    train, train_labels, _ = recovery_images(meta.extra, "train")
+    split = digits_split()
+    return CalibrationData(train, train_labels, split.heldout_images, split.heldout_labels)
+
+
 def scored_and_pruned(base: Any, scorer: str, seed: int, budget: float, mode: str, data: Any,
                       scheduler: Any, smoke: bool = False) -> Any:
     """A copy of base with `budget` of its `mode` units removed by `scorer` (scored afresh with

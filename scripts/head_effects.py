@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    digits_calibration,
     limit_threads,
     mean_std,
     new_figure,
@@ -66,46 +67,30 @@ def parse_args(argv: list[str] | None = None) -> Any:
 
 
 class Measurer:
-    """Samples a model on the run's seeds (cached shards) and evaluates it against `before`."""
+    """Samples a model on `seeds` (cached shards, the run's `Sampler`) and evaluates it; the
+    unpruned model's images and metrics are `before_images` / `before`."""
 
-    def __init__(self, args: Any, out: Path, seeds: str) -> None:
-        from dit_prune.checkpoint import load_dit
-        from dit_prune.data import digits_split
+    def __init__(self, args: Any, out: Path, seeds: str, loaded: Any, data: Any) -> None:
         from dit_prune.evaluate import build_context
-        from dit_prune.pruning.recovery_data import recovery_images
         from dit_prune.run import RunConfig
-        from dit_prune.run.experiment import evaluation_nets
+        from dit_prune.run.experiment import Sampler, evaluation_nets
         from dit_prune.run.shards import ShardStore
-        from dit_prune.sampling import parse_seeds
-        from dit_prune.scorers import CalibrationData
 
-        self.base, self.scheduler, self.meta = load_dit(args.checkpoint)
-        self.base.eval()
-        self.steps = args.steps
-        self.seeds = parse_seeds(seeds)
-        self.labels = torch.tensor([s % 10 for s in self.seeds])  # (N,)
-        train, train_labels, _ = recovery_images(self.meta.extra, "train")
-        split = digits_split()
-        self.data = CalibrationData(train, train_labels, split.heldout_images,
-                                    split.heldout_labels)
-        cfg = RunConfig(checkpoint=args.checkpoint, out=str(out))
-        self.context = build_context(train, split.heldout_images, *evaluation_nets(cfg),
-                                     cache_dir=out / "cache")
-        self.store = ShardStore(out / f"samples_{seeds}", 250)
-        self.before_images, self.before = self.measure(self.base, "before")
+        cfg = RunConfig(checkpoint=args.checkpoint, out=str(out), seeds=seeds, steps=args.steps)
+        self.base, self.scheduler, _ = loaded
+        self.seeds, self.labels = cfg.seed_list(), cfg.labels()  # labels: (N,)
+        self.context = build_context(data.train_images, data.heldout_images,
+                                     *evaluation_nets(cfg), cache_dir=out / "cache")
+        store = ShardStore(out / f"samples_{seeds}", cfg.shard_size)
+        self.sampler = Sampler(cfg, self.scheduler, store, self.labels, self.seeds,
+                               progress=False)
+        self.before_images, self.before = self.measure(self.base.eval(), "before")
 
     def measure(self, model: torch.nn.Module, tag: str) -> tuple[torch.Tensor, dict[str, Any]]:
         from dit_prune.evaluate import evaluate_samples
         from dit_prune.metrics.netio import weights_fingerprint
-        from dit_prune.sampling import sample_images
 
-        def draw(labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-            return sample_images(model, self.scheduler, labels, seeds, steps=self.steps,
-                                 progress=False)
-
-        fingerprint = f"{weights_fingerprint(model)}|{self.steps}|ddim|1.0"
-        images = self.store.sample(tag, draw, self.labels, self.seeds, fingerprint,
-                                   progress=False)  # (N, C, H, W) in [0, 1]
+        images = self.sampler(model, tag, weights_fingerprint(model))  # (N, C, H, W) in [0, 1]
         return images, dict(evaluate_samples(images, self.labels, self.context).metrics)
 
     def pruned(self, units: list[Any]) -> torch.nn.Module:
@@ -119,6 +104,7 @@ class Measurer:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
+    from dit_prune.checkpoint import load_dit
     from dit_prune.evaluate import evaluate_noise_control
     from dit_prune.metrics.guards import verdict
     from dit_prune.pruning import select_units
@@ -129,8 +115,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     limit_threads()
     done = timed("head_effects")
     out = Path(args.out)
-    m = Measurer(args, out, args.select_seeds)
-    judge = Measurer(args, out, args.seeds)
+    loaded = load_dit(args.checkpoint)
+    data = digits_calibration(loaded.meta)
+    m = Measurer(args, out, args.select_seeds, loaded, data)
+    judge = Measurer(args, out, args.seeds, loaded, data)
     units = enumerate_units(m.base, (HEAD,))
     measured = units[: args.max_heads] if args.max_heads else units
     effects = []
@@ -141,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = parse_list(args.pruning_seeds, int)
     extra = {"batches": 1, "max_images": 16} if args.smoke else {}
     runs = torch.stack([get_scorer(args.scorer, progress=False, seed=s, **extra).compute(
-        m.base, units, m.data, m.scheduler).scores for s in seeds])  # (S, U)
+        m.base, units, data, m.scheduler).scores for s in seeds])  # (S, U)
     score = runs.mean(0)[: len(measured)]  # (H,)
     copy_drop = torch.tensor([-e["copy_rate"] for e in effects])  # (H,)
     fd_rise = torch.tensor([e["fd"] for e in effects])  # (H,)

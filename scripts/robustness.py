@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    digits_calibration,
     fmt,
     limit_threads,
     mean_std,
@@ -119,36 +120,33 @@ def pruned_models(base: torch.nn.Module, args: Any, seed: int, data: Any,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dit_prune.checkpoint import load_dit
-    from dit_prune.data import digits_split
     from dit_prune.evaluate import default_checkpoints_dir
     from dit_prune.metrics.copydetect import calibrate_threshold, load_copy_detector
-    from dit_prune.pruning.recovery_data import recovery_images
-    from dit_prune.scorers import CalibrationData
 
     args = parse_args(argv)
     limit_threads()
     done = timed("robustness")
     out = Path(args.out)
     base, scheduler, meta = load_dit(args.checkpoint)
-    train, train_labels, _ = recovery_images(meta.extra, "train")
-    split = digits_split()
+    data = digits_calibration(meta)
+    train, train_labels = data.train_images, data.train_labels  # (M, C, H, W), (M,)
+    heldout, heldout_labels = data.heldout_images, data.heldout_labels  # (K, C, H, W), (K,)
     detector = load_copy_detector(default_checkpoints_dir() / "digits-copydetect")
     gen = torch.Generator().manual_seed(0)
     train_idx = torch.randperm(len(train), generator=gen)[: args.targets]  # (T,)
-    held_idx = torch.randperm(len(split.heldout_images), generator=gen)[: args.targets]  # (T,)
-    held_targets = split.heldout_images[held_idx]  # (T, C, H, W)
-    rest = torch.ones(len(split.heldout_images), dtype=torch.bool)
+    held_idx = torch.randperm(len(heldout), generator=gen)[: args.targets]  # (T,)
+    held_targets = heldout[held_idx]  # (T, C, H, W)
+    rest = torch.ones(len(heldout), dtype=torch.bool)
     rest[held_idx] = False
     with torch.no_grad():  # τ: 99th percentile of the other held-out images' nearest similarity
         emb_ref = F.normalize(detector.embed(train), dim=1)  # (M, E)
-        emb_rest = F.normalize(detector.embed(split.heldout_images[rest]), dim=1)  # (K, E)
+        emb_rest = F.normalize(detector.embed(heldout[rest]), dim=1)  # (K, E)
         threshold = float(calibrate_threshold((emb_rest @ emb_ref.T).max(1).values))
     reference = torch.cat([train, held_targets])  # (M + T, C, H, W)
     targets = torch.cat([train[train_idx], held_targets])  # (2T, C, H, W)
     target_index = torch.cat([train_idx, len(train) + torch.arange(args.targets)])  # (2T,)
-    labels = torch.cat([train_labels[train_idx], split.heldout_labels[held_idx]])  # (2T,)
+    labels = torch.cat([train_labels[train_idx], heldout_labels[held_idx]])  # (2T,)
     kinds = ["train"] * args.targets + ["held-out"] * args.targets
-    data = CalibrationData(train, train_labels, split.heldout_images, split.heldout_labels)
     results: dict[str, dict[str, list[float]]] = {}
     for seed in parse_list(args.pruning_seeds, int):
         models = {"unpruned": base.eval(), **pruned_models(base, args, seed, data, scheduler)}

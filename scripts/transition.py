@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    digits_calibration,
     fmt,
     limit_threads,
     mean_std,
@@ -200,17 +201,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _pruning_part(args: Any, features: Any, scheduler: Any, seeds: list[int]) -> list[list[str]]:
     from dit_prune.checkpoint import load_dit
-    from dit_prune.data import digits_split
-    from dit_prune.pruning.recovery_data import recovery_images
-    from dit_prune.scorers import CalibrationData
 
     general = draw(load_dit(args.generalized).model, scheduler, seeds, args.steps) * 2 - 1
     base, scheduler_of_base, meta = load_dit(args.checkpoint)
     unpruned = fd_between(features, draw(base, scheduler, seeds, args.steps) * 2 - 1, general)
     rows = [[f"{Path(args.checkpoint).name}, unpruned", f"{unpruned:.1f}"]]
-    train, train_labels, _ = recovery_images(meta.extra, "train")
-    split = digits_split()
-    data = CalibrationData(train, train_labels, split.heldout_images, split.heldout_labels)
+    data = digits_calibration(meta)
     for name in (args.scorer, "random"):
         values = []
         for seed in parse_list(args.pruning_seeds, int):
