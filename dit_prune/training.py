@@ -16,8 +16,11 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -30,6 +33,7 @@ from dit_prune.errors import DitPruneError
 from dit_prune.metrics.memorization import memorization_report
 from dit_prune.models import new_dit, null_class
 from dit_prune.sampling import sample_images
+from dit_prune.train_state import TrainState, load_train_state, save_train_state
 
 
 @dataclass
@@ -77,8 +81,14 @@ def train_dit(
     num_classes: int | None = None,
     model: nn.Module | None = None,
     progress: bool = True,
+    state_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
 ) -> TrainResult:
-    """Train (or continue training `model`) on images (N, C, H, W) in [-1, 1] and labels (N,)."""
+    """Train (or continue training `model`) on images (N, C, H, W) in [-1, 1] and labels (N,).
+
+    With `state_dir`, the full training state is saved there every `checkpoint_every` steps (and
+    at the end), and a state already there is resumed: the result equals an uninterrupted run's.
+    """
     from accelerate import Accelerator
 
     if len(images) == 0:
@@ -104,9 +114,16 @@ def train_dit(
     null = null_class(accelerator.unwrap_model(model))
     losses: list[float] = []
     probes: list[dict[str, float]] = []
+    start, seconds_before = 0, 0.0
+    run_key = _run_key(images, labels, config, num_classes)
+    raw_model = accelerator.unwrap_model(model)
+    if state_dir is not None and (Path(state_dir) / "state.json").is_file():
+        resumed = load_train_state(Path(state_dir), run_key, raw_model, ema, optimizer, data_gen)
+        start, losses, probes = resumed.step, resumed.losses, resumed.probes
+        seconds_before = resumed.seconds
     started = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="training", disable=not progress or
-               not accelerator.is_main_process)
+    bar = tqdm(range(start, config.steps), desc="training", initial=start, total=config.steps,
+               disable=not progress or not accelerator.is_main_process)
     model.train()
     for step in bar:
         idx = torch.randint(len(images), (config.batch_size,), generator=data_gen)  # (B,)
@@ -133,15 +150,30 @@ def train_dit(
                 accelerator.is_main_process:
             probes.append(_probe(ema, scheduler, images, num_classes, config, step + 1))
             bar.write(f"step {step + 1}: probe memorization {probes[-1]['memorization_rate']:.2f}")
+        done = step + 1
+        if state_dir is not None and accelerator.is_main_process and (
+                done == config.steps or (checkpoint_every and done % checkpoint_every == 0)):
+            seconds = seconds_before + time.perf_counter() - started
+            save_train_state(Path(state_dir), TrainState(done, losses, probes, run_key, seconds),
+                             raw_model, ema, optimizer, data_gen)
     bar.close()
     return TrainResult(
         model=ema.cpu().eval(),
         scheduler=scheduler,
         losses=losses,
         probes=probes,
-        seconds=time.perf_counter() - started,
+        seconds=seconds_before + time.perf_counter() - started,
         config=asdict(config),
     )
+
+
+def _run_key(images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+             num_classes: int) -> str:
+    """Digest of everything that determines the run: resuming under another key is refused."""
+    digest = hashlib.sha256(json.dumps([asdict(config), num_classes], sort_keys=True).encode())
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -157,5 +189,6 @@ def _probe(ema: nn.Module, scheduler: Any, images: torch.Tensor, num_classes: in
     seeds = list(range(len(labels)))
     samples = sample_images(ema, scheduler, labels, seeds, steps=config.probe_steps,
                             progress=False)  # (P, C, H, W) in [0, 1]
-    report = memorization_report(samples * 2 - 1, images)
+    unique = torch.unique(images, dim=0)  # duplicated images would hide their own copies (d2 = 0)
+    report = memorization_report(samples * 2 - 1, unique)
     return {"step": step, "memorization_rate": report.rate, "num_samples": report.num_samples}

@@ -3,6 +3,8 @@
 Example:
     $ dit-prune train --subset 64 --steps 12000 --out checkpoints/digits-memorized
     $ dit-prune train --subset all --steps 12000 --out checkpoints/digits-generalized
+    $ dit-prune train --subset all --duplicate 10x50 --steps 10000 \
+    >     --out checkpoints/digits-duplicated
     $ dit-prune train --model features --out checkpoints/digits-features
     $ dit-prune train --model copydetect --out checkpoints/digits-copydetect
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +21,15 @@ import torch
 
 from dit_prune.checkpoint import save_checkpoint
 from dit_prune.data import balanced_subset, digits_split, indices_hash, load_image_folder
+from dit_prune.duplication import DuplicationSpec, expand_with_duplicates
 from dit_prune.errors import DitPruneError
 from dit_prune.training import TrainConfig, train_dit
 
 SMALL_NETS_AND_DIT = ("dit", "features", "copydetect")
 DIT_ONLY_OPTIONS = ("data", "subset", "subset_seed", "size", "steps", "batch_size", "lr",
-                    "label_dropout", "ema_decay", "probe_every", "patch_size")
+                    "label_dropout", "ema_decay", "probe_every", "patch_size", "duplicate",
+                    "duplicate_seed", "checkpoint_every")
+STATE_SUFFIX = ".train-state"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +44,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", default="64",
                    help="class-balanced subset size of the digits pool, or 'all'")
     p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--duplicate", default=None, metavar="COUNTxCOPIES",
+                   help="repeat some training images: '10x50' = 10 class-balanced images (chosen "
+                        "by --duplicate-seed) present 50 times each; '3,17x50' names positions in "
+                        "the training set. Recorded in the checkpoint's dit_prune.json")
+    p.add_argument("--duplicate-seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="save the resumable training state to OUT.train-state every N steps "
+                        "(0: only at the end); running the same command again resumes from it")
     defaults = TrainConfig()
     for name in ("size", "steps", "batch_size", "lr", "label_dropout", "ema_decay", "seed",
                  "probe_every", "patch_size"):
@@ -58,8 +72,16 @@ def run(args: argparse.Namespace) -> int:
         label_dropout=args.label_dropout, ema_decay=args.ema_decay, seed=args.seed,
         probe_every=args.probe_every, patch_size=args.patch_size,
     )
+    if args.checkpoint_every < 0:
+        raise DitPruneError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     images, labels, num_classes, data_meta = _training_data(args)
-    result = train_dit(images, labels, config, num_classes=num_classes)
+    if args.duplicate is not None:
+        images, labels, data_meta["duplicated"] = _duplicate(args, images, labels, data_meta)
+    state_dir = out.with_name(out.name + STATE_SUFFIX)
+    if (state_dir / "state.json").is_file():
+        print(f"resuming from {state_dir}")
+    result = train_dit(images, labels, config, num_classes=num_classes, state_dir=state_dir,
+                       checkpoint_every=args.checkpoint_every)
     extra = {
         "training": result.config,
         "data": data_meta,
@@ -69,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "dit-prune train " + " ".join(_argv(args)),
     }
     save_checkpoint(result.model, result.scheduler, out, extra=extra, overwrite=args.overwrite)
+    shutil.rmtree(state_dir, ignore_errors=True)
     print(json.dumps({k: extra[k] for k in ("final_loss_mean_last_100", "train_seconds")}))
     print(f"saved {out}")
     return 0
@@ -114,6 +137,20 @@ def _training_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor
     meta = {"source": str(args.data), "class_names": list(folder.class_names),
             "num_images": len(folder.images)}
     return folder.images, folder.labels, len(folder.class_names), meta
+
+
+def _duplicate(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor,
+               data_meta: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The training multiset with the duplicated images repeated, and what to record of it."""
+    spec = DuplicationSpec.parse(args.duplicate, seed=args.duplicate_seed)
+    positions = spec.choose(labels)  # positions in the (unique) training set
+    record = {"spec": spec.to_json(), "copies": spec.copies,
+              "train_positions": positions.tolist(),
+              "num_images_with_copies": len(images) + len(positions) * (spec.copies - 1)}
+    if "pool_indices" in data_meta:
+        record["pool_indices"] = [data_meta["pool_indices"][i] for i in positions]
+    return (expand_with_duplicates(images, positions, spec.copies),
+            expand_with_duplicates(labels, positions, spec.copies), record)
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
