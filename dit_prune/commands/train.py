@@ -3,8 +3,7 @@
 Example:
     $ dit-prune train --subset 64 --steps 12000 --out checkpoints/digits-memorized
     $ dit-prune train --subset all --steps 12000 --out checkpoints/digits-generalized
-    $ dit-prune train --subset all --duplicate 10x50 --steps 10000 \
-    >     --out checkpoints/digits-duplicated
+    $ dit-prune train --subset all --duplicate 10x50 --steps 10000 --out runs/dup
     $ dit-prune train --model features --out checkpoints/digits-features
     $ dit-prune train --model copydetect --out checkpoints/digits-copydetect
 """
