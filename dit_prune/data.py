@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,8 +100,20 @@ def indices_hash(indices: np.ndarray) -> str:
 def load_image_folder(path: str | Path) -> ImageSet:
     """Load PNG/JPEG images: one subfolder per class, or a flat folder (unconditional).
 
-    Every image must share one size and mode; pixels are scaled from [0, 255] to [-1, 1].
+    Modes are read by what their pixels mean: palette (`P`) images become grey (`L`) when their
+    palette is grey and RGB otherwise, 1-bit images become `L` (0 or 255), 16-bit images are
+    scaled by 65535 (values beyond 16 bits are refused); 8-bit `L`, `LA`, `RGB`, `RGBA` are read
+    as they are, and other colour spaces (CMYK, YCbCr, ...) are converted to RGB. Every image must
+    then share one size and mode; pixels are scaled from [0, max] to [-1, 1].
     Raises a one-line DitPruneError naming the offending file or folder.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> root = Path(tempfile.mkdtemp())
+        >>> Image.new("1", (8, 8), 1).save(root / "a.png")
+        >>> load_image_folder(root).images.unique().tolist()
+        [1.0]
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -123,8 +136,8 @@ def load_image_folder(path: str | Path) -> ImageSet:
             try:
                 with Image.open(file) as img:
                     img.load()
-                    size_mode = (img.size, img.mode)
-                    array = np.asarray(img, dtype=np.float32)
+                    array, mode = _pixels(img, file)  # (H, W[, C]) in [0, 1]
+                    size_mode = (img.size, mode)
             except (UnidentifiedImageError, OSError) as exc:
                 raise DitPruneError(f"unreadable image {file}: {exc}") from None
             if reference is None:
@@ -136,33 +149,128 @@ def load_image_folder(path: str | Path) -> ImageSet:
                 )
             arrays.append(array)
             labels.append(label)
-    stacked = np.stack(arrays)  # (N, H, W) or (N, H, W, C)
+    stacked = np.stack(arrays)  # (N, H, W) or (N, H, W, C) in [0, 1]
     if stacked.ndim == 3:
         stacked = stacked[..., None]  # (N, H, W, 1)
-    images = torch.from_numpy(stacked).permute(0, 3, 1, 2) / 127.5 - 1.0  # (N, C, H, W)
+    images = torch.from_numpy(stacked).permute(0, 3, 1, 2) * 2.0 - 1.0  # (N, C, H, W)
     if subdirs:
         return ImageSet(images.contiguous(), torch.tensor(labels), tuple(n for n, _ in groups))
     return ImageSet(images.contiguous(), None, ())
+
+
+# modes whose pixels are read as they are, with the largest value they can hold
+_DIRECT_MODES = {"L": 255.0, "LA": 255.0, "RGB": 255.0, "RGBA": 255.0,
+                 "I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0,
+                 "I": 65535.0}
+
+
+def _pixels(img: Any, file: Path) -> tuple[np.ndarray, str]:
+    """(pixels (H, W) or (H, W, C) float32 in [0, 1], the mode they were read in) of a PIL image.
+
+    Palette images are expanded through their palette (to `L` when every colour is grey), 1-bit
+    images become `L`, 16-bit (and `I`, as older Pillow reads 16-bit PNGs) are divided by 65535.
+    """
+    if img.mode in ("P", "PA"):
+        alpha = img.mode == "PA" or "transparency" in img.info
+        grey = _grey_palette(img)
+        img = img.convert(("LA" if grey else "RGBA") if alpha else ("L" if grey else "RGB"))
+    elif img.mode == "1":
+        img = img.convert("L")  # 0 / 255
+    elif img.mode not in _DIRECT_MODES:
+        if img.mode == "F" or img.mode.startswith("I;"):
+            raise DitPruneError(f"image {file} has mode {img.mode}, whose pixel range is "
+                                "unknown: save it as 8- or 16-bit grey or RGB")
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
+    top = _DIRECT_MODES[img.mode]
+    array = np.asarray(img, dtype=np.float64)
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > top:
+        raise DitPruneError(f"image {file} ({img.mode}) holds values in [{low:g}, {high:g}], "
+                            f"outside [0, {top:g}] for its bit depth")
+    return (array / top).astype(np.float32), img.mode
+
+
+def _grey_palette(img: Any) -> bool:
+    """True when every palette colour the image uses has R = G = B."""
+    palette = np.asarray(img.getpalette("RGB") or [], dtype=np.int64).reshape(-1, 3)  # (K, 3)
+    used = np.unique(np.asarray(img.getchannel(0) if img.mode == "PA" else img))
+    used = used[used < len(palette)]
+    colours = palette[used]  # (U, 3)
+    return bool((colours[:, 0] == colours[:, 1]).all() and (colours[:, 1] == colours[:, 2]).all())
 
 
 def _image_files(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def check_images(images: torch.Tensor, what: str, shape: tuple[int, ...] | None = None) -> None:
-    """Raise a one-line error unless `images` is finite, in [-1, 1] and (optionally) of `shape`.
+def check_images(images: Any, what: str, shape: tuple[int, ...] | None = None,
+                 value_range: tuple[float, float] | None = (-1.0, 1.0)) -> None:
+    """Raise a one-line error unless `images` is a finite float (N, C, H, W) tensor in
+    `value_range` (default [-1, 1]; None: any finite values) and, optionally, of `shape`.
 
-    `shape` is (C, H, W); `what` names the images in the message.
+    `shape` is (C, H, W); `what` names the images (or the argument) in the message. Integer
+    tensors (uint8 [0, 255] pixels) are refused: map them to [-1, 1] first.
+
+    Example:
+        >>> check_images(torch.full((1, 1, 2, 2), 255, dtype=torch.uint8), "train_images")
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: train_images: images are torch.uint8; pass float images \
+in [-1, 1] (e.g. x / 127.5 - 1)
     """
+    if not isinstance(images, torch.Tensor):
+        raise DitPruneError(f"{what}: expected a (N, C, H, W) tensor, got {type(images).__name__}")
     if images.ndim != 4:
         shape_now = tuple(images.shape)
         raise DitPruneError(f"{what}: expected images of shape (N, C, H, W), got {shape_now}")
+    if not images.is_floating_point():
+        scale = "" if value_range is None else f" in [{value_range[0]:g}, {value_range[1]:g}]"
+        raise DitPruneError(f"{what}: images are {images.dtype}; pass float images{scale} "
+                            "(e.g. x / 127.5 - 1)")
     if shape is not None and tuple(images.shape[1:]) != tuple(shape):
         raise DitPruneError(
             f"{what}: images are {tuple(images.shape[1:])}, expected {tuple(shape)} (C, H, W)"
         )
     if not torch.isfinite(images).all():
         raise DitPruneError(f"{what}: images contain NaN or infinite values")
+    if value_range is None or images.numel() == 0:
+        return
     low, high = images.min().item(), images.max().item()
-    if low < -1.0 - 1e-4 or high > 1.0 + 1e-4:
-        raise DitPruneError(f"{what}: pixel values span [{low:.3g}, {high:.3g}], expected [-1, 1]")
+    if low < value_range[0] - 1e-4 or high > value_range[1] + 1e-4:
+        raise DitPruneError(f"{what}: pixel values span [{low:.3g}, {high:.3g}], expected "
+                            f"[{value_range[0]:g}, {value_range[1]:g}]")
+
+
+def check_fits_model(images: torch.Tensor, labels: torch.Tensor | None, model: Any,
+                     what: str) -> None:
+    """Raise a one-line error unless images (N, C, H, W) and labels (N,) suit `model`.
+
+    Channels must equal the model's input channels; a class-conditional DiT (which runs on other
+    sizes too, with re-made position embeddings, but was trained on one) also needs its own
+    sample size and labels in [0, classes - 1] (a label equal to the class count would silently
+    be the unconditional class). Any other model needs sides divisible by its patch size.
+
+    Example:
+        >>> from dit_prune.models import new_dit
+        >>> check_fits_model(torch.zeros(2, 1, 16, 16), None, new_dit("tiny", 10, 8, 1), "x")
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: x are (1, 16, 16) but the model takes (1, 8, 8) (C, H, W)
+    """
+    config = model.config
+    channels, size = int(config.in_channels), int(config.sample_size)
+    shape = tuple(images.shape[1:])
+    classes = getattr(config, "num_embeds_ada_norm", None)
+    is_dit = type(model).__name__ == "DiTTransformer2DModel"
+    if is_dit and shape != (channels, size, size):
+        raise DitPruneError(f"{what} are {shape} but the model takes {(channels, size, size)} "
+                            "(C, H, W)")
+    patch = int(getattr(config, "patch_size", None) or 1)
+    if shape[0] != channels or shape[1] % patch or shape[2] % patch:
+        raise DitPruneError(f"{what} are {shape} but the model takes {channels} channels and "
+                            f"sides divisible by its patch size {patch}")
+    if is_dit and classes and labels is not None and len(labels):
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= int(classes):
+            raise DitPruneError(f"{what}: labels span [{low}, {high}] but the model has "
+                                f"{int(classes)} classes (0-{int(classes) - 1})")

@@ -72,11 +72,13 @@ def test_controls_heldout_train_and_noisy_copies(detector, digits64) -> None:
     assert (by_copy.nearest == torch.arange(len(train))).float().mean() >= 0.95
 
 
-def test_report_fields_and_default_threshold(detector, digits64) -> None:
+def test_report_fields_and_no_silent_default_threshold(detector, digits64) -> None:
     split, train = digits64
-    with pytest.warns(UserWarning, match="stored tau"):
-        report = copy_report(train[:5], split.pool_images, detector)
-    assert report.threshold == detector.default_threshold
+    with pytest.raises(DitPruneError, match="heldout_images .* or an explicit threshold"):
+        copy_report(train[:5], split.pool_images, detector)  # stored tau: another reference set
+    report = copy_report(train[:5], split.pool_images, detector,
+                         threshold=detector.default_threshold)
+    assert report.threshold == detector.default_threshold and report.threshold_source == "given"
     assert report.similarities.shape == (5,) and report.nearest.shape == (5,)
     assert report.interval == (1.0, 1.0) and report.most_copied()[0][1] == 1
     assert report.heldout_false_copy_rate is None
@@ -117,7 +119,7 @@ def test_torchscript_detector_and_feature_networks(tmp_path, digits64) -> None:
     assert detector.name == "sscd_toy" and detector.default_threshold is None
     report = copy_report(train[:4], train, detector, heldout_images=split.heldout_images[:50])
     assert report.similarities.shape == (4,)
-    with pytest.raises(DitPruneError, match="held-out images"):
+    with pytest.raises(DitPruneError, match="heldout_images"):
         copy_report(train[:4], train, detector)
     torch.jit.script(_FakeInception()).save(str(tmp_path / "inception-2015-12-05.pt"))
     inception = load_feature_extractor(tmp_path / "inception-2015-12-05.pt")

@@ -23,13 +23,14 @@ def _points(*values: list[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(len(values), 1, 1, -1)  # (N, 1, 1, P)
 
 
-TRAIN = _points([0.0, 0.0], [4.0, 0.0], [0.0, 30.0])
+SCALE = 1 / 30  # the points below, scaled into the images' [-1, 1] (ratios do not change)
+TRAIN = _points([0.0, 0.0], [4 * SCALE, 0.0], [0.0, 1.0])
 
 
 def test_exact_copy_has_ratio_zero_and_is_memorized() -> None:
     report = memorization_report(TRAIN[1:2].clone(), TRAIN)
     assert report.d1.item() == 0.0
-    assert report.d2.item() == pytest.approx(4.0)
+    assert report.d2.item() == pytest.approx(4 * SCALE)
     assert report.ratios.item() == 0.0
     assert report.nearest.item() == 1
     assert report.memorized.tolist() == [True]
@@ -37,25 +38,25 @@ def test_exact_copy_has_ratio_zero_and_is_memorized() -> None:
 
 
 def test_midpoint_between_two_training_images_has_ratio_one() -> None:
-    report = memorization_report(_points([2.0, 0.0]), TRAIN)
-    assert report.d1.item() == pytest.approx(2.0)
-    assert report.d2.item() == pytest.approx(2.0)
+    report = memorization_report(_points([2 * SCALE, 0.0]), TRAIN)
+    assert report.d1.item() == pytest.approx(2 * SCALE)
+    assert report.d2.item() == pytest.approx(2 * SCALE)
     assert report.ratios.item() == pytest.approx(1.0)
     assert report.rate == 0.0
 
 
 def test_far_point_is_not_memorized() -> None:
-    report = memorization_report(_points([1000.0, -1000.0]), TRAIN)
-    assert report.ratios.item() > 0.95
+    report = memorization_report(_points([-1.0, -1.0]), TRAIN)
+    assert report.ratios.item() > 0.9
     assert not report.memorized.item()
 
 
 def test_threshold_is_strictly_one_third() -> None:
     # train at 0 and 4 on a line: a sample at x has d1 = x, d2 = 4 - x; ratio 1/3 at x = 1
-    train = _points([0.0], [4.0])
-    report = memorization_report(_points([0.99], [1.01], [0.5]), train)
+    train = _points([0.0], [0.4])
+    report = memorization_report(_points([0.099], [0.101], [0.05]), train)
     assert report.memorized.tolist() == [True, False, True]
-    assert report.ratios[2].item() == pytest.approx(0.5 / 3.5)
+    assert report.ratios[2].item() == pytest.approx(0.5 / 3.5, rel=1e-5)
 
 
 def test_chunking_does_not_change_results() -> None:
@@ -118,6 +119,8 @@ def test_bad_input() -> None:
         memorization_report(torch.zeros(2, 1, 1, 3), TRAIN)
     with pytest.raises(DitPruneError, match="NaN"):
         memorization_report(torch.full((1, 1, 1, 2), float("nan")), TRAIN)
+    with pytest.raises(DitPruneError, match=r"train_images: .*expected \[-1, 1\]"):
+        memorization_report(TRAIN, TRAIN * 30)
 
 
 def test_controls_on_digits() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +170,7 @@ class CopyReport:
     nearest: torch.Tensor  # (N,) index of that training image
     copies: torch.Tensor  # (N,) bool, similarity >= threshold
     threshold: float
-    threshold_source: str  # "given", "held-out (K images)" or "detector default"
+    threshold_source: str  # "given" or "held-out (K images)"
     heldout_similarities: torch.Tensor | None = field(default=None, repr=False)  # (K,)
 
     @property
@@ -241,36 +240,40 @@ def copy_report(
     """Copy rate of `samples` against `train_images`; all images in [-1, 1], same (C, H, W).
 
     tau: `threshold` when given; else calibrated on `heldout_images` against these training
-    images; else the detector's stored default (with a warning: it was calibrated on another
-    reference set). `train_embeddings` (M, E) may be passed to skip re-embedding the training set.
+    images. Without either it is refused: a detector's stored tau was calibrated on another
+    reference set, and tau depends on the reference set. `train_embeddings` (M, E) may be passed
+    to skip re-embedding the training set. Integer, out-of-range or non-finite images are
+    one-line DitPruneErrors naming the argument.
 
     Example:
         >>> rep = copy_report(train[:5], train, det, heldout_images=held)  # doctest: +SKIP
         >>> rep.rate  # doctest: +SKIP
         1.0
     """
+    check_images(train_images, "train_images")
     if len(train_images) < 1:
         raise DitPruneError("the copy rate needs at least 1 training image")
-    check_images(train_images, "training images")
     shape = tuple(train_images.shape[1:])
     check_images(samples, "samples", shape)
+    if heldout_images is not None:
+        check_images(heldout_images, "heldout_images", shape)
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise DitPruneError(f"threshold must be a finite number, got {threshold!r}")
+    if threshold is None and heldout_images is None:
+        stored = ("" if detector.default_threshold is None else
+                  f" ({detector.name}'s stored tau {detector.default_threshold:.4f} was "
+                  "calibrated on another reference set)")
+        raise DitPruneError("copy_report needs heldout_images (to calibrate tau against these "
+                            f"training images) or an explicit threshold{stored}")
     train_emb = detector.embed(train_images) if train_embeddings is None else train_embeddings
     sims, nearest = nearest_cosine(detector.embed(samples), train_emb)  # (N,), (N,)
     held_sims = None
     if heldout_images is not None:
-        check_images(heldout_images, "held-out images", shape)
         held_sims, _ = nearest_cosine(detector.embed(heldout_images), train_emb)  # (K,)
     if threshold is not None:
         tau, source = float(threshold), "given"
-    elif held_sims is not None:
-        tau, source = calibrate_threshold(held_sims), f"held-out ({len(held_sims)} images)"
-    elif detector.default_threshold is not None:
-        warnings.warn(f"copy threshold: using {detector.name}'s stored tau "
-                      f"{detector.default_threshold:.4f}, calibrated on another reference set; "
-                      "pass held-out images to calibrate it for this one", stacklevel=2)
-        tau, source = detector.default_threshold, "detector default"
     else:
-        raise DitPruneError("copy_report needs held-out images (to calibrate tau) or a threshold")
+        tau, source = calibrate_threshold(held_sims), f"held-out ({len(held_sims)} images)"
     copies = sims >= tau  # (N,)
     return CopyReport(
         rate=float(copies.double().mean()) if len(copies) else float("nan"),

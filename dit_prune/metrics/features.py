@@ -1,7 +1,8 @@
 """Feature extractors for Fréchet distance, precision/recall and class agreement.
 
 Two kinds, both exposing `name`, `feature_dim`, `fingerprint` and `features(images)` on images in
-[-1, 1], (N, C, H, W) -> (N, D) float32:
+[-1, 1], (N, C, H, W) -> (N, D) float32 (integer, out-of-range or non-finite images are one-line
+`DitPruneError`s):
 
 * `digitsnet`: a small CNN classifier trained on the 1,000-image digits pool (ships in
   `checkpoints/digits-features`); its penultimate 64-d activations are the FD features and its
@@ -32,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dit_prune.checkpoint import file_sha256
+from dit_prune.data import check_images
 from dit_prune.errors import DitPruneError
 from dit_prune.metrics.augment import random_shift
 from dit_prune.metrics.netio import (
@@ -104,7 +106,8 @@ class DigitsFeatureExtractor:
         return self
 
     def _check(self, images: torch.Tensor) -> None:
-        if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        check_images(images, "images")  # float, finite, [-1, 1]
+        if tuple(images.shape[1:]) != (1, 8, 8):
             raise DitPruneError(
                 f"the digitsnet feature network takes (N, 1, 8, 8) digits, got "
                 f"{tuple(images.shape)}: pass --features PATH to a TorchScript network"
@@ -153,7 +156,8 @@ class TorchScriptFeatureExtractor:
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(N, D) features of images in [-1, 1] (grey images are repeated to RGB)."""
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
+        check_images(images, "images")  # float, finite, [-1, 1]
+        if images.shape[1] not in (1, 3):
             raise DitPruneError(f"{self.name}: expected (N, 1 or 3, H, W) images, "
                                 f"got {tuple(images.shape)}")
         device = device_of(self.module)

@@ -3,9 +3,12 @@
 A generated image x is memorized when d1/d2 < 1/3, with d1, d2 the L2 distances (pixel space,
 same scale as the training images) to its nearest and second-nearest training image.
 
+Images are on the training images' scale, [-1, 1]; uint8 or out-of-range pixels, NaN/inf and
+shape mismatches are one-line `DitPruneError`s naming the argument.
+
 Example:
-    >>> train = torch.tensor([[[[0.0]]], [[[1.0]]], [[[5.0]]]])  # (3, 1, 1, 1)
-    >>> samples = torch.tensor([[[[0.0]]], [[[0.5]]]])  # an exact copy, a midpoint
+    >>> train = torch.tensor([[[[-1.0]]], [[[0.0]]], [[[1.0]]]])  # (3, 1, 1, 1)
+    >>> samples = torch.tensor([[[[-1.0]]], [[[0.5]]]])  # an exact copy, a midpoint
     >>> report = memorization_report(samples, train)
     >>> report.memorized.tolist(), report.rate
     ([True, False], 0.5)
@@ -20,10 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dit_prune.data import check_images
 from dit_prune.errors import DitPruneError
 
 MEMORIZATION_THRESHOLD = 1.0 / 3.0
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # bounds one distance block to ~128 MiB of float32
+PIXEL_RANGE = (-1.0, 1.0)  # the training images' scale
 
 
 @dataclass(frozen=True)
@@ -176,11 +181,15 @@ def memorization_report(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     seed: int = 0,
     progress: bool = False,
+    value_range: tuple[float, float] | None = PIXEL_RANGE,
 ) -> MemorizationReport:
-    """Ratio-test memorization of `samples` against `train_images` (same scale, same shape)."""
-    for name, images in (("samples", samples), ("training images", train_images)):
-        if not torch.isfinite(images).all():
-            raise DitPruneError(f"{name} contain NaN or infinite values")
+    """Ratio-test memorization of `samples` (N, C, H, W) against `train_images` (M, C, H, W).
+
+    Both are float images in `value_range` ([-1, 1]; None accepts any finite values, e.g.
+    latents), the same (C, H, W). Raises a one-line DitPruneError naming the argument otherwise.
+    """
+    check_images(train_images, "train_images", value_range=value_range)
+    check_images(samples, "samples", value_range=value_range)
     d1, d2, nearest = nearest_two(samples, train_images, chunk_elements, progress)
     ratios = d1 / d2.clamp_min(1e-12)  # (N,)
     memorized = ratios < threshold  # (N,)

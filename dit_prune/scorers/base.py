@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dit_prune.data import check_fits_model
 from dit_prune.errors import DitPruneError
 from dit_prune.hooks import gates
 from dit_prune.scorers.calibration import (
@@ -147,6 +148,9 @@ class Scorer:
         group_units(model, units)  # "<unit> does not exist in the model" for unknown units
         if data is not None and not isinstance(data, CalibrationData):
             raise DitPruneError("data must be a dit_prune.scorers.CalibrationData")
+        if data is not None:
+            check_fits_model(data.train_images, data.train_labels, model, "training images")
+            check_fits_model(data.heldout_images, data.heldout_labels, model, "held-out images")
         return units
 
 

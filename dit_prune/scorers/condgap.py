@@ -44,7 +44,8 @@ class CondGap(Scorer, SamplingOptions):
         run = run_trajectories(ctx.model, ctx.scheduler, labels, seeds, self.sampling_steps,
                                self.guidance_scale, ctx.options.batch_size, keep_states=True,
                                progress=ctx.options.progress)
-        memorized = memorization_report(run.samples, ctx.data.train_images).memorized  # (N,)
+        memorized = memorization_report(run.samples, ctx.data.train_images,
+                                        value_range=None).memorized  # (N,) latents too
         if not memorized.any():
             raise DitPruneError(
                 f"none of {len(seeds)} samples is memorized (ratio test): cond-gap needs "

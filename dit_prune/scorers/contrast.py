@@ -84,7 +84,8 @@ class ActivationContrast(Scorer, SamplingOptions):
                                     ctx.options.seed)
         stats = _TrajectoryStats(ctx, units, len(seeds), self.contrast_t)
         run = stats.run(labels, seeds, self.sampling_steps, self.guidance_scale)
-        memorized = memorization_report(run.samples, ctx.data.train_images).memorized  # (N,)
+        memorized = memorization_report(run.samples, ctx.data.train_images,
+                                        value_range=None).memorized  # (N,) latents too
         if not memorized.any():
             raise DitPruneError(
                 f"none of {len(seeds)} samples is memorized (ratio test): activation-contrast "
