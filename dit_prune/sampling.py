@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,13 +62,49 @@ def format_seeds(seeds: Sequence[int]) -> str:
 
 
 def make_sampling_scheduler(scheduler: Any, sampler: str, steps: int) -> Any:
-    """A fresh DDIM or DDPM scheduler sharing the training noise schedule, set to `steps`."""
+    """A fresh DDIM or DDPM scheduler sharing the training noise schedule, set to `steps`.
+
+    `steps` must be an integer in [1, the schedule's training steps].
+
+    Example:
+        >>> make_sampling_scheduler(diffusers.DDPMScheduler(), "ddim", 0)
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: sampling steps must be an integer in [1, 1000] (the \
+scheduler's training steps), got 0
+    """
     if sampler not in SAMPLERS:
         raise DitPruneError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    check_steps(steps, scheduler)
     cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
     fresh = cls.from_config(scheduler.config)
     fresh.set_timesteps(steps)
     return fresh
+
+
+def check_steps(steps: Any, scheduler: Any) -> None:
+    """Raise a one-line error unless 1 <= steps <= the scheduler's training steps (an int)."""
+    limit = int(scheduler.config.num_train_timesteps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
+        raise DitPruneError(f"sampling steps must be an integer in [1, {limit}] (the scheduler's "
+                            f"training steps), got {steps!r}")
+
+
+def check_guidance_scale(guidance_scale: Any) -> None:
+    """Raise a one-line error unless the guidance scale is a finite number.
+
+    Example:
+        >>> check_guidance_scale(float("nan"))
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: guidance scale must be a finite number, got nan
+    """
+    try:
+        finite = math.isfinite(float(guidance_scale))
+    except (TypeError, ValueError):
+        finite = False
+    if not finite or isinstance(guidance_scale, bool):
+        raise DitPruneError(f"guidance scale must be a finite number, got {guidance_scale!r}")
 
 
 @torch.no_grad()
@@ -89,6 +126,8 @@ def sample_images(
     (index = number of classes). `decode` maps model-space samples to images in [-1, 1]
     (e.g. a VAE decoder for latent DiTs); pixel-space models need none.
     """
+    check_guidance_scale(guidance_scale)
+    check_steps(steps, scheduler)
     labels = torch.as_tensor(labels, dtype=torch.long).flatten()  # (N,)
     seeds = [int(s) for s in seeds]
     if len(labels) != len(seeds):
@@ -149,15 +188,20 @@ def predict_noise(
     guidance_scale: float | None,
     null: int,
 ) -> torch.Tensor:
-    """Epsilon prediction (first C channels when the model also learns sigma), with optional CFG."""
+    """Epsilon prediction (first C channels when the model also learns sigma), with optional CFG.
+
+    `x` goes in cast to the model's dtype (bf16/fp16 models work); the prediction comes back in
+    `x`'s dtype, and guidance is combined in float32.
+    """
     channels = x.shape[1]
+    dtype = next(model.parameters()).dtype
     if guidance_scale is None:
         timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)  # (B,)
-        out = model(x, timestep=timesteps, class_labels=labels).sample  # (B, C or 2C, h, w)
-        return out[:, :channels]  # (B, C, h, w)
-    x_in = torch.cat([x, x])  # (2B, C, h, w)
+        out = model(x.to(dtype), timestep=timesteps, class_labels=labels).sample  # (B, C', h, w)
+        return out[:, :channels].to(x.dtype)  # (B, C, h, w)
+    x_in = torch.cat([x, x]).to(dtype)  # (2B, C, h, w)
     labels_in = torch.cat([labels, torch.full_like(labels, null)])  # (2B,)
     timesteps = torch.full((len(x_in),), int(t), device=x.device, dtype=torch.long)  # (2B,)
     eps = model(x_in, timestep=timesteps, class_labels=labels_in).sample[:, :channels]
-    eps_cond, eps_uncond = eps.chunk(2)  # (B, C, h, w) each
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    eps_cond, eps_uncond = eps.float().chunk(2)  # (B, C, h, w) each
+    return (eps_uncond + guidance_scale * (eps_cond - eps_uncond)).to(x.dtype)

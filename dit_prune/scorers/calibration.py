@@ -178,9 +178,14 @@ def null_label(model: nn.Module) -> int:
 
 def predict_eps(model: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
-    """The model's epsilon prediction (first C channels when it also learns sigma)."""
-    out = model(x_t, timestep=timesteps, class_labels=labels).sample  # (B, C', H, W)
-    return out[:, : x_t.shape[1]]  # (B, C, H, W)
+    """The model's epsilon prediction (first C channels when it also learns sigma), float32.
+
+    `x_t` is cast to the model's dtype (bf16/fp16 models take half-precision inputs); the
+    prediction comes back in float32, so losses and scores are computed in float32.
+    """
+    dtype = next(model.parameters()).dtype
+    out = model(x_t.to(dtype), timestep=timesteps, class_labels=labels).sample  # (B, C', H, W)
+    return out[:, : x_t.shape[1]].float()  # (B, C, H, W)
 
 
 def per_example_loss(model: nn.Module, chunk: ExampleChunk,
