@@ -1,6 +1,7 @@
 """The `dit-prune` command line: subcommands train, eval, score, prune, run.
 
-User errors (DitPruneError) print one line and exit with status 2, with no traceback.
+User errors (DitPruneError) print one line and exit with status 2, with no traceback; so do
+file-system errors (a read-only or full disk: OSError), naming the path.
 
 Example:
     $ dit-prune train --subset 64 --steps 12000 --out checkpoints/digits-memorized
@@ -41,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DitPruneError as exc:
         print(f"dit-prune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        detail = exc.strerror or " ".join(str(exc).split())
+        print(f"dit-prune {args.command}: error: {where}{detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dit-prune {args.command}: interrupted; no partial output was kept", file=sys.stderr)

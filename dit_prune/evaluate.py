@@ -267,16 +267,3 @@ def evaluate_noise_control(
         "noise_rms": float(control.realized_rms.mean()),
         "target_rms": float(control.target_rms.mean()),
     }
-
-
-def balanced_labels(num_classes: int, num_samples: int) -> torch.Tensor:
-    """Class-balanced conditioning labels: num_samples / num_classes of each, in class blocks.
-
-    Example:
-        >>> balanced_labels(3, 6).tolist()
-        [0, 0, 1, 1, 2, 2]
-    """
-    if num_classes < 1 or num_samples % num_classes:
-        raise DitPruneError(f"{num_samples} samples cannot be split evenly over {num_classes} "
-                            "classes: use a multiple of the class count")
-    return torch.arange(num_classes).repeat_interleave(num_samples // num_classes)

@@ -61,6 +61,21 @@ def format_seeds(seeds: Sequence[int]) -> str:
     return ",".join(str(s) for s in seeds)
 
 
+def labels_for_seeds(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
+    """The class label of each seed's image: seed s gets class s mod num_classes, (N,) long.
+
+    The one seed -> label rule of eval, run, the trainer's probe and the scorers, so a seed
+    gives the same image everywhere; consecutive seeds cycle through the classes.
+
+    Example:
+        >>> labels_for_seeds([0, 1, 2, 3, 10, 13], 3).tolist()
+        [0, 1, 2, 0, 1, 1]
+    """
+    if num_classes < 1:
+        raise DitPruneError(f"labels need at least one class, got {num_classes}")
+    return torch.tensor([int(s) % num_classes for s in seeds], dtype=torch.long)  # (N,)
+
+
 def make_sampling_scheduler(scheduler: Any, sampler: str, steps: int) -> Any:
     """A fresh DDIM or DDPM scheduler sharing the training noise schedule, set to `steps`.
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from dit_prune.errors import DitPruneError
 from dit_prune.metrics.memorization import memorization_report
 from dit_prune.models import new_dit, null_class
-from dit_prune.sampling import sample_images
+from dit_prune.sampling import labels_for_seeds, sample_images
 from dit_prune.train_state import TrainState, load_train_state, save_train_state
 
 
@@ -185,8 +185,8 @@ def _update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> No
 
 def _probe(ema: nn.Module, scheduler: Any, images: torch.Tensor, num_classes: int,
            config: TrainConfig, step: int) -> dict[str, float]:
-    labels = torch.arange(num_classes).repeat_interleave(config.probe_per_class)  # (P,)
-    seeds = list(range(len(labels)))
+    seeds = list(range(num_classes * config.probe_per_class))
+    labels = labels_for_seeds(seeds, num_classes)  # (P,)
     samples = sample_images(ema, scheduler, labels, seeds, steps=config.probe_steps,
                             progress=False)  # (P, C, H, W) in [0, 1]
     unique = torch.unique(images, dim=0)  # duplicated images would hide their own copies (d2 = 0)

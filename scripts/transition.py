@@ -106,9 +106,9 @@ def trained_model(images: torch.Tensor, labels: torch.Tensor, steps: int, batch:
 
 def draw(model: torch.nn.Module, scheduler: Any, seeds: list[int], steps: int) -> torch.Tensor:
     """(N, C, H, W) samples in [0, 1]; class = seed mod 10."""
-    from dit_prune.sampling import sample_images
+    from dit_prune.sampling import labels_for_seeds, sample_images
 
-    labels = torch.tensor([s % 10 for s in seeds])  # (N,)
+    labels = labels_for_seeds(seeds, 10)  # (N,)
     return sample_images(model, scheduler, labels, seeds, steps=steps, progress=False)
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dit_prune.evaluate import build_context, default_checkpoints_dir, evaluate_samples
     from dit_prune.metrics.copydetect import load_copy_detector
     from dit_prune.metrics.features import load_feature_extractor
-    from dit_prune.sampling import parse_seeds
+    from dit_prune.sampling import labels_for_seeds, parse_seeds
 
     args = parse_args(argv)
     limit_threads()
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     detector = load_copy_detector(root / "digits-copydetect")
     split = digits_split()
     seeds = parse_seeds(args.seeds)
-    labels = torch.tensor([s % 10 for s in seeds])  # (N,)
+    labels = labels_for_seeds(seeds, 10)  # (N,)
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(split.heldout_images), generator=gen)

@@ -14,13 +14,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from dit_prune.checkpoint import atomic_write_text, load_dit
 from dit_prune.evaluate import digits_context, evaluate_samples
 from dit_prune.pruning.recovery_data import recovery_images
 from dit_prune.run.report import fmt_rate
-from dit_prune.sampling import sample_images
+from dit_prune.sampling import labels_for_seeds, sample_images
 
 
 def measure(checkpoint: Path, samples: int, steps: int = 50) -> dict:
@@ -28,7 +26,7 @@ def measure(checkpoint: Path, samples: int, steps: int = 50) -> dict:
     model, scheduler, meta = load_dit(checkpoint)
     train, _, _ = recovery_images(meta.extra, "train")
     context = digits_context(train_images=train)
-    labels = torch.arange(samples) % meta.num_classes  # (N,)
+    labels = labels_for_seeds(range(samples), meta.num_classes)  # (N,)
     started = time.perf_counter()
     images = sample_images(model, scheduler, labels, list(range(samples)), steps=steps)
     seconds = time.perf_counter() - started

@@ -15,7 +15,6 @@ from dit_prune.errors import DitPruneError
 from dit_prune.evaluate import (
     METRIC_KEYS,
     NOISE_CONTROL_KEYS,
-    balanced_labels,
     digits_context,
     evaluate_noise_control,
     evaluate_samples,
@@ -134,4 +133,12 @@ def test_evaluate_samples_rejects_bad_samples(context) -> None:
         evaluate_samples(torch.rand(4, 1, 16, 16), None, context)
     with pytest.raises(DitPruneError, match="labels"):
         evaluate_samples(torch.rand(4, 1, 8, 8), torch.zeros(3), context)
-    assert balanced_labels(10, 20).tolist()[:3] == [0, 0, 1]
+
+
+def test_eval_labels_follow_the_seed_rule_of_run() -> None:
+    from dit_prune.commands.eval import resolve_seeds_and_labels
+    from dit_prune.run.config import RunConfig
+
+    seeds, labels = resolve_seeds_and_labels("0-19", None, 10)
+    assert labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert torch.equal(labels, RunConfig(checkpoint="x", out="y", seeds="0-19").labels())

@@ -63,7 +63,7 @@ def test_ties_are_broken_by_unit_order():
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(-3, 3), min_size=24, max_size=24),
-       st.floats(0.01, 0.99), st.sampled_from(["heads", "neurons", "both"]))
+       st.floats(0.07, 0.99), st.sampled_from(["heads", "neurons", "both"]))  # >= 1 of 8 heads
 def test_deterministic_and_within_budget(raw, budget, mode):
     units = grid()
     scores = torch.tensor(raw, dtype=torch.float)
@@ -121,3 +121,26 @@ def test_block_sizes_come_from_the_model_when_given():
         Unit("head", 0, 1)]
     assert len(select_units(partial, torch.tensor([1.0, 2.0]), 0.99, mode="heads",
                             model=model)) == 2
+
+
+def test_a_budget_that_removes_no_unit_names_the_smallest_that_does():
+    with pytest.raises(DitPruneError, match="removes none; the smallest fraction that removes one "
+                                            "is 0.063") as info:
+        select_units(grid(), torch.rand(24), 0.001, mode="heads")  # 8 heads: 0.063 x 8 > 0.5
+    assert "\n" not in str(info.value)
+    assert len(select_units(grid(), torch.rand(24), 0.063, mode="heads")) == 1
+
+
+def test_whole_numbers_are_unit_counts():
+    from dit_prune.pruning.selection import check_budget_for, parse_budgets
+
+    assert parse_budgets("0.25, 3") == (0.25, 3)
+    assert len(select_units(grid(), torch.rand(24), 3, mode="heads")) == 3
+    assert len(select_units(grid(), torch.rand(24), 2, mode="both")) == 4  # 2 of each kind
+    with pytest.raises(DitPruneError, match="exceeds the 8 head units"):
+        select_units(grid(), torch.rand(24), 9, mode="heads")
+    with pytest.raises(DitPruneError, match="takes a fraction"):
+        check_budget_for(2, "params", {"head": 8})
+    for bad in ("1.0", "0", "-2", "2.5", "x", ""):
+        with pytest.raises(DitPruneError):
+            parse_budgets(bad)

@@ -21,7 +21,16 @@ import numpy as np
 import torch
 
 from dit_prune.checkpoint import atomic_write_text, atomic_write_with, load_dit
-from dit_prune.commands.common import dump_resolved_config, pick_device, prepare_run_dir
+from dit_prune.commands.common import (
+    check_cache_dir,
+    check_finite,
+    check_positive,
+    check_sampling_steps,
+    claim_out,
+    dump_resolved_config,
+    pick_device,
+    staged_output,
+)
 from dit_prune.data import digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 from dit_prune.evaluate import (
@@ -29,7 +38,6 @@ from dit_prune.evaluate import (
     FEATURES_DIR,
     EvalContext,
     Evaluation,
-    balanced_labels,
     build_context,
     default_checkpoints_dir,
     evaluate_samples,
@@ -37,7 +45,13 @@ from dit_prune.evaluate import (
 from dit_prune.metrics.copydetect import load_copy_detector
 from dit_prune.metrics.features import load_feature_extractor
 from dit_prune.plots import nearest_pairs_grid, ratio_histogram_plot
-from dit_prune.sampling import SAMPLERS, format_seeds, parse_seeds, sample_images
+from dit_prune.sampling import (
+    SAMPLERS,
+    format_seeds,
+    labels_for_seeds,
+    parse_seeds,
+    sample_images,
+)
 
 TRAIN_FROM_CHECKPOINT = "digits-from-checkpoint"
 TRAIN_POOL = "digits-pool"
@@ -58,7 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default=None,
                    help="seeds, e.g. '0-999' (default: 0 .. per-class x classes - 1)")
     p.add_argument("--per-class", type=int, default=None,
-                   help="samples per class (default 100; labels are class-balanced blocks)")
+                   help="samples per class (default 100; seed s samples class s mod classes)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
@@ -87,12 +101,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def resolve_seeds_and_labels(seeds_text: str | None, per_class: int | None,
                              num_classes: int) -> tuple[list[int], torch.Tensor]:
-    """Seeds and class-balanced labels (blocks of equal size, class 0 first).
+    """Seeds and their labels (seed s gets class s mod num_classes, `labels_for_seeds`, as in
+    `dit-prune run`); the seeds must cover every class equally often.
 
     Example:
         >>> seeds, labels = resolve_seeds_and_labels(None, 2, 3)
         >>> seeds, labels.tolist()
-        ([0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 2, 2])
+        ([0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2])
     """
     if num_classes < 1:
         raise DitPruneError("dit-prune eval needs a class-conditional DiT (no classes found)")
@@ -105,7 +120,12 @@ def resolve_seeds_and_labels(seeds_text: str | None, per_class: int | None,
         if per_class is not None and len(seeds) != per_class * num_classes:
             raise DitPruneError(f"--seeds gives {len(seeds)} seeds but --per-class {per_class} x "
                                 f"{num_classes} classes needs {per_class * num_classes}")
-    return seeds, balanced_labels(num_classes, len(seeds))
+    labels = labels_for_seeds(seeds, num_classes)  # (N,)
+    if len(set(torch.bincount(labels, minlength=num_classes).tolist())) != 1:
+        raise DitPruneError(f"--seeds gives {len(seeds)} seeds that cannot be split evenly over "
+                            f"{num_classes} classes (seed s samples class s mod {num_classes}): "
+                            "use a multiple of the class count of consecutive seeds")
+    return seeds, labels
 
 
 def _train_images(spec: str, meta_extra: dict[str, Any]) -> tuple[torch.Tensor, str]:
@@ -132,13 +152,35 @@ def _heldout_images(spec: str) -> tuple[torch.Tensor, str]:
     return load_image_folder(spec).images, f"image folder {spec}"
 
 
+def _folder_input(spec: str, named: tuple[str, ...]) -> str | None:
+    """An image-folder option's path (None for the embedded data sets it may name)."""
+    return None if spec in named else spec
+
+
+def validate(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Check every option before any work: (resolved --out, stats cache or None)."""
+    check_positive(args.steps, "--steps")
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.grid_pairs, "--grid-pairs")
+    check_finite(args.guidance_scale, "--guidance-scale")
+    cache = check_cache_dir(args.stats_cache or str(default_stats_cache()), "--stats-cache")
+    pick_device(args.device)
+    inputs = {"checkpoint": args.checkpoint,
+              "--train": _folder_input(args.train, (TRAIN_FROM_CHECKPOINT, TRAIN_POOL)),
+              "--heldout": _folder_input(args.heldout, (HELDOUT_DIGITS,)),
+              "--features": args.features, "--copy-detector": args.copy_detector,
+              "--stats-cache": cache}
+    return claim_out(args.out, "eval", inputs, args.overwrite), cache
+
+
 def run(args: argparse.Namespace) -> int:
-    run_dir = prepare_run_dir(args.out, args.overwrite)
+    run_dir, cache = validate(args)
     device = pick_device(args.device)
     model, scheduler, meta = load_dit(args.checkpoint, device)
     if meta.pipeline_dir is not None:
         raise DitPruneError("eval samples pixel-space DiTs; latent pipelines (with a VAE) are not "
                             "supported yet")
+    check_sampling_steps(args.steps, scheduler)
     seeds, labels = resolve_seeds_and_labels(args.seeds, args.per_class, meta.num_classes)
     train, train_desc = _train_images(args.train, meta.extra)
     heldout, heldout_desc = _heldout_images(args.heldout)
@@ -149,7 +191,6 @@ def run(args: argparse.Namespace) -> int:
     checkpoints = default_checkpoints_dir()
     features = load_feature_extractor(args.features or checkpoints / FEATURES_DIR, device)
     detector = load_copy_detector(args.copy_detector or checkpoints / COPYDETECT_DIR, device)
-    cache = None if args.stats_cache == "none" else Path(args.stats_cache or default_stats_cache())
     classifier = "features" if getattr(features, "num_classes", None) == meta.num_classes else None
     context = build_context(train, heldout, features, detector, classifier, cache, device,
                             progress=True)
@@ -158,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, progress=True)  # (N, C, H, W) in [0, 1]
     result = evaluate_samples(samples, labels, context, seed=args.seed, progress=True)
     described = {**context.describe(), "train_images": train_desc, "heldout_images": heldout_desc}
-    write_outputs(run_dir, args, samples, context, result, described, seeds, meta.to_dict())
+    with staged_output(run_dir, "eval") as staging:
+        write_outputs(staging, args, samples, context, result, described, seeds, meta.to_dict())
     print(json.dumps(result.metrics, indent=2))
     print(f"wrote {run_dir}/metrics.json, report.md, nearest.png")
     return 0

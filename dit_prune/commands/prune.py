@@ -22,12 +22,23 @@ import torch
 from torch import nn
 
 from dit_prune.checkpoint import load_dit
-from dit_prune.commands.common import dump_resolved_config, pick_device
+from dit_prune.commands.common import (
+    claim_out,
+    dump_resolved_config,
+    pick_device,
+    write_marker,
+)
 from dit_prune.errors import DitPruneError
 from dit_prune.pruning.format import PLAN_NAME, read_plan, save_pruned
-from dit_prune.pruning.recovery import RECOVERY_METHODS, recover
+from dit_prune.pruning.recovery import RECOVERY_METHODS, RecoveryConfig, recover
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES, recovery_images
-from dit_prune.pruning.selection import BUDGET_MODES, check_budget, select_units
+from dit_prune.pruning.selection import (
+    BUDGET_MODES,
+    DEFAULT_BUDGET_MODE,
+    check_budget,
+    check_budget_for,
+    select_units,
+)
 from dit_prune.pruning.structural import PrunePlan, prune_units
 from dit_prune.run.measure import macs_and_params
 from dit_prune.scorers.io import load_scores
@@ -42,19 +53,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint directory to prune (left unchanged)")
     p.add_argument("--scores", required=True,
                    help="a `dit-prune score` run directory or its scores.safetensors")
-    p.add_argument("--budget", required=True, type=float, help="fraction in (0, 1)")
-    p.add_argument("--budget-mode", default="heads", choices=BUDGET_MODES,
-                   help="what the budget is a fraction of (default: heads)")
+    p.add_argument("--budget", required=True,
+                   help="a fraction in (0, 1), or a whole number of units such as 3")
+    p.add_argument("--budget-mode", default=DEFAULT_BUDGET_MODE, choices=BUDGET_MODES,
+                   help=f"what the budget is a fraction of (default: {DEFAULT_BUDGET_MODE})")
     p.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
     p.add_argument("--recover", default="none", choices=RECOVERY_METHODS,
                    help="recovery after pruning: none, finetune (re-teaches copying on the "
                         "training images) or distill (teacher at large t only)")
-    p.add_argument("--recover-steps", type=int, default=200)
-    p.add_argument("--recover-lr", type=float, default=1e-4)
-    p.add_argument("--recover-batch-size", type=int, default=64)
-    p.add_argument("--recover-t-min", type=int, default=500, help="distill: smallest t")
-    p.add_argument("--recover-t-max", type=int, default=999, help="distill: largest t")
-    p.add_argument("--recover-ema", type=float, default=0.99, help="finetune: EMA decay")
+    defaults = RecoveryConfig()  # the library's defaults are the command's
+    p.add_argument("--recover-steps", type=int, default=defaults.steps)
+    p.add_argument("--recover-lr", type=float, default=defaults.lr)
+    p.add_argument("--recover-batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--recover-t-min", type=int, default=defaults.t_min, help="distill: smallest t")
+    p.add_argument("--recover-t-max", type=int, default=defaults.t_max, help="distill: largest t")
+    p.add_argument("--recover-ema", type=float, default=defaults.ema_decay,
+                   help="finetune: EMA decay")
     p.add_argument("--recover-data", default="train",
                    help=f"recovery images: one of {', '.join(RECOVERY_SOURCES)} or a folder")
     p.add_argument("--seed", type=int, default=0)
@@ -66,13 +80,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     budget = check_budget(args.budget)
+    recovery_config = _recovery_config(args)
     checkpoint, out = Path(args.checkpoint), Path(args.out)
-    _check_paths(checkpoint, out, args.overwrite)
+    if not checkpoint.exists():
+        raise DitPruneError(f"checkpoint not found: {checkpoint}")
+    recover_folder = None if args.recover_data in RECOVERY_SOURCES else args.recover_data
+    claim_out(out, "prune", {"checkpoint": args.checkpoint, "--scores": args.scores,
+                             "--recover-data": recover_folder}, args.overwrite)
     device = pick_device(args.device)
     loaded = load_dit(checkpoint, device=device)
     model, meta = loaded.model, loaded.meta
+    recovery_data = None
+    if recovery_config is not None:
+        recovery_config.check_timesteps(int(loaded.scheduler.config.num_train_timesteps))
+        recovery_data = recovery_images(meta.extra, args.recover_data)  # checked before work
+        if args.recover == "finetune" and recovery_data[1] is None:
+            raise DitPruneError(f"fine-tuning needs labelled images, but --recover-data "
+                                f"{args.recover_data} has none (use --recover distill)")
     scores = load_scores(_score_dir(Path(args.scores)))
     units, values, already_gone = _present_units(model, scores.units, scores.scores)
+    check_budget_for(budget, args.budget_mode, _counts(units))
     chosen = select_units(units, values, budget, mode=args.budget_mode, model=model)
     if not chosen:
         raise DitPruneError(f"budget {budget} of {args.budget_mode} selects no unit")
@@ -80,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     before = macs_and_params(model)
     plan = prune_units(model, chosen, progress=True)
     after = macs_and_params(model)
-    recovery, data_info = _recover(args, model, teacher, meta.extra)
+    recovery, data_info = _recover(args.recover, recovery_config, model, teacher, recovery_data)
     if recovery is not None:
         model = recovery.model
     base_hash, history = _lineage(checkpoint, meta.weights_sha256)
@@ -104,25 +131,36 @@ def run(args: argparse.Namespace) -> int:
                                                "budget_mode", "units_removed", "recovery")}
 
     def write_run_files(tmp: Path) -> None:
+        write_marker(tmp, "prune")
         dump_resolved_config(tmp, args, budget=budget, device=str(device))
 
-    save_pruned(model.cpu(), out, scheduler=loaded.scheduler, plan=[*history, plan],
-                base_hash=base_hash,
-                overwrite=args.overwrite, extra=extra,
-                files={REPORT_NAME: json.dumps(report, indent=2)}, on_staged=write_run_files)
+    try:
+        save_pruned(model.cpu(), out, scheduler=loaded.scheduler, plan=[*history, plan],
+                    base_hash=base_hash, overwrite=True, extra=extra,
+                    files={REPORT_NAME: json.dumps(report, indent=2)},
+                    on_staged=write_run_files)
+    except OSError as exc:
+        raise DitPruneError(f"cannot write --out {out}: {exc.filename or out}: "
+                            f"{exc.strerror or exc}") from None
     print(json.dumps({k: report[k] for k in ("units_removed", "params", "macs")}))
     print(f"saved {out}")
     return 0
 
 
-def _check_paths(checkpoint: Path, out: Path, overwrite: bool) -> None:
-    if not checkpoint.exists():
-        raise DitPruneError(f"checkpoint not found: {checkpoint}")
-    src, dst = checkpoint.resolve(), out.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise DitPruneError(f"--out {out} overlaps the input checkpoint {checkpoint}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DitPruneError(f"output {out} exists and is not empty (pass --overwrite to replace)")
+def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
+    """The validated recovery options (None without recovery), before any work."""
+    if args.recover == "none":
+        return None
+    return RecoveryConfig(steps=args.recover_steps, lr=args.recover_lr,
+                          batch_size=args.recover_batch_size, t_min=args.recover_t_min,
+                          t_max=args.recover_t_max, ema_decay=args.recover_ema, seed=args.seed)
+
+
+def _counts(units: list[Unit]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for unit in units:
+        counts[unit.kind] = counts.get(unit.kind, 0) + 1
+    return counts
 
 
 def _present_units(
@@ -147,15 +185,16 @@ def _pair(before: int, after: int) -> dict[str, Any]:
 
 
 def _recover(
-    args: argparse.Namespace, model: nn.Module, teacher: nn.Module | None, extra: dict
+    method: str, config: RecoveryConfig | None, model: nn.Module, teacher: nn.Module | None,
+    data: tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]] | None,
 ) -> tuple[Any, dict[str, Any] | None]:
-    if args.recover == "none":
+    if config is None or data is None:
         return None, None
-    images, labels, info = recovery_images(extra, args.recover_data)
+    images, labels, info = data
     result = recover(
-        args.recover, model, images, labels, teacher=teacher, steps=args.recover_steps,
-        lr=args.recover_lr, batch_size=args.recover_batch_size, t_min=args.recover_t_min,
-        t_max=args.recover_t_max, ema_decay=args.recover_ema, seed=args.seed,
+        method, model, images, labels, teacher=teacher, steps=config.steps,
+        lr=config.lr, batch_size=config.batch_size, t_min=config.t_min,
+        t_max=config.t_max, ema_decay=config.ema_decay, seed=config.seed,
     )
     return result, info
 

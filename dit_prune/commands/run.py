@@ -1,5 +1,10 @@
 """`dit-prune run`: the whole before/after experiment into one run directory.
 
+Every option is parsed into one validated `RunConfig` (its defaults are the command's), and the
+checks that need the checkpoint (sampling steps, scorer timesteps, budgets in units) run right
+after loading it, before any sampling. The run directory is claimed under a lock: a second run
+into the same --out fails at once instead of mixing its files with the first one's.
+
 Example:
     $ dit-prune run checkpoints/digits-memorized --out runs/demo --budget 0.1,0.2
 """
@@ -10,11 +15,28 @@ import argparse
 import json
 import shutil
 import time
+import uuid
+from dataclasses import fields
 from pathlib import Path
+from typing import IO, Any
 
-from dit_prune.commands.common import RESOLVED_CONFIG_NAME, dump_resolved_config
+from dit_prune.commands.common import (
+    MARKER_NAME,
+    RESOLVED_CONFIG_NAME,
+    check_sampling_steps,
+    check_scorer_timesteps,
+    claim_out,
+    dump_resolved_config,
+    pick_device,
+    write_marker,
+)
 from dit_prune.errors import DitPruneError
+from dit_prune.keyvalue import parse_key_values
+from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
+from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, RunConfig
+
+DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # one source for the CLI's defaults
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,44 +46,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "continues where it stopped when started again with the same options.")
     p.add_argument("checkpoint", help="DiT checkpoint directory (or hub id)")
     p.add_argument("--out", default="runs/run", help="run directory (default: runs/run)")
-    p.add_argument("--scorer", default="taylor-gap")
-    p.add_argument("--budget", default="0.2",
-                   help="fraction(s) of units to remove, comma-separated, each in (0, 1)")
-    p.add_argument("--budget-mode", default="heads", choices=BUDGET_MODES)
-    p.add_argument("--seeds", default="0-999", help="sampling seeds, e.g. 0-999")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--scorer", default=DEFAULTS["scorer"])
+    p.add_argument("--budget", default=",".join(f"{b:g}" for b in DEFAULTS["budgets"]),
+                   help="budget(s), comma-separated: fractions of units in (0, 1) or whole "
+                        "numbers of units such as 3")
+    p.add_argument("--budget-mode", default=DEFAULTS["budget_mode"], choices=BUDGET_MODES)
+    p.add_argument("--seeds", default=DEFAULTS["seeds"], help="sampling seeds, e.g. 0-999")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--sampler", default=DEFAULTS["sampler"], choices=("ddim", "ddpm"))
+    p.add_argument("--guidance-scale", type=float, default=DEFAULTS["guidance_scale"])
     p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="scorer option, e.g. timesteps=beta:0.8,2 or batches=8 (repeatable)")
-    p.add_argument("--recover", default="none", choices=RECOVERIES)
-    p.add_argument("--recover-steps", type=int, default=200)
-    p.add_argument("--recover-data", default="train",
+    p.add_argument("--recover", default=DEFAULTS["recover"], choices=RECOVERIES)
+    p.add_argument("--recover-steps", type=int, default=DEFAULTS["recover_steps"])
+    p.add_argument("--recover-data", default=DEFAULTS["recover_data"],
                    help="images recovery trains on: train (the checkpoint's training images), "
                    "unused (digits pool images it never saw), heldout (contaminates FD, which is "
                    "measured against them) or an image folder")
-    p.add_argument("--seed", type=int, default=0, help="scoring and random-control seed")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                   help="scoring and random-control seed")
     p.add_argument("--train", help="training image folder (default: the checkpoint's digits)")
     p.add_argument("--heldout", help="held-out image folder (default: held-out digits)")
     p.add_argument("--features", help="feature network for FD (default: digits-features)")
     p.add_argument("--copy-detector", help="copy-detection model (default: digits-copydetect)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--shard-size", type=int, default=250,
+    p.add_argument("--device", default=DEFAULTS["device"])
+    p.add_argument("--shard-size", type=int, default=DEFAULTS["shard_size"],
                    help="images per sample shard (the unit of resuming and of multi-process work)")
     p.add_argument("--overwrite", action="store_true",
-                   help="discard an earlier run in --out whose options differ")
+                   help="discard an earlier `dit-prune run` in --out whose options differ")
     p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    try:
-        budgets = tuple(float(b) for b in str(args.budget).split(",") if b.strip())
-    except ValueError:
-        raise DitPruneError(f"--budget must be numbers like 0.1,0.2, got {args.budget!r}") from None
+    """The run's one validated configuration (scorer options and device included)."""
+    pick_device(args.device)
     return RunConfig(
-        checkpoint=args.checkpoint, out=args.out, scorer=args.scorer, budgets=budgets,
-        budget_mode=args.budget_mode, seeds=args.seeds, steps=args.steps, sampler=args.sampler,
-        guidance_scale=args.guidance_scale, scorer_options=_scorer_options(args.scorer_option),
+        checkpoint=args.checkpoint, out=args.out, scorer=args.scorer,
+        budgets=parse_budgets(args.budget), budget_mode=args.budget_mode, seeds=args.seeds,
+        steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+        scorer_options=parse_key_values(args.scorer_option, "--scorer-option"),
         recover=args.recover, recover_steps=args.recover_steps,
         recover_data=args.recover_data, seed=args.seed,
         train=args.train, heldout=args.heldout, features=args.features,
@@ -76,22 +99,26 @@ def run(args: argparse.Namespace) -> int:
     from dit_prune.pruning import save_pruned
     from dit_prune.run.experiment import prepare_inputs, run_experiment
     from dit_prune.run.report import summary_lines, write_outputs
-    from dit_prune.scorers import SCORERS
 
     started = time.perf_counter()
     cfg = config_from_args(args)
-    if cfg.scorer not in SCORERS:
-        raise DitPruneError(f"unknown scorer {cfg.scorer!r}; choose one of {', '.join(SCORERS)}")
+    recover_folder = None if cfg.recover_data in RECOVERY_SOURCES else cfg.recover_data
+    run_dir = claim_out(cfg.out, "run", {
+        "checkpoint": cfg.checkpoint, "--train": cfg.train, "--heldout": cfg.heldout,
+        "--features": cfg.features, "--copy-detector": cfg.copy_detector,
+        "--recover-data": recover_folder}, args.overwrite, resume=True)
     inputs = prepare_inputs(cfg)  # loads and checks everything before long work
+    check_loaded(cfg, inputs.loaded)
     state = PartialState()
-    run_dir = Path(cfg.out)
+    lock = None
     if state.is_main_process:
-        _claim_run_dir(run_dir, cfg, args.overwrite)
+        lock = _claim_run_dir(run_dir, cfg, args.overwrite)
         dump_resolved_config(run_dir, args, resolved=cfg.to_json())
     state.wait_for_everyone()
     result = run_experiment(cfg, inputs, progress=state.is_main_process)
     if not state.is_main_process:
         return 0
+    _check_still_ours(run_dir, lock)
     report = write_outputs(result, run_dir)
     entry = result["entries"][0]
     save_pruned(entry["model"], run_dir / "pruned", scheduler=inputs.loaded.scheduler,
@@ -104,43 +131,85 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _claim_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """Resume a run with identical options; otherwise refuse (or, with overwrite, start over)."""
+def check_loaded(cfg: RunConfig, loaded: Any) -> None:
+    """The checks that need the checkpoint: sampling steps and scorer timesteps within its
+    noise schedule, and budgets that remove at least one unit (and no more than exist)."""
+    from dit_prune.scorers import get_scorer
+    from dit_prune.units import HEAD, NEURON, enumerate_units
+
+    check_sampling_steps(cfg.steps, loaded.scheduler)
+    scorer = get_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
+    check_scorer_timesteps(scorer, loaded.scheduler)
+    kinds = MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON))
+    counts: dict[str, int] = {}
+    for unit in enumerate_units(loaded.model, list(kinds)):
+        counts[unit.kind] = counts.get(unit.kind, 0) + 1
+    for budget in cfg.budgets:
+        check_budget_for(budget, cfg.budget_mode, counts)
+
+
+class _Lock:
+    """An exclusive lock on the run directory's marker, held while the run works."""
+
+    def __init__(self, run_dir: Path, run_id: str) -> None:
+        self.run_id = run_id
+        self.handle: IO[str] | None = _locked(run_dir / MARKER_NAME, run_dir)
+
+
+def _locked(marker: Path, run_dir: Path) -> IO[str] | None:
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: the run-id check at the end still holds
+        return None
+    handle = open(marker)  # noqa: SIM115 - kept open (and locked) for the run's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DitPruneError(f"{run_dir} is in use by another dit-prune run; wait for it or "
+                            "choose another --out") from None
+    return handle
+
+
+def _claim_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> _Lock:
+    """Resume a run with identical options; otherwise refuse (or, with overwrite, start over).
+
+    Whatever it does, the directory ends up marked with this run's id and locked."""
     if run_dir.exists() and not run_dir.is_dir():
         raise DitPruneError(f"run directory {run_dir} is a file")
     previous = run_dir / RESOLVED_CONFIG_NAME
-    if previous.is_file():
-        try:
-            same = json.loads(previous.read_text()).get("resolved") == cfg.to_json()
-        except json.JSONDecodeError:
+    held = _locked(run_dir / MARKER_NAME, run_dir) if (run_dir / MARKER_NAME).is_file() else None
+    try:
+        if previous.is_file():
+            try:
+                same = json.loads(previous.read_text()).get("resolved") == cfg.to_json()
+            except (json.JSONDecodeError, AttributeError):
+                same = False
+            if not same and not overwrite:
+                raise DitPruneError(f"{run_dir} holds a run with other options (pass "
+                                    "--overwrite to discard it, or choose another --out)")
+        else:
             same = False
-        if same:
-            return
-        if not overwrite:
-            raise DitPruneError(f"{run_dir} holds a run with other options (pass --overwrite to "
-                                "discard it, or choose another --out)")
-    elif run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise DitPruneError(f"{run_dir} is not empty and is not a dit-prune run "
-                            "(pass --overwrite or choose another --out)")
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+            if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+                raise DitPruneError(f"{run_dir} is not empty and is not a dit-prune run "
+                                    "(pass --overwrite or choose another --out)")
+        if not same and run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_id = uuid.uuid4().hex
+        write_marker(run_dir, "run", run_id=run_id)
+        return _Lock(run_dir, run_id)
+    finally:
+        if held is not None:
+            held.close()
 
 
-def _scorer_options(items: list[str]) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DitPruneError(f"--scorer-option takes KEY=VALUE, got {item!r}")
-        options[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    return options
-
-
-def _parse_value(text: str) -> object:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
+def _check_still_ours(run_dir: Path, lock: _Lock | None) -> None:
+    """Refuse to write the report when another run has taken the directory over meanwhile."""
+    try:
+        current = json.loads((run_dir / MARKER_NAME).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        current = None
+    if lock is not None and current != lock.run_id:
+        raise DitPruneError(f"another dit-prune run took over {run_dir} while this one ran; "
+                            "this run's report was not written")

@@ -20,13 +20,21 @@ from typing import Any
 import torch
 
 from dit_prune.checkpoint import load_dit
-from dit_prune.commands.common import dump_resolved_config, pick_device, prepare_run_dir
+from dit_prune.commands.common import (
+    check_scorer_timesteps,
+    claim_out,
+    dump_resolved_config,
+    pick_device,
+    staged_output,
+)
 from dit_prune.data import digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
+from dit_prune.keyvalue import parse_key_values
 from dit_prune.scorers import (
     NORMALIZATIONS,
     SCORERS,
     CalibrationData,
+    ScorerOptions,
     get_scorer,
     save_scores,
 )
@@ -43,16 +51,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--timesteps", default=None,
                    help="uniform | uniform:LOW,HIGH | beta:A,B | a list such as 10,50,100 "
                         "(default: the scorer's own)")
-    p.add_argument("--batches", type=int, default=4, help="calibration batches (noise draws)")
-    p.add_argument("--batch-size", type=int, default=64, help="examples per forward pass")
-    p.add_argument("--seed", type=int, default=0)
+    shared = ScorerOptions()  # the library's defaults are the command's
+    p.add_argument("--batches", type=int, default=shared.batches,
+                   help="calibration batches (noise draws)")
+    p.add_argument("--batch-size", type=int, default=shared.batch_size,
+                   help="examples per forward pass")
+    p.add_argument("--seed", type=int, default=shared.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, default=None, help="cap images per split")
-    p.add_argument("--normalize", default="robust-z", choices=NORMALIZATIONS)
-    p.add_argument("--quality-weight", type=float, default=0.0,
+    p.add_argument("--normalize", default=shared.normalize, choices=NORMALIZATIONS)
+    p.add_argument("--quality-weight", type=float, default=shared.quality_weight,
                    help="penalty weight on units whose removal raises the held-out loss")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="scorer-specific option (JSON value), e.g. num_samples=200; repeatable")
+                   help="scorer-specific option (JSON value), e.g. num_samples=200; repeatable "
+                        "(the shared options have their own flags)")
     p.add_argument("--train-data", default=None, help="image folder instead of the digits subset")
     p.add_argument("--heldout-data", default=None, help="image folder instead of digits held-out")
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run directory")
@@ -66,20 +78,24 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, device=str(pick_device(args.device)), max_images=args.max_images,
         normalize=args.normalize, quality_weight=args.quality_weight, **specific,
     )
-    loaded = load_dit(args.checkpoint)
     kinds = _kinds(args.kinds, scorer)
+    run_dir = claim_out(args.out, "score", {"checkpoint": args.checkpoint,
+                                            "--train-data": args.train_data,
+                                            "--heldout-data": args.heldout_data}, args.overwrite)
+    loaded = load_dit(args.checkpoint)
+    check_scorer_timesteps(scorer, loaded.scheduler)
     units = enumerate_units(loaded.model, kinds)
     data, data_meta = calibration_data(args, loaded.meta.extra)
-    run_dir = prepare_run_dir(args.out, args.overwrite)
     started = time.perf_counter()
     result = scorer.compute(loaded.model, units, data, loaded.scheduler)
     seconds = time.perf_counter() - started
-    save_scores(run_dir, result.units, result.scores, scorer.config(), raw=result.raw,
-                extra={"checkpoint": str(args.checkpoint),
-                       "weights_sha256": loaded.meta.weights_sha256,
-                       "data": data_meta, "seconds": round(seconds, 2)})
-    dump_resolved_config(run_dir, args, kinds=list(kinds), scorer_config=scorer.config(),
-                         data=data_meta)
+    with staged_output(run_dir, "score") as staging:
+        save_scores(staging, result.units, result.scores, scorer.config(), raw=result.raw,
+                    extra={"checkpoint": str(args.checkpoint),
+                           "weights_sha256": loaded.meta.weights_sha256,
+                           "data": data_meta, "seconds": round(seconds, 2)})
+        dump_resolved_config(staging, args, kinds=list(kinds), scorer_config=scorer.config(),
+                             data=data_meta)
     top = torch.argsort(result.scores, descending=True)[:5].tolist()
     print(json.dumps({"units": len(units), "seconds": round(seconds, 1),
                       "top": [result.units[i].to_json() for i in top]}))
@@ -88,17 +104,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """['num_samples=200', 'reference="heldout"'] -> {'num_samples': 200, 'reference': ...}."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DitPruneError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value  # a bare string such as reference=heldout
+    """['num_samples=200', 'reference=heldout'] -> {'num_samples': 200, 'reference': 'heldout'};
+    a shared option (seed, batches, ...) has its own flag and is refused here."""
+    options = parse_key_values(items, "--option")
+    for key in options:
+        if key in SHARED_FLAGS:
+            raise DitPruneError(f"--option {key}=... repeats a shared option: use "
+                                f"{SHARED_FLAGS[key]} instead")
     return options
+
+
+SHARED_FLAGS = {name: "--" + name.replace("_", "-") for name in
+                ("timesteps", "batches", "batch_size", "seed", "device", "max_images",
+                 "normalize", "quality_weight")}
+SHARED_FLAGS["progress"] = "nothing (progress is always shown)"
 
 
 def _kinds(text: str | None, scorer: Any) -> tuple[str, ...]:

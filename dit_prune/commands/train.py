@@ -62,8 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise DitPruneError(f"output {out} exists and is not empty (pass --overwrite to replace)")
+    from dit_prune.commands.common import claim_out  # --out checked before any work
+
+    claim_out(args.out, "train", {"--data": None if args.data == "digits" else args.data},
+              args.overwrite)
     if getattr(args, "model", "dit") != "dit":
         return _run_small_net(args)
     config = TrainConfig(

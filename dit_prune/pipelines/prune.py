@@ -101,7 +101,8 @@ def score_and_prune_pipeline(
     `score(model, units, data) -> Tensor`. `data` is what the scorer consumes, with images in
     the transformer's input space: use `encode_images` for a latent class-conditional DiT and
     `text_calibration_data` for PixArt (scored through `text_conditioning`). Extra keyword
-    arguments go to `select_units`.
+    arguments go to `select_units`; its budget mode defaults here to ``both`` (the budget of
+    every kind in `kinds`: the kinds scored are the kinds pruned).
     """
     from dit_prune.pruning import prune_units, select_units
 
@@ -115,6 +116,7 @@ def score_and_prune_pipeline(
     candidates = enumerate_units(model, kinds)
     scores = score_units(pipe, scorer, candidates, data)  # (U,)
     select_options.setdefault("model", model)
+    select_options.setdefault("mode", "both")
     chosen = list(select_units(candidates, scores, budget, **select_options))
     target = pipe if inplace else copy_pipeline(pipe)
     plan = prune_units(target.transformer, chosen)

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,7 +41,16 @@ RECOVERY_METHODS = ("none", "finetune", "distill")
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    """Options shared by the recovery methods (validated on creation)."""
+    """Options shared by the recovery methods (validated on creation); these defaults are the
+    defaults of `finetune`, `distill`, `dit-prune prune --recover-*` and `dit-prune run`.
+
+    Example:
+        >>> RecoveryConfig(t_max=5000).check_timesteps(1000)
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: recovery t range [500, 5000] must lie in [0, 999] (the \
+scheduler's training steps)
+    """
 
     steps: int = 200
     lr: float = 1e-4
@@ -50,16 +60,28 @@ class RecoveryConfig:
     label_dropout: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    ema_decay: float = 0.99  # finetune only
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
-            raise DitPruneError("recovery steps and batch size must be positive")
-        if not self.lr > 0:
-            raise DitPruneError(f"recovery learning rate must be positive, got {self.lr}")
+            raise DitPruneError(f"recovery steps and batch size must be positive, got "
+                                f"{self.steps} and {self.batch_size}")
+        if not 0 < self.lr < math.inf:
+            raise DitPruneError(f"recovery learning rate must be a positive finite number, got "
+                                f"{self.lr}")
         if not 0 <= self.t_min <= self.t_max:
             raise DitPruneError(f"recovery t range [{self.t_min}, {self.t_max}] is empty")
         if not 0.0 <= self.label_dropout < 1.0:
             raise DitPruneError(f"label dropout must lie in [0, 1), got {self.label_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise DitPruneError(f"recovery EMA decay must lie in [0, 1), got {self.ema_decay}")
+
+    def check_timesteps(self, num_train_timesteps: int) -> None:
+        """Refuse a t range outside the scheduler's [0, num_train_timesteps - 1]."""
+        if self.t_max > num_train_timesteps - 1:
+            raise DitPruneError(f"recovery t range [{self.t_min}, {self.t_max}] must lie in "
+                                f"[0, {num_train_timesteps - 1}] (the scheduler's training "
+                                "steps)")
 
 
 @dataclass
@@ -86,10 +108,10 @@ def finetune(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    steps: int = 200,
-    lr: float = 1e-4,
-    batch_size: int = 64,
-    ema_decay: float = 0.99,
+    steps: int = RecoveryConfig.steps,
+    lr: float = RecoveryConfig.lr,
+    batch_size: int = RecoveryConfig.batch_size,
+    ema_decay: float = RecoveryConfig.ema_decay,
     seed: int = 0,
     num_train_timesteps: int = 1000,
     progress: bool = True,
@@ -101,6 +123,7 @@ def finetune(
     from dit_prune.training import TrainConfig, train_dit
 
     _require_class_conditional(model)
+    RecoveryConfig(steps=steps, lr=lr, batch_size=batch_size, ema_decay=ema_decay, seed=seed)
     train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                seed=seed, probe_every=0,
                                num_train_timesteps=num_train_timesteps)
@@ -116,11 +139,11 @@ def distill(
     teacher: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor | None = None,
-    steps: int = 200,
-    lr: float = 1e-4,
-    batch_size: int = 64,
-    t_min: int = 500,
-    t_max: int = 999,
+    steps: int = RecoveryConfig.steps,
+    lr: float = RecoveryConfig.lr,
+    batch_size: int = RecoveryConfig.batch_size,
+    t_min: int = RecoveryConfig.t_min,
+    t_max: int = RecoveryConfig.t_max,
     seed: int = 0,
     num_train_timesteps: int = 1000,
     progress: bool = True,
@@ -178,6 +201,7 @@ def distill(
         student.eval()
         teacher.train(teacher_was_training)
     summary = asdict(config)
+    summary.pop("ema_decay")  # a finetune option
     summary["num_images"] = len(images)
     summary["labelled"] = labels is not None
     return RecoveryResult(student, "distill", losses, time.perf_counter() - started, summary)

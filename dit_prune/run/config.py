@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from dit_prune.errors import DitPruneError
-from dit_prune.pruning.recovery import RECOVERY_METHODS
+from dit_prune.pruning.recovery import RECOVERY_METHODS, RecoveryConfig
 from dit_prune.pruning.selection import BUDGET_MODES as SELECTION_MODES
-from dit_prune.sampling import SAMPLERS, format_seeds, parse_seeds
+from dit_prune.pruning.selection import DEFAULT_BUDGET_MODE, check_budget
+from dit_prune.sampling import SAMPLERS, format_seeds, labels_for_seeds, parse_seeds
 
 RECOVERIES = RECOVERY_METHODS
 # `dit-prune run` handles class-conditional DiTs, which have no cross-attention heads
@@ -31,7 +32,7 @@ class RunConfig:
     out: str
     scorer: str = "taylor-gap"
     budgets: tuple[float, ...] = (0.2,)
-    budget_mode: str = "heads"
+    budget_mode: str = DEFAULT_BUDGET_MODE
     seeds: str = "0-999"
     steps: int = 50
     sampler: str = "ddim"
@@ -39,7 +40,7 @@ class RunConfig:
     num_classes: int = 10
     scorer_options: dict[str, Any] = field(default_factory=dict)
     recover: str = "none"
-    recover_steps: int = 200
+    recover_steps: int = RecoveryConfig.steps
     recover_data: str = "train"  # train, unused (pool digits the model never saw) or a folder
     seed: int = 0
     train: str | None = None  # image folder; default: the checkpoint's recorded digits subset
@@ -53,27 +54,40 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.budgets:
             raise DitPruneError("give at least one budget")
-        for budget in self.budgets:
-            if not 0.0 < budget < 1.0:
-                raise DitPruneError(f"budget {budget} must lie strictly between 0 and 1")
+        object.__setattr__(self, "budgets", tuple(check_budget(b) for b in self.budgets))
         if self.budget_mode not in BUDGET_MODES:
             raise DitPruneError(f"unknown budget mode {self.budget_mode!r}; use {BUDGET_MODES}")
         if self.recover not in RECOVERIES:
             raise DitPruneError(f"unknown recovery {self.recover!r}; use {RECOVERIES}")
         if self.sampler not in SAMPLERS:
             raise DitPruneError(f"unknown sampler {self.sampler!r}; use {SAMPLERS}")
-        if self.steps < 1 or self.batch_size < 1 or self.shard_size < 1:
-            raise DitPruneError("steps, batch size and shard size must be positive")
-        if self.guidance_scale < 1.0:
-            raise DitPruneError(f"guidance scale must be >= 1, got {self.guidance_scale}")
+        for name in ("steps", "batch_size", "shard_size", "recover_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DitPruneError(f"{name.replace('_', ' ')} must be a positive integer, "
+                                    f"got {value}")
+        if not 1.0 <= self.guidance_scale < float("inf"):
+            raise DitPruneError(f"guidance scale must be a finite number >= 1, got "
+                                f"{self.guidance_scale}")
         parse_seeds(self.seeds)
+        self._check_scorer()
+
+    def _check_scorer(self) -> None:
+        """The scorer and its options, validated as the run will build it (seed from --seed)."""
+        from dit_prune.scorers import get_scorer
+
+        reserved = sorted({"seed", "progress"} & set(self.scorer_options))
+        if reserved:
+            raise DitPruneError(f"scorer option {reserved[0]!r} is set by the run itself "
+                                f"(use --seed for the scoring seed)")
+        get_scorer(self.scorer, seed=self.seed, **self.scorer_options)
 
     def seed_list(self) -> list[int]:
         return parse_seeds(self.seeds)
 
     def labels(self) -> torch.Tensor:
         """Class-balanced labels: the image of seed s gets class s mod num_classes."""
-        return torch.tensor([s % self.num_classes for s in self.seed_list()])  # (N,)
+        return labels_for_seeds(self.seed_list(), self.num_classes)  # (N,)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -30,8 +30,13 @@ class TimestepDistribution:
     values: tuple[int, ...] = ()
 
     @classmethod
-    def parse(cls, spec: str | Sequence[int]) -> TimestepDistribution:
-        """'uniform', 'uniform:0,100', 'beta:0.8,2', '10,50,100' or a list of ints."""
+    def parse(cls, spec: str | int | Sequence[int]) -> TimestepDistribution:
+        """'uniform', 'uniform:0,100', 'beta:0.8,2', '10,50,100', one int or a list of ints."""
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return cls._from_list([spec], str(spec))
+        if not isinstance(spec, str | list | tuple):
+            raise DitPruneError(f"cannot parse timesteps {spec!r}: use 'uniform', "
+                                "'uniform:LOW,HIGH', 'beta:A,B' or a list such as '10,50,100'")
         if not isinstance(spec, str):
             return cls._from_list(list(spec), str(spec))
         text = spec.strip().lower()
@@ -55,7 +60,8 @@ class TimestepDistribution:
 
     @classmethod
     def _from_list(cls, values: list[Any], spec: str) -> TimestepDistribution:
-        if not values or any(int(v) != v or v < 0 for v in values):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int | float)
+                             or int(v) != v or v < 0 for v in values):
             raise DitPruneError(f"timestep list {spec!r} must hold non-negative integers")
         return cls("list", (), tuple(int(v) for v in values))
 
@@ -70,19 +76,27 @@ class TimestepDistribution:
         """Examples per image per calibration batch (the list length for a fixed list)."""
         return len(self.values) if self.kind == "list" else 1
 
+    def check(self, num_train_timesteps: int) -> None:
+        """Refuse timesteps outside the scheduler's [0, num_train_timesteps)."""
+        T = num_train_timesteps
+        if self.kind == "list" and max(self.values) >= T:
+            raise DitPruneError(f"timestep {max(self.values)} is outside [0, {T}) (the "
+                                "scheduler's training steps)")
+        if self.kind == "uniform" and self.params and self.params[1] > T:
+            low, high = self.params
+            raise DitPruneError(f"timestep range [{low:g}, {high:g}) exceeds [0, {T}) (the "
+                                "scheduler's training steps)")
+
     def sample(self, rng: np.random.Generator, count: int, num_train_timesteps: int) -> np.ndarray:
         """(count * repeats,) int64 timesteps in [0, T); image-major for a fixed list."""
         T = num_train_timesteps
+        self.check(T)
         if self.kind == "list":
-            if max(self.values) >= T:
-                raise DitPruneError(f"timestep {max(self.values)} is outside [0, {T})")
             return np.tile(np.asarray(self.values, dtype=np.int64), count)
         if self.kind == "beta":
             u = rng.beta(self.params[0], self.params[1], count)  # (count,) in (0, 1)
             return np.minimum(np.floor(u * T), T - 1).astype(np.int64)
         low, high = (self.params or (0, T))
-        if high > T:
-            raise DitPruneError(f"timestep range [{low:g}, {high:g}) exceeds [0, {T})")
         return rng.integers(int(low), int(high), count).astype(np.int64)
 
 
@@ -115,6 +129,8 @@ class ScorerOptions:
     def __post_init__(self) -> None:
         if isinstance(self.timesteps, list):
             object.__setattr__(self, "timesteps", tuple(self.timesteps))
+        if isinstance(self.timesteps, int) and not isinstance(self.timesteps, bool):
+            object.__setattr__(self, "timesteps", (self.timesteps,))
         if self.timesteps is not None:
             TimestepDistribution.parse(self.timesteps)
         if not isinstance(self.batches, int) or self.batches < 1:
@@ -123,6 +139,9 @@ class ScorerOptions:
             raise DitPruneError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise DitPruneError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.normalize, str) or not isinstance(self.quality_weight, int | float):
+            raise DitPruneError(f"normalize must be a name and quality_weight a number, got "
+                                f"{self.normalize!r} and {self.quality_weight!r}")
         if self.max_images is not None and (not isinstance(self.max_images, int)
                                             or self.max_images < 1):
             raise DitPruneError(f"max_images must be a positive integer, got {self.max_images!r}")
@@ -130,7 +149,7 @@ class ScorerOptions:
             raise DitPruneError(
                 f"unknown normalization {self.normalize!r}; choose one of {NORMALIZATIONS}"
             )
-        if not self.quality_weight >= 0:
+        if not 0 <= self.quality_weight < float("inf"):
             raise DitPruneError(f"quality_weight must be >= 0, got {self.quality_weight!r}")
         if self.device not in (None, "auto", "cpu") and not str(self.device).startswith(
             ("cuda", "mps", "xpu")

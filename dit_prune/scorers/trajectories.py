@@ -27,7 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dit_prune.sampling import initial_noise, make_sampling_scheduler, predict_noise
+from dit_prune.sampling import (
+    initial_noise,
+    labels_for_seeds,
+    make_sampling_scheduler,
+    predict_noise,
+)
 from dit_prune.scorers.calibration import null_label
 
 # called before each model call with (indices of the batch's images, step index, timestep)
@@ -104,11 +109,12 @@ def run_trajectories(
 
 def sample_plan(train_labels: torch.Tensor | None, null: int, count: int,
                 seed: int) -> tuple[torch.Tensor, list[int]]:
-    """(labels, seeds) of the scorer's samples: the training classes in turn, seeds from `seed`."""
+    """(labels, seeds) of the scorer's samples: seeds from `seed * 1_000_000`, and seed s gets
+    the (s mod k)-th of the k training classes (`labels_for_seeds`: with every class trained,
+    class s mod num_classes, as in eval and run); unlabelled data samples the null class."""
     classes = torch.unique(train_labels) if train_labels is not None else torch.tensor([null])
-    labels = classes[torch.arange(count) % len(classes)]  # (count,)
     seeds = [seed * 1_000_000 + i for i in range(count)]
-    return labels, seeds
+    return classes[labels_for_seeds(seeds, len(classes))], seeds  # (count,), count seeds
 
 
 def heldout_subset(images: torch.Tensor, labels: torch.Tensor | None, null: int, count: int,
