@@ -33,22 +33,16 @@ def parse_list(text: str, kind: Callable[[str], Any] = str) -> list[Any]:
 def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """'taylor-gap+quality_weight=0.5' -> ('taylor-gap', {'quality_weight': 0.5}).
 
-    The whole spec is the arm's label in tables; numbers are read as int or float.
+    The whole spec is the arm's label in tables; values are read by the CLI's KEY=VALUE parser.
     """
+    from dit_prune.errors import DitPruneError
+    from dit_prune.keyvalue import parse_key_values
+
     name, *items = spec.split("+")
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"scorer spec {spec!r}: expected KEY=VALUE after '+', got {item!r}")
-        try:
-            options[key] = int(value)
-        except ValueError:
-            try:
-                options[key] = float(value)
-            except ValueError:
-                options[key] = value
-    return name, options
+    try:
+        return name, parse_key_values(items, f"scorer spec {spec!r}")
+    except DitPruneError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
