@@ -73,32 +73,48 @@ class LoadedDiT(NamedTuple):
 
 
 def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedDiT:
-    """Load a DiT (base or pruned) with its noise scheduler and metadata; see module docstring."""
+    """Load a DiT (base or pruned) with its noise scheduler and metadata; see module docstring.
+
+    Every malformed input is a one-line DitPruneError naming the file: a config that is not a
+    JSON object or lacks the sizes, a malformed `dit_prune_structure` or `dit_prune.json`,
+    weights holding NaN/inf, an unknown scheduler class or `beta_schedule`, a device that does
+    not exist here.
+    """
+    target = check_device(device)
     root = _resolve(path)
     transformer_dir = root / "transformer" if (root / "transformer").is_dir() else root
-    config = _read_json(transformer_dir / CONFIG_NAME, "transformer config")
+    config_file = transformer_dir / CONFIG_NAME
+    config = _read_json(config_file, "transformer config")
     class_name = config.get("_class_name")
     if class_name not in SUPPORTED_CLASSES:
         raise DitPruneError(
-            f"{transformer_dir / CONFIG_NAME} describes {class_name!r}, not a DiT "
+            f"{config_file} describes {class_name!r}, not a DiT "
             f"(supported: {', '.join(SUPPORTED_CLASSES)})"
         )
-    model = build_transformer(config)
+    sizes = {key: _config_int(config, key, config_file) for key in ("sample_size", "in_channels")}
+    try:
+        model = build_transformer(config)
+    except DitPruneError as exc:
+        raise DitPruneError(f"{config_file}: {exc}") from None
     weights_file = transformer_dir / WEIGHTS_NAME
     state = _read_safetensors(weights_file)
+    _refuse_non_finite(state, weights_file)
     missing, unexpected = _load_state(model, state, weights_file)
     if missing or unexpected:
         raise DitPruneError(
             f"{weights_file} does not match its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
-    model.to(device).eval()
+    try:
+        model.to(target).eval()
+    except (RuntimeError, AssertionError) as exc:  # e.g. out of device memory
+        raise DitPruneError(f"cannot move the model to {target}: {_first_line(exc)}") from None
     scheduler = _load_scheduler(root)
     num_classes = int(config.get("num_embeds_ada_norm") or 0) if class_name.startswith("DiT") else 0
-    extra = _read_json(root / META_NAME, "metadata") if (root / META_NAME).is_file() else {}
+    extra = _read_meta(root / META_NAME) if (root / META_NAME).is_file() else {}
     meta = DitMeta(
-        image_size=int(config["sample_size"]),
-        channels=int(config["in_channels"]),
+        image_size=sizes["sample_size"],
+        channels=sizes["in_channels"],
         num_classes=num_classes,
         null_class=num_classes if num_classes else None,
         model_class=class_name,
@@ -111,9 +127,25 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
 
 
 def build_transformer(config: dict[str, Any]) -> nn.Module:
-    """Instantiate the transformer a config describes (pruned widths included), weights random."""
+    """Instantiate the transformer a config describes (pruned widths included), weights random.
+
+    Example:
+        >>> build_transformer({"_class_name": "DiTTransformer2DModel", STRUCTURE_KEY: "x"})
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: malformed dit_prune_structure: expected an object with \
+'kept': {kind: [[unit indices] per block]}, got 'x'
+    """
+    if not isinstance(config, dict):
+        raise DitPruneError(f"a transformer config must be a JSON object, got "
+                            f"{type(config).__name__}")
     config = dict(config)
     structure = config.pop(STRUCTURE_KEY, None)
+    if structure is not None:
+        _check_structure(structure)
+    if config.get("_class_name") not in SUPPORTED_CLASSES:
+        raise DitPruneError(f"the config describes {config.get('_class_name')!r}, not a DiT "
+                            f"(supported: {', '.join(SUPPORTED_CLASSES)})")
     cls = getattr(diffusers, config["_class_name"])
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
     try:
@@ -231,13 +263,100 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
         ) from None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a one-line error when it is no device of this machine.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+        >>> check_device("gpu0")
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: unknown device 'gpu0' (use cpu, cuda, cuda:N or mps)
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DitPruneError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DitPruneError(f"device {device!r}: no CUDA GPU is available on this machine")
+        if target.index is not None and target.index >= count:
+            raise DitPruneError(f"device {device!r}: this machine has {count} CUDA GPU(s)")
+    elif target.type == "mps" and not torch.backends.mps.is_available():
+        raise DitPruneError(f"device {device!r}: MPS is not available on this machine")
+    elif target.type not in ("cpu", "cuda", "mps", "meta"):
+        raise DitPruneError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or mps)")
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; missing, invalid JSON or not an object is one line."""
     if not path.is_file():
         raise DitPruneError(f"{what} missing: {path}")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DitPruneError(f"{what} is not valid JSON: {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise DitPruneError(f"{what} {path} must hold a JSON object, not a "
+                            f"{type(value).__name__}")
+    return value
+
+
+def _config_int(config: dict[str, Any], key: str, path: Path) -> int:
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DitPruneError(f"{path}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """dit_prune.json: an object whose `data` (if any) is an object, `pool_indices` a list of
+    non-negative integers."""
+    meta = _read_json(path, "metadata")
+    data = meta.get("data")
+    if data is None:
+        return meta
+    if not isinstance(data, dict):
+        raise DitPruneError(f"{path}: 'data' must be an object, got {type(data).__name__}")
+    indices = data.get("pool_indices")
+    if indices is not None and not (
+        isinstance(indices, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)
+    ):
+        raise DitPruneError(f"{path}: data.pool_indices must be a list of non-negative integers")
+    return meta
+
+
+def _check_structure(structure: Any) -> None:
+    """A `dit_prune_structure` must map 'kept' to {kind: [[int, ...] per block]}."""
+    kept = structure.get("kept") if isinstance(structure, dict) else None
+    valid = isinstance(kept, dict) and all(
+        isinstance(kind, str) and isinstance(per_block, list) and all(
+            isinstance(indices, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in indices)
+            for indices in per_block)
+        for kind, per_block in kept.items())
+    if not valid:
+        shown = json.dumps(structure, default=str)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise DitPruneError(f"malformed {STRUCTURE_KEY}: expected an object with 'kept': "
+                            f"{{kind: [[unit indices] per block]}}, got {shown}")
+
+
+def _refuse_non_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """One line naming the file and the first tensor that holds NaN or inf."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise DitPruneError(f"{path}: weight {name} holds {bad} NaN or infinite values")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -265,8 +384,16 @@ def _load_scheduler(root: Path) -> Any:
     if not config_file.is_file():
         return diffusers.DDPMScheduler(num_train_timesteps=1000)
     config = _read_json(config_file, "scheduler config")
-    cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
-    if cls is None:
-        name = config.get("_class_name")
-        raise DitPruneError(f"unknown scheduler class in {config_file}: {name}")
-    return cls.from_config(config)
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise DitPruneError(f"unknown scheduler class in {config_file}: {name!r}")
+    steps = config.get("num_train_timesteps", 1000)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DitPruneError(f"{config_file}: num_train_timesteps must be a positive integer, "
+                            f"got {steps!r}")
+    try:
+        return cls.from_config(config)
+    except (NotImplementedError, ValueError, TypeError, KeyError) as exc:  # e.g. beta_schedule
+        raise DitPruneError(f"cannot build {name} from {config_file}: {_first_line(exc)}"
+                            ) from None
