@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dit_prune.errors import DitPruneError
-from dit_prune.models import null_class
+from dit_prune.models import disable_block_label_dropout, null_class
 
 RECOVERY_METHODS = ("none", "finetune", "distill")
 
@@ -119,10 +119,13 @@ def finetune(
     """Plain fine-tuning of `model` on images (N, C, H, W) in [-1, 1] with labels (N,).
 
     Trains `model` in place with `train_dit` and returns its EMA copy as `result.model`.
+    diffusers' per-block label dropout is switched off on `model` first (a DiT loaded with plain
+    `DiTPipeline.from_pretrained` keeps it): labels are dropped once per example instead.
     """
     from dit_prune.training import TrainConfig, train_dit
 
     _require_class_conditional(model)
+    disable_block_label_dropout(model)
     RecoveryConfig(steps=steps, lr=lr, batch_size=batch_size, ema_decay=ema_decay, seed=seed)
     train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
                                seed=seed, probe_every=0,
@@ -151,9 +154,12 @@ def distill(
     """Match `student` to `teacher` (MSE on the full output) at t in [t_min, t_max] only.
 
     `student` is trained in place (and returned); `teacher` is left as it was (run in eval mode
-    under no_grad, its mode restored afterwards).
+    under no_grad, its mode restored afterwards). diffusers' per-block label dropout is switched
+    off on `student` (a DiT loaded with plain `DiTPipeline.from_pretrained` keeps it), so a
+    student identical to its teacher has loss 0.
     """
     _require_class_conditional(student)
+    disable_block_label_dropout(student)
     config = RecoveryConfig(steps=steps, lr=lr, batch_size=batch_size, t_min=t_min,
                             t_max=min(t_max, num_train_timesteps - 1), seed=seed)
     if labels is not None and len(labels) != len(images):
