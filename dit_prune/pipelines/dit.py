@@ -29,15 +29,20 @@ from diffusers import DiTPipeline
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+from dit_prune.models import disable_block_label_dropout
 from dit_prune.pipelines.vae import IdentityVAE
 
 DIFFUSERS_NULL_CLASS = 1000  # what DiTPipeline puts in the unconditional half of a guided batch
 
 
 def pixel_dit_pipeline(transformer: nn.Module, scheduler: Any) -> DiTPipeline:
-    """A stock `DiTPipeline` around a pixel-space DiT, decoding with `IdentityVAE`."""
+    """A stock `DiTPipeline` around a pixel-space DiT, decoding with `IdentityVAE`.
+
+    diffusers' per-block label dropout is switched off on `transformer` (as `load_dit` does).
+    """
     if type(transformer).__name__ != "DiTTransformer2DModel":
         raise DitPruneError(f"expected a DiTTransformer2DModel, got {type(transformer).__name__}")
+    disable_block_label_dropout(transformer)
     param = next(transformer.parameters())
     vae = IdentityVAE().to(param.device)
     return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)

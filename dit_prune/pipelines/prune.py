@@ -31,6 +31,7 @@ from diffusers.configuration_utils import FrozenDict
 
 from dit_prune.checkpoint import STRUCTURE_KEY
 from dit_prune.errors import DitPruneError
+from dit_prune.models import disable_block_label_dropout
 from dit_prune.structure import is_uniform, read_structure
 from dit_prune.units import HEAD, NEURON, Unit, adapter_for, enumerate_units
 
@@ -72,7 +73,9 @@ def prune_pipeline(pipe: Any, units: Iterable[Unit], inplace: bool = False) -> A
 
     With `inplace=False` (default) the input pipeline is left untouched and a copy (see
     `copy_pipeline`) is pruned and returned. Units use the unpruned numbering, so an already
-    pruned pipeline can be pruned again.
+    pruned pipeline can be pruned again. The returned transformer has diffusers' per-block label
+    dropout switched off (a DiT from plain `DiTPipeline.from_pretrained` has it on), as every
+    DiT `load_dit` returns, so recovery trains it with one label dropout per example.
     """
     from dit_prune.pruning import prune_units
 
@@ -83,6 +86,7 @@ def prune_pipeline(pipe: Any, units: Iterable[Unit], inplace: bool = False) -> A
     target = pipe if inplace else copy_pipeline(pipe)
     prune_units(target.transformer, units)
     sync_structure_config(target.transformer)
+    disable_block_label_dropout(target.transformer)  # ready for distill / finetune
     return target
 
 
@@ -121,6 +125,7 @@ def score_and_prune_pipeline(
     target = pipe if inplace else copy_pipeline(pipe)
     plan = prune_units(target.transformer, chosen)
     sync_structure_config(target.transformer)
+    disable_block_label_dropout(target.transformer)  # ready for distill / finetune
     return PipelinePruneResult(target, tuple(sorted(chosen)), tuple(candidates), scores, plan)
 
 
