@@ -40,6 +40,7 @@ from dit_prune.metrics.fid import FDResult, ReferenceSet, fd_report, reference_s
 from dit_prune.metrics.guards import class_agreement, noise_control_images
 from dit_prune.metrics.memorization import MemorizationReport, memorization_report
 from dit_prune.metrics.precision_recall import DEFAULT_K, precision_recall
+from dit_prune.metrics.subsets import subset_metrics
 
 METRIC_KEYS = ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval", "fd",
                "fd_interval", "precision", "recall", "class_agreement", "num_samples")
@@ -67,6 +68,8 @@ class EvalContext:
     train_embeddings: torch.Tensor  # (M, E) copy-detection embeddings of train_images
     classifier: Any | None  # has .predict(images) -> labels; None: no class agreement
     device: torch.device = torch.device("cpu")
+    # named subsets of the training set (indices into train_images), each reported on its own
+    subsets: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def heldout_false_copy_rate(self) -> float:
@@ -97,10 +100,14 @@ def build_context(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    subsets: dict[str, Any] | None = None,
 ) -> EvalContext:
     """Check the image sets, compute held-out statistics (cached) and calibrate tau.
 
     `classifier="features"` uses the feature network's `predict` when it has one (digitsnet).
+    `subsets` names sets of training indices (e.g. the duplicated images) whose copy and
+    memorization rates are reported on their own, with tau calibrated on the whole training set
+    (`metrics.subsets`).
 
     Example:
         >>> ctx = build_context(train, heldout, extractor, detector)  # doctest: +SKIP
@@ -127,7 +134,19 @@ def build_context(
         train_embeddings=train_emb,
         classifier=classifier,
         device=device,
+        subsets=_check_subsets(subsets or {}, len(train_images)),
     )
+
+
+def _check_subsets(subsets: dict[str, Any], num_train: int) -> dict[str, torch.Tensor]:
+    checked = {}
+    for name, indices in subsets.items():
+        idx = torch.as_tensor(list(indices), dtype=torch.long)  # (S,)
+        if len(idx) == 0 or idx.min() < 0 or idx.max() >= num_train:
+            raise DitPruneError(f"training subset {name!r} must name indices in "
+                                f"[0, {num_train - 1}]")
+        checked[name] = idx
+    return checked
 
 
 def digits_context(
@@ -156,7 +175,8 @@ def digits_context(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """`metrics`: the JSON-ready dict (exactly METRIC_KEYS); the rest is for plots and reports."""
+    """`metrics`: the JSON-ready dict (METRIC_KEYS, plus `subsets` when the context names any);
+    the rest is for plots, reports and paired comparisons."""
 
     metrics: dict[str, Any]
     arrays: dict[str, np.ndarray]  # per-sample: ratios, nearest, similarities, ...
@@ -164,6 +184,7 @@ class Evaluation:
     copy: CopyReport
     fd: FDResult
     warnings: list[str] = field(default_factory=list)
+    features: torch.Tensor | None = None  # (N, D) extractor features, for paired comparisons
 
 
 def to_model_scale(samples: torch.Tensor) -> torch.Tensor:
@@ -241,7 +262,10 @@ def evaluate_samples(
         "class_agreement": agreement,
         "num_samples": len(x),
     }
-    return Evaluation(metrics, arrays, mem, copy, fd, notes)
+    if context.subsets:
+        metrics["subsets"] = {name: subset_metrics(arrays, idx, seed)
+                              for name, idx in context.subsets.items()}
+    return Evaluation(metrics, arrays, mem, copy, fd, notes, feats)
 
 
 def evaluate_noise_control(

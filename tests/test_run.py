@@ -14,7 +14,7 @@ from dit_prune.training import TrainConfig, train_dit
 
 FAST = ["--seeds", "0-39", "--steps", "4", "--scorer-option", "batches=1",
         "--scorer-option", "batch_size=32", "--device", "cpu"]
-DESIGN_KEYS = {"scorer", "budget", "units_removed", "feature_extractor", "num_samples", "seeds",
+REPORT_KEYS = {"scorer", "budget", "units_removed", "feature_extractor", "num_samples", "seeds",
                "before", "after", "noise_control", "random_baseline", "verdict"}
 ARM_KEYS = {"memorization_rate", "memorization_interval", "copy_rate", "copy_interval", "fd",
             "precision", "recall", "class_agreement", "params"}
@@ -40,7 +40,7 @@ def test_run_writes_the_report_of_design_md(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(tiny_checkpoint, out, "--budget", "0.25,0.5") == 0
     report = json.loads((out / "report.json").read_text())
-    assert DESIGN_KEYS <= set(report)
+    assert REPORT_KEYS <= set(report)  # docs/definitions.md#report-keys
     for arm in ("before", "after", "random_baseline"):
         assert ARM_KEYS <= set(report[arm]), arm
     assert report["units_removed"] == {"head": 4}  # 25% of 16 heads
@@ -101,7 +101,7 @@ def test_cached_scores_are_not_reused_after_the_scoring_code_changes(tiny_checkp
     assert scored == []  # same code: both cached score sets are reused
     monkeypatch.setattr(experiment, "scoring_code_fingerprint", lambda: "changed-code")
     assert _run(tiny_checkpoint, out) == 0
-    assert sorted(scored) == ["random", "taylor-gap"]
+    assert sorted(scored) == ["random"] * 3 + ["taylor-gap"]  # three random seeds
 
 
 @pytest.mark.parametrize("args, message", [
@@ -215,3 +215,27 @@ def test_two_processes_give_the_same_report_as_one(tiny_checkpoint, tmp_path):
         assert {k: v for k, v in a[key].items() if k != "latency_s"} == \
             {k: v for k, v in b[key].items() if k != "latency_s"}, key
     assert len(list((tmp_path / "two" / "samples" / "before").glob("shard_*"))) == 4
+
+
+def test_run_counts_copies_of_the_duplicated_images(tiny_checkpoint, tmp_path):
+    import shutil
+
+    checkpoint = tmp_path / "dup"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    meta = json.loads((checkpoint / "dit_prune.json").read_text())
+    meta["data"]["duplicated"] = {"train_positions": [0, 7, 13], "copies": 5}
+    (checkpoint / "dit_prune.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    assert _run(checkpoint, out, "--budget", "0.25", "--random-seeds", "0,1") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "duplicated" and report["random_seeds"] == [0, 1]
+    for arm in ("before", "after", "random_baseline"):
+        sub = report[arm]["subsets"]["duplicated"]
+        assert sub["subset_size"] == 3 and sub["copy_rate"] <= report[arm]["copy_rate"]
+    eq = report["equal_quality"]
+    assert eq["target"] == "duplicated" and len(eq["per_seed"]) == 2
+    assert eq["beats"] == (eq["scorer_interval"][1] < eq["interval"][0])
+    low, high = report["fd_change"]["interval"]
+    assert low <= report["fd_change"]["relative"] <= high
+    assert {(p["seed"], p["budget"]) for p in report["random_curve"]} == {(0, 0.25), (1, 0.25)}
+    assert "duplicated images only" in (out / "report.md").read_text()

@@ -34,7 +34,7 @@ from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
 from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
-from dit_prune.run.config import BUDGET_MODES, RECOVERIES, RunConfig
+from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
 
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # one source for the CLI's defaults
 
@@ -64,7 +64,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "unused (digits pool images it never saw), heldout (contaminates FD, which is "
                    "measured against them) or an image folder")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                   help="scoring and random-control seed")
+                   help="scoring and noise-control seed")
+    p.add_argument("--random-seeds", default=",".join(map(str, DEFAULTS["random_seeds"])),
+                   help="seeds of the random unit draws that random pruning is judged with at "
+                        "equal FD (default: 0,1,2)")
+    p.add_argument("--random-budgets", default=None,
+                   help="budgets random pruning is measured at, as --budget (default: the "
+                        "--budget list); add larger ones when the scorer's FD lies beyond "
+                        "random's")
+    p.add_argument("--target", default=DEFAULTS["target"], choices=TARGETS,
+                   help="copies the equal-quality comparison counts: auto (the duplicated images "
+                        "when the checkpoint records some, else all), all, duplicated")
     p.add_argument("--train", help="training image folder (default: the checkpoint's digits)")
     p.add_argument("--heldout", help="held-out image folder (default: held-out digits)")
     p.add_argument("--features", help="feature network for FD (default: digits-features)")
@@ -89,8 +99,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         recover_data=args.recover_data, seed=args.seed,
         train=args.train, heldout=args.heldout, features=args.features,
         copy_detector=args.copy_detector, device=args.device,
-        shard_size=args.shard_size,
+        shard_size=args.shard_size, random_seeds=_seed_list(args.random_seeds),
+        random_budgets=parse_budgets(args.random_budgets) if args.random_budgets else None,
+        target=args.target,
     )
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise DitPruneError(f"--random-seeds must be integers like 0,1,2, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                 overwrite=True)
     print("\n".join(summary_lines(report)))
     print(f"\nwrote {run_dir}/report.md, report.json, samples_before_after.png"
-          + (", tradeoff.png" if len(cfg.budgets) > 1 else "")
+          + ", tradeoff.png"
           + f", pruned/ in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -144,7 +163,7 @@ def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     counts: dict[str, int] = {}
     for unit in enumerate_units(loaded.model, list(kinds)):
         counts[unit.kind] = counts.get(unit.kind, 0) + 1
-    for budget in cfg.budgets:
+    for budget in cfg.budgets + cfg.random_budget_list():
         check_budget_for(budget, cfg.budget_mode, counts)
 
 

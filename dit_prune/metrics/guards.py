@@ -1,11 +1,13 @@
-"""Quality guards, the noise control, and the verdict of a mitigation run (DESIGN.md).
+"""Quality guards, the noise control, and the verdict of a mitigation run
+(docs/definitions.md#noise-control, #quality-guards, #verdict).
 
 * class agreement: fraction of samples whose classifier label equals the conditioning label;
 * noise control: the "before" samples plus Gaussian noise whose RMS equals, image by image, the
   RMS change between "before" and "after" on the same seeds (seeded; clamped to the image
   range, and the realized RMS after clamping is reported);
 * verdict: "mitigated" only when, for both the memorization rate and the copy rate, the "after"
-  interval lies entirely below the noise control's interval, and the quality guards hold.
+  interval lies entirely below the noise control's interval, the quality guards hold and (when
+  random models were measured) the copy rate beats random pruning at equal FD.
 
 Example:
     >>> before = {"memorization_rate": 0.8, "memorization_interval": [0.77, 0.83],
@@ -113,15 +115,20 @@ def _interval(metrics: Mapping[str, Any], key: str, who: str) -> tuple[float, fl
 
 
 def verdict(before: Mapping[str, Any], after: Mapping[str, Any],
-            noise_control: Mapping[str, Any]) -> str:
+            noise_control: Mapping[str, Any], fd_change: Mapping[str, Any] | None = None,
+            equal_quality: Mapping[str, Any] | None = None) -> str:
     """"mitigated", or which tests failed ("; "-separated).
 
     * not beyond noise control: <measures> -- for the memorization rate and the copy rate, the
       after interval's upper end must lie strictly below the noise control interval's lower end;
-    * quality lost: FD -- FD is worse by more than 10% when the lower end of the after FD's
-      interval exceeds 1.1 x the before FD (so a rise within the after FD's own noise is not
-      called a loss);
-    * quality lost: class agreement -- after < before - 0.02 (skipped when either is None).
+    * quality lost: FD -- with `fd_change` (the paired bootstrap of FD_after / FD_before - 1 on
+      the same seeds, `fid.paired_fd_change`): the upper end of its interval exceeds +10%, i.e.
+      quality must be shown to hold, not merely not shown to be lost. Without it (older callers):
+      the lower end of the after FD's own interval exceeds 1.1 x the before FD;
+    * quality lost: class agreement -- after < before - 0.02 (skipped when either is None);
+    * not beyond random at equal quality -- with `equal_quality` (from
+      `equal_quality.random_at_fd`, plus `beats`): the after copy-rate interval does not lie
+      entirely below random pruning's interval at the same FD.
     NaN values fail the test they enter.
     """
     beyond = []
@@ -131,11 +138,15 @@ def verdict(before: Mapping[str, Any], after: Mapping[str, Any],
         if not after_high < noise_low:
             beyond.append(label)
     lost = []
-    fd_before = float(before.get("fd", math.nan))
-    fd_low = _interval(after, "fd_interval", "after")[0] if after.get("fd_interval") else \
-        float(after.get("fd", math.nan))
-    if not fd_low <= (1 + FD_TOLERANCE) * fd_before:
-        lost.append("FD")
+    if fd_change is not None:
+        if not float(fd_change["interval"][1]) <= FD_TOLERANCE:
+            lost.append("FD")
+    else:
+        fd_before = float(before.get("fd", math.nan))
+        fd_low = _interval(after, "fd_interval", "after")[0] if after.get("fd_interval") else \
+            float(after.get("fd", math.nan))
+        if not fd_low <= (1 + FD_TOLERANCE) * fd_before:
+            lost.append("FD")
     ca_before, ca_after = before.get("class_agreement"), after.get("class_agreement")
     if ca_before is not None and ca_after is not None and \
             not float(ca_after) >= float(ca_before) - CLASS_AGREEMENT_TOLERANCE - 1e-12:
@@ -145,4 +156,6 @@ def verdict(before: Mapping[str, Any], after: Mapping[str, Any],
         failures.append("not beyond noise control: " + ", ".join(beyond))
     if lost:
         failures.append("quality lost: " + ", ".join(lost))
+    if equal_quality is not None and not equal_quality.get("beats"):
+        failures.append("not beyond random at equal quality")
     return "; ".join(failures) if failures else MITIGATED

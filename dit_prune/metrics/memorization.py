@@ -174,6 +174,32 @@ def bootstrap_interval(
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
 
 
+def distinct_references(train_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop repeated training images: (M, C, H, W) -> (M', C, H, W) and, for each kept image,
+    the index (M',) of its first occurrence in `train_images`.
+
+    The ratio test compares the nearest with the second-nearest *distinct* training image: a
+    training set that holds an image k times would otherwise give its exact copies d2 = d1 = 0
+    and ratio 1, hiding precisely the duplicated images that models copy most (Carlini et al.
+    2023; Somepalli et al. 2023). Images are identical when every pixel value is equal.
+
+    Example:
+        >>> t = torch.tensor([[[[0.5]]], [[[0.1]]], [[[0.5]]]])  # image 0 twice
+        >>> refs, first = distinct_references(t)
+        >>> sorted(first.tolist())
+        [0, 1]
+    """
+    flat = train_images.reshape(len(train_images), -1)  # (M, P)
+    unique, inverse = torch.unique(flat, dim=0, return_inverse=True)  # (M', P), (M,)
+    if len(unique) == len(flat):
+        return train_images, torch.arange(len(flat), device=train_images.device)
+    order = torch.arange(len(flat), device=flat.device)  # (M,)
+    first = torch.full((len(unique),), len(flat), dtype=torch.long, device=flat.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")  # (M',)
+    first = first.sort().values  # keep the original order of first occurrences
+    return train_images[first], first
+
+
 def memorization_report(
     samples: torch.Tensor,
     train_images: torch.Tensor,
@@ -190,7 +216,9 @@ def memorization_report(
     """
     check_images(train_images, "train_images", value_range=value_range)
     check_images(samples, "samples", value_range=value_range)
-    d1, d2, nearest = nearest_two(samples, train_images, chunk_elements, progress)
+    references, first = distinct_references(train_images)  # (M', C, H, W), (M',)
+    d1, d2, nearest = nearest_two(samples, references, chunk_elements, progress)
+    nearest = first[nearest]  # (N,) index into train_images (first of identical copies)
     ratios = d1 / d2.clamp_min(1e-12)  # (N,)
     memorized = ratios < threshold  # (N,)
     return MemorizationReport(

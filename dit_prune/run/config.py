@@ -20,6 +20,7 @@ from dit_prune.pruning.selection import DEFAULT_BUDGET_MODE, check_budget
 from dit_prune.sampling import SAMPLERS, format_seeds, labels_for_seeds, parse_seeds
 
 RECOVERIES = RECOVERY_METHODS
+TARGETS = ("auto", "all", "duplicated")
 # `dit-prune run` handles class-conditional DiTs, which have no cross-attention heads
 BUDGET_MODES = tuple(mode for mode in SELECTION_MODES if mode != "cross_heads")
 
@@ -50,6 +51,13 @@ class RunConfig:
     device: str = "auto"
     batch_size: int = 250
     shard_size: int = 250
+    # random pruning, judged at equal FD: seeds of the random unit draws, and the budgets they
+    # are pruned at (None: the scorer's budgets)
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    random_budgets: tuple[float, ...] | None = None
+    # which copies the equal-quality comparison counts: "auto" (the checkpoint's duplicated
+    # images when its training recorded some, else all), "all", or "duplicated"
+    target: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -71,6 +79,23 @@ class RunConfig:
                                 f"{self.guidance_scale}")
         parse_seeds(self.seeds)
         self._check_scorer()
+        if not self.random_seeds or len(set(self.random_seeds)) != len(self.random_seeds):
+            raise DitPruneError(f"random seeds must be distinct and at least one, got "
+                                f"{self.random_seeds}")
+        if self.random_budgets is not None:
+            if not self.random_budgets:
+                raise DitPruneError("give at least one random budget (or none for the scorer's)")
+            object.__setattr__(self, "random_budgets",
+                               tuple(check_budget(b) for b in self.random_budgets))
+        if len({isinstance(b, int) for b in self.random_budget_list()}) > 1:
+            raise DitPruneError("random budgets must be all fractions or all unit counts (the "
+                                "random path is ordered by budget)")
+        if self.target not in TARGETS:
+            raise DitPruneError(f"unknown target {self.target!r}; use {TARGETS}")
+
+    def random_budget_list(self) -> tuple[float, ...]:
+        """Budgets random pruning is measured at: the scorer's unless set, in increasing order."""
+        return tuple(sorted(set(self.random_budgets or self.budgets)))
 
     def _check_scorer(self) -> None:
         """The scorer and its options, validated as the run will build it (seed from --seed)."""
@@ -92,5 +117,7 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["budgets"] = list(self.budgets)
+        data["random_seeds"] = list(self.random_seeds)
+        data["random_budgets"] = list(self.random_budget_list())
         data["seeds"] = format_seeds(self.seed_list())
         return data

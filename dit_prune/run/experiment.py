@@ -32,6 +32,13 @@ from dit_prune.evaluate import (
     evaluate_noise_control,
     evaluate_samples,
 )
+from dit_prune.metrics.equal_quality import (
+    RandomPoint,
+    beats_random,
+    copy_cut_ratio,
+    random_at_fd,
+)
+from dit_prune.metrics.fid import paired_fd_change
 from dit_prune.metrics.guards import verdict
 from dit_prune.metrics.netio import weights_fingerprint
 from dit_prune.pruning import prune_units, recover, select_units
@@ -138,8 +145,10 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     base = base.to(inputs.device).eval()
     seeds, labels = cfg.seed_list(), cfg.labels()
     store = ShardStore(run_dir / "samples", cfg.shard_size)
+    target = target_subset(cfg, meta.extra, len(inputs.train_images))
     context = build_context(inputs.train_images, inputs.heldout_images, *evaluation_nets(cfg),
-                            cache_dir=run_dir / "cache", device=inputs.device)
+                            cache_dir=run_dir / "cache", device=inputs.device,
+                            subsets={target[0]: target[1]} if target else None)
     sampler = Sampler(cfg, scheduler, store, labels, seeds, progress)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), labels, context)
     kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds
@@ -149,35 +158,119 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     scores = _cached_scores(run_dir / "scores" / cfg.scorer, cfg.scorer,
                             {"seed": cfg.seed, **cfg.scorer_options}, base, units, data,
                             scheduler, meta.weights_sha256, progress)
-    random_scores = _cached_scores(run_dir / "scores" / "random", "random", {"seed": cfg.seed},
-                                   base, units, data, scheduler, meta.weights_sha256, progress)
     base_cost = macs_and_params(base)
     base_latency = latency_seconds(base, scheduler, cfg)
     before.metrics.update(params=base_cost["params"], macs=base_cost["macs"],
                           latency_s=base_latency)
+
+    def measured(model: nn.Module, tag: str) -> Arm:
+        arm = _evaluate(tag, sampler(model, tag, weights_fingerprint(model)), labels, context)
+        cost = macs_and_params(model)
+        arm.metrics.update(params=cost["params"], macs=cost["macs"],
+                           latency_s=latency_seconds(model, scheduler, cfg))
+        return arm
+
+    randoms: dict[tuple[int, float], Arm] = {}
+    random_plans: dict[tuple[int, float], Any] = {}
+    for random_seed in cfg.random_seeds:
+        seed_scores = _cached_scores(run_dir / "scores" / f"random-s{random_seed}", "random",
+                                     {"seed": random_seed}, base, units, data, scheduler,
+                                     meta.weights_sha256, progress)
+        for budget in tqdm(cfg.random_budget_list(), desc=f"random seed {random_seed}",
+                           disable=not progress):
+            model, plan = _pruned_copy(base, units, seed_scores, budget, cfg, inputs)
+            randoms[random_seed, budget] = measured(model, f"random_s{random_seed}_{budget:g}")
+            random_plans[random_seed, budget] = plan
+    curve = [RandomPoint(s, b, arm.metrics["fd"], target_rate(arm.metrics, target))
+             for (s, b), arm in randoms.items()]
     entries = []
+    first_seed = cfg.random_seeds[0]
     for budget in tqdm(cfg.budgets, desc="budgets", disable=not progress):
         entry: dict[str, Any] = {"budget": budget}
-        for arm, arm_scores in (("after", scores), ("random_baseline", random_scores)):
-            model, plan = _pruned_copy(base, units, arm_scores, budget, cfg, inputs)
-            tag = f"{arm}_{budget:g}"
-            images = sampler(model, tag, weights_fingerprint(model))  # (N, C, H, W)
-            result = _evaluate(tag, images, labels, context)
-            cost = macs_and_params(model)
-            result.metrics.update(params=cost["params"], macs=cost["macs"],
-                                  latency_s=latency_seconds(model, scheduler, cfg))
-            entry[arm] = result
-            entry[f"{arm}_plan"] = plan
-            if arm == "after":
-                entry["model"] = model
-        entry["noise_control"] = evaluate_noise_control(before.images, entry["after"].images,
+        model, entry["after_plan"] = _pruned_copy(base, units, scores, budget, cfg, inputs)
+        entry["model"] = model
+        entry["after"] = after = measured(model, f"after_{budget:g}")
+        if (first_seed, budget) not in randoms:  # random at the same budget, for the table
+            random_model, random_plans[first_seed, budget] = _pruned_copy(
+                base, units, _cached_scores(run_dir / "scores" / f"random-s{first_seed}",
+                                            "random", {"seed": first_seed}, base, units, data,
+                                            scheduler, meta.weights_sha256, progress),
+                budget, cfg, inputs)
+            randoms[first_seed, budget] = measured(random_model,
+                                                   f"random_s{first_seed}_{budget:g}")
+        entry["random_baseline"] = randoms[first_seed, budget]
+        entry["random_baseline_plan"] = random_plans[first_seed, budget]
+        entry["noise_control"] = evaluate_noise_control(before.images, after.images,
                                                         context, seed=cfg.seed)
-        entry["verdict"] = verdict(before.metrics, entry["after"].metrics, entry["noise_control"])
-        entry["random_verdict"] = _random_verdict(before, entry["random_baseline"], context,
-                                                  cfg.seed)
+        entry["fd_change"] = _fd_change(before, after, context, cfg.seed)
+        entry["equal_quality"] = equal_quality_entry(before.metrics, after.metrics, curve,
+                                                     target)
+        entry["verdict"] = verdict(before.metrics, after.metrics, entry["noise_control"],
+                                   entry["fd_change"], entry["equal_quality"])
+        random_arm = entry["random_baseline"]
+        entry["random_fd_change"] = _fd_change(before, random_arm, context, cfg.seed)
+        entry["random_verdict"] = verdict(
+            before.metrics, random_arm.metrics,
+            evaluate_noise_control(before.images, random_arm.images, context, seed=cfg.seed),
+            entry["random_fd_change"])
         entries.append(entry)
     return {"before": before, "entries": entries, "context": context, "config": cfg,
-            "meta": meta, "seeds": seeds, "labels": labels, "units": units}
+            "meta": meta, "seeds": seeds, "labels": labels, "units": units,
+            "random_curve": curve, "target": target[0] if target else "all"}
+
+
+def target_subset(cfg: RunConfig, extra: dict[str, Any],
+                  num_train: int) -> tuple[str, list[int]] | None:
+    """("duplicated", training positions) when the run counts copies of the duplicated images,
+    None when it counts copies of any training image."""
+    data = extra.get("data") if isinstance(extra, dict) else None
+    duplicated = data.get("duplicated") if isinstance(data, dict) and not cfg.train else None
+    if cfg.target == "all" or (cfg.target == "auto" and not duplicated):
+        return None
+    if not duplicated:
+        raise DitPruneError("--target duplicated: the checkpoint records no duplicated images "
+                            "(train it with dit-prune train --duplicate)")
+    positions = [int(i) for i in duplicated.get("train_positions", [])]
+    if not positions or min(positions) < 0 or max(positions) >= num_train:
+        raise DitPruneError("the checkpoint's duplicated training positions are missing or "
+                            "invalid")
+    return "duplicated", positions
+
+
+def target_rate(metrics: dict[str, Any], target: tuple[str, list[int]] | None,
+                key: str = "copy") -> float:
+    """The copy rate the comparison counts: on the target subset, or over all training images."""
+    if target is None:
+        return float(metrics[f"{key}_rate"])
+    return float(metrics["subsets"][target[0]][f"{key}_rate"])
+
+
+def target_interval(metrics: dict[str, Any], target: tuple[str, list[int]] | None,
+                    key: str = "copy") -> list[float]:
+    if target is None:
+        return list(metrics[f"{key}_interval"])
+    return list(metrics["subsets"][target[0]][f"{key}_interval"])
+
+
+def equal_quality_entry(before: dict[str, Any], after: dict[str, Any],
+                        curve: list[RandomPoint],
+                        target: tuple[str, list[int]] | None) -> dict[str, Any]:
+    """Random's target copy rate at the after model's FD, the rule and the copy-cut ratio."""
+    before_rate = target_rate(before, target)
+    random = random_at_fd(curve, before["fd"], before_rate, after["fd"])
+    after_rate, after_interval = target_rate(after, target), target_interval(after, target)
+    return {**random.to_json(), "target": target[0] if target else "all",
+            "scorer_rate": after_rate, "scorer_interval": after_interval,
+            "beats": beats_random(after_interval, random),
+            "copy_cut_ratio": copy_cut_ratio(before_rate, after_rate, random),
+            "num_random_seeds": len(random.per_seed)}
+
+
+def _fd_change(before: Arm, after: Arm, context: EvalContext, seed: int) -> dict[str, Any]:
+    change = paired_fd_change(before.evaluation.features, after.evaluation.features,
+                              context.reference.stats, seed=seed)
+    return {"relative": change.relative, "interval": list(change.interval),
+            "num_resamples": change.num_resamples}
 
 
 class Sampler:
@@ -204,11 +297,6 @@ def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor,
               context: EvalContext) -> Arm:
     evaluation = evaluate_samples(images, labels, context)
     return Arm(name, dict(evaluation.metrics), images, evaluation)
-
-
-def _random_verdict(before: Arm, arm: Arm, context: EvalContext, seed: int) -> str:
-    noise = evaluate_noise_control(before.images, arm.images, context, seed=seed)
-    return verdict(before.metrics, arm.metrics, noise)
 
 
 def _pruned_copy(base: nn.Module, units: list, scores: torch.Tensor, budget: float,

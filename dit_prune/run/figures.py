@@ -1,20 +1,15 @@
-"""The pictures of `dit-prune run`: before | after | nearest training image, and the
-memorization-versus-FD trade-off against random pruning.
+"""The before | after | nearest-training-image picture of `dit-prune run` (the trade-off plot
+is in `run.tradeoff`).
 
 Example:
-    >>> import tempfile, torch
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     p = tradeoff_plot({"before": (0.8, [0.7, 0.9], 40.0)},
-    ...                       {"taylor-gap": [(0.1, 0.5, [0.4, 0.6], 45.0)]}, Path(tmp) / "t.png")
-    ...     p.stat().st_size > 0
-    True
+    >>> before_after_grid(before, after, nearest, mem_b, mem_a, labels, seeds,
+    ...                   "runs/demo/samples_before_after.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -64,45 +59,6 @@ def before_after_grid(
     fig.suptitle((title + "\n" if title else "") + "red frame: memorized (d1/d2 < 1/3)",
                  fontsize=8)
     return _save(fig, path)
-
-
-def tradeoff_plot(
-    reference: dict[str, tuple[float, list[float], float]],
-    curves: dict[str, list[tuple[float, float, list[float], float]]],
-    path: str | Path,
-    fd_name: str = "FD",
-) -> Path:
-    """Memorization rate (with its interval) against FD, one curve per method over budgets.
-
-    reference: name -> (rate, interval, fd) single points (e.g. the unpruned model);
-    curves: method -> [(budget, rate, interval, fd)].
-    """
-    fig = Figure(figsize=(5.5, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, (rate, interval, fd) in reference.items():
-        ax.errorbar([fd], [rate], yerr=_err(rate, interval), fmt="k*", markersize=10,
-                    label=name)
-    for method, points in curves.items():
-        points = sorted(points)
-        fds = [p[3] for p in points]
-        rates = [p[1] for p in points]
-        errs = np.array([_err(p[1], p[2])[:, 0] for p in points]).T
-        ax.errorbar(fds, rates, yerr=errs, marker="o", capsize=2, label=method)
-        for budget, rate, _, fd in points:
-            ax.annotate(f"{budget:g}", (fd, rate), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xlabel(f"{fd_name} (lower is better)")
-    ax.set_ylabel("memorization rate (ratio test)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("memorization vs quality; labels = budget", fontsize=9)
-    return _save(fig, path)
-
-
-def _err(rate: float, interval: list[float]) -> np.ndarray:
-    return np.array([[max(rate - interval[0], 0.0)], [max(interval[1] - rate, 0.0)]])
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """Turn the experiment's results into report.json, report.md, the pictures and a summary.
 
-report.json carries the keys of DESIGN.md at the top level for the first budget, and every
-budget under "budgets".
+report.json carries the keys of docs/definitions.md#report-keys at the top level for the first
+budget, and every budget under "budgets".
 
 Example:
     >>> fmt_rate(0.25, [0.2, 0.3])
@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dit_prune.checkpoint import atomic_write_text
-from dit_prune.run.figures import before_after_grid, tradeoff_plot
+from dit_prune.run.figures import before_after_grid
+from dit_prune.run.tradeoff import tradeoff_plot
 
 METRIC_ROWS = (
     ("memorization_rate", "memorization rate (ratio test)"),
@@ -34,7 +36,7 @@ METRIC_ROWS = (
 
 
 def build_report(result: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-ready report (DESIGN.md keys for the first budget, all budgets listed)."""
+    """The JSON-ready report (docs/definitions.md#report-keys, first budget; all budgets listed)."""
     cfg, ctx, before = result["config"], result["context"], result["before"]
     names = ctx.describe()
     budgets = [_budget_entry(e) for e in result["entries"]]
@@ -65,6 +67,11 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
         "random_baseline": first["random_baseline"],
         "verdict": first["verdict"],
         "random_verdict": first["random_verdict"],
+        "fd_change": first["fd_change"],
+        "equal_quality": first["equal_quality"],
+        "target": result["target"],
+        "random_seeds": list(cfg.random_seeds),
+        "random_curve": [asdict(p) for p in result["random_curve"]],
         "budgets": budgets,
     })
 
@@ -78,6 +85,9 @@ def _budget_entry(entry: dict[str, Any]) -> dict[str, Any]:
         "noise_control": entry["noise_control"],
         "verdict": entry["verdict"],
         "random_verdict": entry["random_verdict"],
+        "fd_change": entry["fd_change"],
+        "random_fd_change": entry["random_fd_change"],
+        "equal_quality": entry["equal_quality"],
     }
 
 
@@ -92,6 +102,11 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return value.item()
     return value
+
+
+def fmt_budget(budget: float) -> str:
+    """0.2 -> '20%'; a unit count (>= 1) -> '3'."""
+    return f"{int(budget)}" if budget >= 1 else f"{100 * budget:g}%"
 
 
 def fmt_rate(rate: Any, interval: Any = None) -> str:
@@ -120,7 +135,7 @@ def _cell(metrics: dict[str, Any] | None, key: str) -> str:
 
 
 def verdict_sentence(report: dict[str, Any]) -> str:
-    budget = f"{100 * report['budget']:g}% of {report['budget_mode']}"
+    budget = f"{fmt_budget(report['budget'])} of {report['budget_mode']}"
     removed = ", ".join(f"{n} {k}s" for k, n in report["units_removed"].items())
     if report["verdict"] == "mitigated":
         what = "memorization was **mitigated**: both measures fell below the noise control " \
@@ -128,7 +143,37 @@ def verdict_sentence(report: dict[str, Any]) -> str:
     else:
         what = f"**not mitigated** ({report['verdict']})"
     return (f"Pruning {budget} ({removed}) chosen by `{report['scorer']}`: {what}. "
-            f"Random units at the same budget: {report['random_verdict']}.")
+            f"Random units at the same budget: {report['random_verdict']}. "
+            + equal_quality_sentence(report, report["equal_quality"], report["fd_change"]))
+
+
+def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
+                           fd_change: dict[str, Any]) -> str:
+    """One sentence: the scorer's target copy rate against random pruning's at the same FD."""
+    which = "copies of the duplicated images" if eq["target"] == "duplicated" else "copies"
+    beats = "**beats random at equal quality**" if eq["beats"] else \
+        "**does not beat random at equal quality**"
+    ratio = eq["copy_cut_ratio"]
+    cut = f"; it removes {ratio:.1f}× the copies random removes" if math.isfinite(ratio) else ""
+    clamped = " (the FD lies outside some random path: its nearest end was used)" \
+        if eq["clamped"] else ""
+    return (f"At equal quality ({which}): {fmt_rate(eq['scorer_rate'], eq['scorer_interval'])} "
+            f"at {report['fd_name']} {eq['fd']:.2f} ({_pct(fd_change['relative'])} "
+            f"{_pct_interval(fd_change['interval'])} paired vs before); random pruning at the "
+            f"same {report['fd_name']}: {fmt_rate(eq['rate'], eq['interval'])} over "
+            f"{eq['num_random_seeds']} random seeds{clamped}: the scorer {beats}{cut}.")
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:+.1f}%" if math.isfinite(value) else "n/a"
+
+
+def _pct_interval(interval: list[float]) -> str:
+    return f"[{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]%"
+
+
+def _subset(metrics: dict[str, Any] | None, target: str) -> dict[str, Any] | None:
+    return (metrics or {}).get("subsets", {}).get(target)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -138,11 +183,42 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"## Budget {report['budget']:g} ({report['budget_mode']})", "",
              "| | before | after | random, same budget | noise control |",
              "|---|---|---|---|---|"]
+    target = report["target"]
     for key, label in METRIC_ROWS:
         label = fd_name if key == "fd" else label
         lines.append(f"| {label} | {_cell(report['before'], key)} | {_cell(report['after'], key)}"
                      f" | {_cell(report['random_baseline'], key)} | "
                      f"{_cell(report['noise_control'], key)} |")
+        if key in ("memorization_rate", "copy_rate") and target != "all":
+            sub = f"{label.split(' (')[0]}, {target} images only"
+            lines.append(f"| {sub} | " + " | ".join(
+                _cell(_subset(report[arm], target), key)
+                for arm in ("before", "after", "random_baseline")) + " | — |")
+        if key == "fd":
+            lines.append(f"| {fd_name} change vs before (paired 95%) | — | "
+                         f"{_pct(report['fd_change']['relative'])} "
+                         f"{_pct_interval(report['fd_change']['interval'])} | "
+                         f"{_pct(report['budgets'][0]['random_fd_change']['relative'])} "
+                         f"{_pct_interval(report['budgets'][0]['random_fd_change']['interval'])}"
+                         " | — |")
+    random_budgets = sorted({p["budget"] for p in report["random_curve"]})
+    lines += ["", "## Random pruning at equal quality", "",
+              f"Random units were pruned at budgets {', '.join(f'{b:g}' for b in random_budgets)}"
+              f" with random seeds {', '.join(map(str, report['random_seeds']))}; each seed's "
+              f"path from the unpruned model gives its copy rate at the scorer's {fd_name} "
+              "(linear in FD); the interval is Student-t over seeds. The rule: the scorer's "
+              "interval lies entirely below random's.", "",
+              f"| budget | {fd_name} after | copies after | random at the same {fd_name} | "
+              "per random seed | copy cut vs random | beats random |",
+              "|---|---|---|---|---|---|---|"]
+    for b in sorted(report["budgets"], key=lambda b: b["budget"]):
+        eq = b["equal_quality"]
+        lines.append(
+            f"| {b['budget']:g} | {eq['fd']:.2f} | "
+            f"{fmt_rate(eq['scorer_rate'], eq['scorer_interval'])} | "
+            f"{fmt_rate(eq['rate'], eq['interval'])}{' (clamped)' if eq['clamped'] else ''} | "
+            f"{', '.join(fmt_rate(v) for v in eq['per_seed'])} | "
+            f"{eq['copy_cut_ratio']:.2f}× | {'yes' if eq['beats'] else 'no'} |")
     if len(report["budgets"]) > 1:
         lines += ["", "## All budgets", "",
                   "| budget | removed | memorization after | copy after | "
@@ -178,8 +254,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Recovery after pruning: {report['recover']}.",
         "", "![before / after](samples_before_after.png)", "",
     ]
-    if len(report["budgets"]) > 1:
-        lines += ["![trade-off](tradeoff.png)", ""]
+    lines += ["![trade-off](tradeoff.png)", ""]
     return "\n".join(lines)
 
 
@@ -192,6 +267,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         label = fd if key == "fd" else label
         rows.append(f"{label:28}" + "".join(
             f"{_cell(report[arm], key):>24}" for arm in ("before", "after", "random_baseline")))
+    if report["target"] != "all":
+        rows.append(f"{'copies, ' + report['target']:28}" + "".join(
+            f"{_cell(_subset(report[arm], report['target']), 'copy_rate'):>24}"
+            for arm in ("before", "after", "random_baseline")))
     rows.append(f"{'noise control':28}{'':24}"
                 f"{'mem ' + fmt_rate(report['noise_control']['memorization_rate']):>24}"
                 f"{'copy ' + fmt_rate(report['noise_control']['copy_rate']):>24}")
@@ -209,17 +288,7 @@ def write_outputs(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                       after.evaluation.memorization.memorized, result["labels"],
                       result["seeds"], run_dir / "samples_before_after.png",
                       title=f"{report['scorer']}, budget {report['budget']:g}")
-    if len(result["entries"]) > 1:
-        curves = {
-            arm_name: [(b["budget"], b[arm]["memorization_rate"],
-                        b[arm]["memorization_interval"], b[arm]["fd"])
-                       for b in report["budgets"]]
-            for arm, arm_name in (("after", report["scorer"]), ("random_baseline", "random"))
-        }
-        reference = {"unpruned": (report["before"]["memorization_rate"],
-                                  report["before"]["memorization_interval"],
-                                  report["before"]["fd"])}
-        tradeoff_plot(reference, curves, run_dir / "tradeoff.png", report["fd_name"])
+    tradeoff_plot(report, run_dir / "tradeoff.png")
     atomic_write_text(run_dir / "report.md", render_markdown(report))
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
     return report

@@ -1,0 +1,114 @@
+"""Random pruning judged at equal quality: random's copy rate at the scorer's FD.
+
+Budget is not cost; quality is. For each random seed r, random pruning at increasing budgets
+traces a path (FD, copy rate) that starts at the unpruned model. Its copy rate at a given FD f,
+c_r(f), is read off that path by linear interpolation in FD, after making FD non-decreasing
+along the budgets (running maximum: a random model that is better than a smaller-budget one
+does not move the path back); outside the path's FD range the nearest end is used and the
+comparison is marked `clamped`. Random's rate at f is the mean of c_r(f) over the seeds, with a
+Student-t 95% interval over seeds (n - 1 degrees of freedom), so it carries both the sampling
+noise of each model and the spread between random draws.
+
+The rule ("beats random at equal quality"): the scorer's copy-rate interval lies entirely below
+random's interval at the scorer's FD. The copy-cut ratio compares how far each moved from the
+unpruned copy rate: (before - scorer) / (before - random at equal FD).
+
+Example:
+    >>> pts = [RandomPoint(s, b, fd=10 + 10 * b, copy_rate=0.3 - 0.5 * b)
+    ...        for s in range(3) for b in (0.1, 0.2)]
+    >>> eq = random_at_fd(pts, unpruned_fd=10.0, unpruned_rate=0.3, fd=11.5)
+    >>> round(eq.rate, 3), eq.clamped
+    (0.225, False)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from dit_prune.errors import DitPruneError
+
+
+@dataclass(frozen=True)
+class RandomPoint:
+    """One randomly pruned model: its random seed, budget, FD and (target) copy rate."""
+
+    seed: int
+    budget: float
+    fd: float
+    copy_rate: float
+
+
+@dataclass(frozen=True)
+class EqualQuality:
+    """Random's copy rate at one FD: mean over seeds, 95% interval, per-seed values."""
+
+    fd: float
+    rate: float
+    interval: tuple[float, float]
+    per_seed: tuple[float, ...]
+    clamped: bool  # the FD lay outside some seed's random path: its nearest end was used
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["interval"], data["per_seed"] = list(self.interval), list(self.per_seed)
+        return data
+
+
+def t_quantile(df: int) -> float:
+    """Two-sided 95% Student-t quantile for `df` degrees of freedom (scipy.stats.t)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df)) if df >= 1 else math.nan
+
+
+def random_at_fd(points: Sequence[RandomPoint], unpruned_fd: float, unpruned_rate: float,
+                 fd: float) -> EqualQuality:
+    """Random's copy rate at `fd` (see module docstring); needs points from >= 1 seed."""
+    if not points:
+        raise DitPruneError("equal-quality comparison: no random models")
+    per_seed, clamped = [], False
+    for seed in sorted({p.seed for p in points}):
+        path = sorted((p for p in points if p.seed == seed), key=lambda p: p.budget)
+        fds = np.maximum.accumulate([unpruned_fd] + [p.fd for p in path])  # (B+1,)
+        rates = np.array([unpruned_rate] + [p.copy_rate for p in path])  # (B+1,)
+        clamped |= not fds[0] <= fd <= fds[-1]
+        per_seed.append(float(_interp_first_crossing(fd, fds, rates)))
+    values = np.array(per_seed)
+    mean = float(values.mean())
+    if len(values) > 1:
+        half = t_quantile(len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
+    else:
+        half = math.nan
+    return EqualQuality(float(fd), mean, (mean - half, mean + half), tuple(per_seed), clamped)
+
+
+def _interp_first_crossing(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
+    """ys at x along a path with non-decreasing xs (flat stretches: the first point reached)."""
+    if x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        return float(ys[int(np.argmax(xs >= xs[-1]))])
+    hi = int(np.argmax(xs >= x))  # first index with xs >= x (> 0 here)
+    lo = hi - 1
+    if xs[hi] == xs[lo]:
+        return float(ys[lo])
+    w = (x - xs[lo]) / (xs[hi] - xs[lo])
+    return float(ys[lo] + w * (ys[hi] - ys[lo]))
+
+
+def beats_random(scorer_interval: Sequence[float], random: EqualQuality) -> bool:
+    """The rule: the scorer's interval lies entirely below random's interval at equal FD."""
+    return bool(float(scorer_interval[1]) < random.interval[0])
+
+
+def copy_cut_ratio(before: float, scorer: float, random: EqualQuality) -> float:
+    """(before - scorer) / (before - random at equal FD); inf when random cut nothing."""
+    random_cut = before - random.rate
+    if random_cut <= 0:
+        return math.inf if before - scorer > 0 else math.nan
+    return (before - scorer) / random_cut
