@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dit_prune.data import check_fits_model
 from dit_prune.errors import DitPruneError
 from dit_prune.models import disable_block_label_dropout, null_class
 
@@ -125,6 +126,7 @@ def finetune(
     from dit_prune.training import TrainConfig, train_dit
 
     _require_class_conditional(model)
+    check_fits_model(images, labels, model, "recovery images")
     disable_block_label_dropout(model)
     RecoveryConfig(steps=steps, lr=lr, batch_size=batch_size, ema_decay=ema_decay, seed=seed)
     train_config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, ema_decay=ema_decay,
@@ -159,6 +161,7 @@ def distill(
     student identical to its teacher has loss 0.
     """
     _require_class_conditional(student)
+    check_fits_model(images, labels, student, "recovery images")
     disable_block_label_dropout(student)
     config = RecoveryConfig(steps=steps, lr=lr, batch_size=batch_size, t_min=t_min,
                             t_max=min(t_max, num_train_timesteps - 1), seed=seed)
