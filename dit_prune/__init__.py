@@ -1,6 +1,6 @@
 """dit_prune: find the DiT heads and neurons that reproduce training images and prune them.
 
-Public names are imported lazily from their modules (see DESIGN.md, "Public API").
+Public names are imported lazily from their modules (see docs/definitions.md#public-names).
 
 Example:
     >>> import dit_prune

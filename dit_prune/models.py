@@ -41,7 +41,7 @@ def new_dit(
     """A freshly initialised class-conditional DiT with diffusers' per-block label dropout off.
 
     Labels are dropped once per example by the trainer instead (to the null class, index
-    `num_classes`); see DESIGN.md.
+    `num_classes`); see docs/definitions.md#class-conditioning-and-label-dropout.
     """
     if size not in DIT_SIZES:
         raise DitPruneError(f"unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}")

@@ -1,4 +1,4 @@
-"""Verdict rules, the noise control and class agreement (DESIGN.md definitions)."""
+"""Verdict rules, the noise control and class agreement (docs/definitions.md#verdict)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hooks: ablate / capture / gates / ablate_each / observe (DESIGN.md "A unit")."""
+"""Hooks: ablate / capture / gates / ablate_each / observe (docs/definitions.md#units)."""
 
 from __future__ import annotations
 

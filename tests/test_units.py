@@ -1,4 +1,4 @@
-"""Units: addressing, enumeration, validation (DESIGN.md "A unit")."""
+"""Units: addressing, enumeration, validation (docs/definitions.md#units)."""
 
 from __future__ import annotations
 

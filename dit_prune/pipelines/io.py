@@ -91,7 +91,8 @@ def load_pruned_pipeline(
     except (OSError, ValueError, TypeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DitPruneError(f"cannot load the pipeline components of {root}: {first}") from None
-    disable_block_label_dropout(pipe.transformer)  # as every DiT of ours (see DESIGN.md)
+    # as every DiT of ours: docs/definitions.md#class-conditioning-and-label-dropout
+    disable_block_label_dropout(pipe.transformer)
     return pipe.to(device)
 
 

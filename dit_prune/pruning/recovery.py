@@ -2,8 +2,9 @@
 
 * ``finetune`` continues training with the project's trainer (`train_dit`, same recipe as the
   base model: epsilon loss, label dropout, EMA). On the training images this re-teaches copying
-  (DESIGN.md: 32% -> 72% memorized in 200 steps); it is offered because Ye et al. 2025
-  fine-tune after pruning, and it can also run on images the base never saw.
+  (32% -> 72% memorized in 200 steps, docs/definitions.md#earlier-measurements); it is
+  offered because Ye et al. 2025 fine-tune after pruning, and it can also run on images the
+  base never saw.
 * ``distill`` matches the pruned student to the unpruned teacher's full output, but only at
   large diffusion times (default t in [500, 999]), where the teacher's prediction depends on
   coarse structure rather than on individual training images; small t, where copying is

@@ -2,7 +2,8 @@
 
 In the spirit of Hintersdorf et al. 2024 (NeMo): generate `num_samples` images with fixed seeds
 (DDIM, `sampling_steps`), split them into memorized and not by the ratio test against the
-training images (DESIGN.md), and score each unit by the standardized difference
+training images (docs/definitions.md#memorization-rate), and score each unit by the
+standardized difference
 
     (mean over memorized samples - mean over the reference) / std over the reference
 
