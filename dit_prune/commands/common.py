@@ -77,7 +77,8 @@ def previous_command(path: Path) -> str | None:
 def check_out_path(out: str | os.PathLike[str] | None,
                    inputs: Mapping[str, str | os.PathLike[str] | None]) -> Path:
     """`--out` resolved (symlinks followed); refused when empty, the current directory (or one
-    holding it), an existing file, or when it is, contains or lies inside an input path."""
+    holding it), an existing file, or when it is, contains or lies inside an input path (inputs
+    that do not exist are skipped, as hub ids are, except caches: names ending in '-cache')."""
     if out is None or not str(out).strip():
         raise DitPruneError("--out is empty: name a new directory to write into")
     target = Path(out).expanduser().resolve()
@@ -86,7 +87,9 @@ def check_out_path(out: str | os.PathLike[str] | None,
         raise DitPruneError(f"--out {out} is the current directory or holds it: name a new "
                             "subdirectory")
     for name, value in inputs.items():
-        if value is None or not str(value).strip() or not Path(value).expanduser().exists():
+        if value is None or not str(value).strip():
+            continue
+        if not name.endswith("-cache") and not Path(value).expanduser().exists():
             continue
         source = Path(value).expanduser().resolve()
         relation = ("is" if target == source else "contains" if target in source.parents
@@ -215,3 +218,16 @@ def check_scorer_timesteps(scorer: Any, scheduler: Any) -> None:
     """Refuse a scorer whose timesteps lie outside the checkpoint's noise schedule."""
     distribution = scorer.options.timestep_distribution(scorer.default_timesteps)
     distribution.check(int(scheduler.config.num_train_timesteps))
+
+
+def check_train_args(args: argparse.Namespace) -> Path:
+    """`dit-prune train`'s numeric options and its --out, before any work (TrainConfig does not
+    check these yet: patch size, learning rate)."""
+    for flag in ("steps", "batch_size", "patch_size"):
+        if hasattr(args, flag):
+            check_positive(getattr(args, flag), "--" + flag.replace("_", "-"))
+    if hasattr(args, "lr"):
+        check_finite(args.lr, "--lr", low=0.0)
+    data = getattr(args, "data", "digits")
+    return claim_out(args.out, "train", {"--data": None if data == "digits" else data},
+                     args.overwrite)

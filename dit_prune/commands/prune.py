@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint.exists():
         raise DitPruneError(f"checkpoint not found: {checkpoint}")
     recover_folder = None if args.recover_data in RECOVERY_SOURCES else args.recover_data
-    claim_out(out, "prune", {"checkpoint": args.checkpoint, "--scores": args.scores,
+    claim_out(args.out, "prune", {"checkpoint": args.checkpoint, "--scores": args.scores,
                              "--recover-data": recover_folder}, args.overwrite)
     device = pick_device(args.device)
     loaded = load_dit(checkpoint, device=device)

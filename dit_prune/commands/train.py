@@ -62,10 +62,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    from dit_prune.commands.common import claim_out  # --out checked before any work
+    from dit_prune.commands.common import check_train_args  # options and --out, before work
 
-    claim_out(args.out, "train", {"--data": None if args.data == "digits" else args.data},
-              args.overwrite)
+    check_train_args(args)
     if getattr(args, "model", "dit") != "dit":
         return _run_small_net(args)
     config = TrainConfig(
