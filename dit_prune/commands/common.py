@@ -194,18 +194,6 @@ def check_cache_dir(path: str | None, flag: str) -> Path | None:
     return folder
 
 
-def prepare_run_dir(path: str | Path, overwrite: bool) -> Path:
-    """Create the run directory; refuse a non-empty one unless `overwrite` (kept for callers
-    outside the CLI; subcommands use claim_out + staged_output)."""
-    run_dir = Path(path)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DitPruneError(f"run directory {run_dir} exists and is a file")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise DitPruneError(f"run directory {run_dir} is not empty (pass --overwrite to reuse it)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def check_sampling_steps(steps: int, scheduler: Any) -> None:
     """Refuse sampling steps outside [1, the scheduler's training steps]."""
     limit = int(scheduler.config.num_train_timesteps)
