@@ -134,7 +134,7 @@ def build_transformer(config: dict[str, Any]) -> nn.Module:
         Traceback (most recent call last):
         ...
         dit_prune.errors.DitPruneError: malformed dit_prune_structure: expected an object with \
-'kept': {kind: [[unit indices] per block]}, got 'x'
+'kept': {kind: [[unit indices] per block]}, got "x"
     """
     if not isinstance(config, dict):
         raise DitPruneError(f"a transformer config must be a JSON object, got "
