@@ -7,6 +7,7 @@ Usage:
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -118,3 +119,15 @@ def test_head_effects_smoke(tmp_path: Path) -> None:
     assert any("oracle: copy, FD-feasible" in r for r in oracles)
     assert all(("mitigated" in r) or ("not beyond" in r) or ("quality" in r) for r in oracles[1:])
     assert result["plot"].is_file()
+
+
+def test_regimes_smoke(tmp_path: Path) -> None:
+    result = load_script("regimes").main(["--smoke", "--out", str(tmp_path), "--checkpoints",
+                                          "checkpoints/digits-memorized", "--scorers",
+                                          "taylor-gap"])
+    assert result == 0
+    table = (tmp_path / "regimes.md").read_text()
+    assert "| digits-memorized | taylor-gap | 2 |" in table
+    data = json.loads((tmp_path / "regimes.json").read_text())
+    entry = data[0]["reports"][0]["budgets"][0]
+    assert len(entry["equal_quality"]["per_seed"]) == 2  # the smoke run's two random seeds

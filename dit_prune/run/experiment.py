@@ -153,8 +153,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), labels, context)
     kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds
     units = enumerate_units(base, kinds)
-    data = CalibrationData(inputs.train_images, inputs.train_labels, inputs.heldout_images,
-                           inputs.heldout_labels)
+    data = scoring_data(inputs, target)
     scores = _cached_scores(run_dir / "scores" / cfg.scorer, cfg.scorer,
                             {"seed": cfg.seed, **cfg.scorer_options}, base, units, data,
                             scheduler, meta.weights_sha256, progress)
@@ -217,6 +216,16 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     return {"before": before, "entries": entries, "context": context, "config": cfg,
             "meta": meta, "seeds": seeds, "labels": labels, "units": units,
             "random_curve": curve, "target": target[0] if target else "all"}
+
+
+def scoring_data(inputs: RunInputs, target: tuple[str, list[int]] | None) -> CalibrationData:
+    """What scorers contrast with held-out images: the targeted training images (the duplicated
+    ones) when the run targets a subset, else the whole training set."""
+    images, labels = inputs.train_images, inputs.train_labels
+    if target is not None:
+        idx = torch.as_tensor(target[1], dtype=torch.long)  # (S,)
+        images, labels = images[idx], None if labels is None else labels[idx]
+    return CalibrationData(images, labels, inputs.heldout_images, inputs.heldout_labels)
 
 
 def target_subset(cfg: RunConfig, extra: dict[str, Any],

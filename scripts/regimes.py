@@ -1,0 +1,135 @@
+"""The two regimes: scorers against random pruning at equal FD, over training and scoring seeds.
+
+For each checkpoint, every scorer runs at every budget with every scoring seed through
+`run_experiment`, in one folder per checkpoint, so the unpruned arm and the random arms (random
+seeds × random budgets) are sampled once and shared. Each run's report holds the copy rate the
+run targets (the duplicated images of a `--duplicate` checkpoint, else all copies), the paired FD
+change, random's copy rate at the same FD and the verdict. Tables give mean ± std over scoring
+seeds per checkpoint, and the count of (seed, budget) runs that are mitigated and beat random.
+
+Usage (the commands behind docs/results.md are listed there):
+    OMP_NUM_THREADS=1 python scripts/regimes.py --out runs/regimes \
+        --checkpoints checkpoints/digits-duplicated,runs/dup-models/dup-s1,runs/dup-models/dup-s2 \
+        --scorers cond-gap,taylor-gap,activation-contrast --budgets 2,3,4 --pruning-seeds 0,1,2 \
+        --seeds 0-999 --steps 25
+    OMP_NUM_THREADS=1 python scripts/regimes.py --smoke --out /tmp/regimes_smoke
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ablation_common import (  # noqa: E402
+    base_parser,
+    limit_threads,
+    mean_std,
+    parse_list,
+    parse_scorer_spec,
+    run_cached,
+    timed,
+    write_json,
+    write_table,
+)
+
+SMOKE_SCORER_OPTIONS = {"batches": 1, "max_images": 16}
+
+
+def parse_args(argv: list[str] | None = None) -> Any:
+    parser = base_parser(__doc__.splitlines()[0], "runs/regimes")
+    parser.add_argument("--checkpoints", default="checkpoints/digits-duplicated",
+                        help="comma list of checkpoints (each gets its own folder)")
+    parser.add_argument("--scorers", default="cond-gap,taylor-gap,activation-contrast")
+    parser.add_argument("--budgets", default="2,3,4", help="head counts or fractions")
+    parser.add_argument("--random-seeds", default="0,1,2")
+    parser.add_argument("--random-budgets", default=None,
+                        help="budgets of the random arms (default: --budgets)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
+        args.random_seeds, args.budgets = "0,1", "2"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dit_prune.pruning.selection import parse_budgets
+    from dit_prune.run.config import RunConfig
+
+    args = parse_args(argv)
+    limit_threads()
+    out = Path(args.out)
+    budgets = parse_budgets(args.budgets)
+    random_budgets = parse_budgets(args.random_budgets) if args.random_budgets else None
+    rows, summary = [], []
+    for checkpoint in parse_list(args.checkpoints):
+        folder = out / Path(checkpoint).name
+        for spec in parse_list(args.scorers):
+            name, options = parse_scorer_spec(spec)
+            if args.smoke:
+                options = {**SMOKE_SCORER_OPTIONS, **options}
+            reports = []
+            for seed in parse_list(args.pruning_seeds, int):
+                cfg = RunConfig(checkpoint=checkpoint, out=str(folder), scorer=name,
+                                budgets=budgets, seeds=args.seeds, steps=args.steps,
+                                scorer_options=options, seed=seed,
+                                random_seeds=tuple(parse_list(args.random_seeds, int)),
+                                random_budgets=random_budgets)
+                done = timed(f"{folder.name} {spec} seed {seed}")
+                reports.append(run_cached(cfg, folder / "reports" / f"{spec}-s{seed}.json"))
+                done()
+            rows += table_rows(folder.name, spec, reports)
+            summary.append({"checkpoint": checkpoint, "scorer": spec, "reports": [
+                {"seed": s, "budgets": r["budgets"], "before": r["before"],
+                 "target": r["target"]} for s, r in zip(parse_list(args.pruning_seeds, int),
+                                                        reports, strict=True)]})
+    header = ["checkpoint", "scorer", "budget", "copies before", "copies after",
+              "FD change (paired)", "random at same FD", "copy cut vs random",
+              "beats random", "mitigated"]
+    write_table(out / "regimes.md", header, rows)
+    write_json(out / "regimes.json", summary)
+    print((out / "regimes.md").read_text())
+    return 0
+
+
+def table_rows(model: str, scorer: str, reports: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per budget: mean ± std over scoring seeds, and how many seeds pass each test."""
+    rows = []
+    for i, budget in enumerate(b["budget"] for b in reports[0]["budgets"]):
+        entries = [r["budgets"][i] for r in reports]
+        eqs = [e["equal_quality"] for e in entries]
+        before = [eq_before(r) for r in reports]
+        rows.append([
+            model, scorer, f"{budget:g}", _pct(mean_std(before)),
+            _pct(mean_std(eq["scorer_rate"] for eq in eqs)),
+            _pct(mean_std(e["fd_change"]["relative"] for e in entries), signed=True),
+            _pct(mean_std(eq["rate"] for eq in eqs)),
+            _ratio(mean_std(eq["copy_cut_ratio"] for eq in eqs)),
+            f"{sum(eq['beats'] for eq in eqs)}/{len(eqs)}",
+            f"{sum(e['verdict'] == 'mitigated' for e in entries)}/{len(entries)}",
+        ])
+    return rows
+
+
+def eq_before(report: dict[str, Any]) -> float:
+    """The unpruned model's copy rate on the run's target."""
+    target = report["target"]
+    before = report["before"]
+    return before["copy_rate"] if target == "all" else before["subsets"][target]["copy_rate"]
+
+
+def _pct(stat: tuple[float, float, int], signed: bool = False) -> str:
+    mean, std, n = stat
+    sign = "+" if signed else ""
+    return f"{100 * mean:{sign}.1f} ± {100 * std:.1f}%" if n > 1 else f"{100 * mean:{sign}.1f}%"
+
+
+def _ratio(stat: tuple[float, float, int]) -> str:
+    mean, std, n = stat
+    return f"{mean:.1f} ± {std:.1f}×" if n > 1 else f"{mean:.1f}×"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
