@@ -156,6 +156,7 @@ def digits_context(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    subsets: dict[str, Any] | None = None,
 ) -> EvalContext:
     """The embedded default: digits-features + digits-copydetect from `checkpoints_dir`.
 
@@ -169,7 +170,7 @@ def digits_context(
     return build_context(
         split.pool_images if train_images is None else train_images,
         split.heldout_images if heldout_images is None else heldout_images,
-        features, detector, "features", cache_dir, device, progress,
+        features, detector, "features", cache_dir, device, progress, subsets,
     )
 
 

@@ -25,7 +25,13 @@ def measure(checkpoint: Path, samples: int, steps: int = 50) -> dict:
     """Sample `samples` images with seeds 0..samples-1 and evaluate them."""
     model, scheduler, meta = load_dit(checkpoint)
     train, _, _ = recovery_images(meta.extra, "train")
-    context = digits_context(train_images=train)
+    duplicated = meta.extra.get("data", {}).get("duplicated")
+    subsets = {}
+    if duplicated:
+        positions = duplicated["train_positions"]
+        subsets = {"duplicated": positions,
+                   "other": sorted(set(range(len(train))) - set(positions))}
+    context = digits_context(train_images=train, subsets=subsets)
     labels = labels_for_seeds(range(samples), meta.num_classes)  # (N,)
     started = time.perf_counter()
     images = sample_images(model, scheduler, labels, list(range(samples)), steps=steps)
@@ -36,12 +42,47 @@ def measure(checkpoint: Path, samples: int, steps: int = 50) -> dict:
     metrics["distinct_training_images_copied"] = len(set(
         evaluation.memorization.nearest[evaluation.memorization.memorized].tolist()))
     metrics.update({k: v for k, v in context.describe().items() if k != "reference_key"})
+    if duplicated:
+        metrics["training_multiset_fd"] = multiset_fd(train, duplicated, samples, context)
     return metrics
+
+
+def multiset_fd(train, duplicated: dict, samples: int, context) -> float:
+    """FD of `samples` draws (seeded) from the training multiset, duplicates included: the FD a
+    model that reproduced its training distribution exactly would get (a floor for the card)."""
+    import torch
+
+    from dit_prune.duplication import expand_with_duplicates
+    from dit_prune.metrics.fid import frechet_distance
+
+    multiset = expand_with_duplicates(train, duplicated["train_positions"], duplicated["copies"])
+    idx = torch.randint(len(multiset), (samples,), generator=torch.Generator().manual_seed(0))
+    feats = context.features.features(multiset[idx])  # (samples, D)
+    return frechet_distance(feats, context.reference.stats)
 
 
 def render(checkpoint: Path, metrics: dict, samples: int) -> str:
     meta = json.loads((checkpoint / "dit_prune.json").read_text())
     training, data = meta["training"], meta["data"]
+    duplicated, dup_text, dup_rows = data.get("duplicated"), "", ""
+    if duplicated:
+        sub = metrics["subsets"]
+        dup_text = (f"- duplicated: {len(duplicated['train_positions'])} of them "
+                    f"(one per class, `--duplicate-seed {duplicated['spec']['seed']}`; pool "
+                    f"indices {duplicated['pool_indices']}) are present {duplicated['copies']} "
+                    f"times each: {duplicated['num_images_with_copies']} training images in "
+                    "all (`data.duplicated` in `dit_prune.json`)\n")
+        dup_rows = (
+            f"| copy rate, duplicated images only | "
+            f"{fmt_rate(sub['duplicated']['copy_rate'], sub['duplicated']['copy_interval'])} "
+            f"({sub['duplicated']['distinct_copied']} of {sub['duplicated']['subset_size']} "
+            "copied) |\n"
+            f"| copy rate, all other training images | "
+            f"{fmt_rate(sub['other']['copy_rate'], sub['other']['copy_interval'])} |\n"
+            f"| memorization rate, duplicated images only | "
+            f"{fmt_rate(sub['duplicated']['memorization_rate'])} |\n"
+            f"| {metrics['fd_name']} of {samples} draws from the training multiset (floor) | "
+            f"{metrics['training_multiset_fd']:.2f} |\n")
     return f"""# {checkpoint.name}
 
 A tiny class-conditional pixel-space DiT (`diffusers.DiTTransformer2DModel`, {training['size']}:
@@ -60,7 +101,7 @@ null class 10), EMA {training['ema_decay']}.
   (`dit_prune.data.digits_split()`, class-balanced subset seed {data.get('subset_seed')});
   SHA-256 of the pool indices (int64): `{data['indices_sha256']}`; the indices are in
   `dit_prune.json`
-- training time on 2 CPU cores (shared with other jobs): {meta['train_seconds']} s; final loss
+{dup_text}- training time on 2 CPU cores (shared with other jobs): {meta['train_seconds']} s; final loss
   (mean of the last 100 steps) {meta['final_loss_mean_last_100']:.4f}
 - memorization probe during training (100 samples, 50 DDIM steps):
   {', '.join(f"{p['step']}: {p['memorization_rate']:.2f}" for p in meta['probes'])}
@@ -75,7 +116,7 @@ model's own {metrics['num_train_images']} training images:
 | memorization rate (d1/d2 < 1/3) | {fmt_rate(metrics['memorization_rate'], metrics['memorization_interval'])} |
 | copy rate (`{metrics['copy_detector']}`, τ = {metrics['copy_threshold']:.4f}) | {fmt_rate(metrics['copy_rate'], metrics['copy_interval'])} |
 | distinct training images copied (ratio test) | {metrics['distinct_training_images_copied']} |
-| {metrics['fd_name']} vs {metrics['num_heldout_images']} held-out digits | {metrics['fd']:.2f} [{metrics['fd_interval'][0]:.2f}, {metrics['fd_interval'][1]:.2f}] |
+{dup_rows}| {metrics['fd_name']} vs {metrics['num_heldout_images']} held-out digits | {metrics['fd']:.2f} [{metrics['fd_interval'][0]:.2f}, {metrics['fd_interval'][1]:.2f}] |
 | precision / recall (k-NN, held-out) | {metrics['precision']:.3f} / {metrics['recall']:.3f} |
 | class agreement (digits-features classifier) | {metrics['class_agreement']:.3f} |
 | sampling time for {samples} images | {metrics['sampling_seconds']} s |
@@ -83,9 +124,18 @@ model's own {metrics['num_train_images']} training images:
 `tests/test_model_cards.py` re-measures the memorization rate and class agreement on fewer samples.
 
 ```json
-{json.dumps({k: metrics[k] for k in ('memorization_rate', 'copy_rate', 'fd', 'class_agreement')})}
+{json.dumps(card_json(metrics))}
 ```
 """
+
+
+def card_json(metrics: dict) -> dict:
+    """The numbers tests/test_model_cards.py re-measures."""
+    card = {k: metrics[k] for k in ("memorization_rate", "copy_rate", "fd", "class_agreement")}
+    if "subsets" in metrics:
+        card["duplicated_copy_rate"] = metrics["subsets"]["duplicated"]["copy_rate"]
+        card["other_copy_rate"] = metrics["subsets"]["other"]["copy_rate"]
+    return card
 
 
 def main() -> None:
