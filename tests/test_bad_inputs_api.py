@@ -568,3 +568,16 @@ def test_pipeline_wrapper_switches_per_block_label_dropout_off(digits, path) -> 
         model = score_and_prune_pipeline(pipe, "magnitude", 0.25, data,
                                          kinds=("head",)).pipeline.transformer
     assert _dropouts(model) == {0.0}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"steps": 0}, r"sampling steps must be an integer in \[1, 1000\]"),
+    ({"steps": 5000}, r"got 5000"),
+    ({"guidance_scale": NAN}, r"guidance scale must be a finite number, got nan"),
+])
+def test_generate_decoded_and_measure_memorization_refuse(tiny_model, digits, options,
+                                                          message) -> None:
+    pipe = pixel_dit_pipeline(tiny_model, diffusers.DDIMScheduler())
+    args = {"steps": 2, "guidance_scale": 1.0, **options}
+    with pytest.raises(DitPruneError, match=message):
+        measure_memorization(pipe, [1, 2], [0, 1], digits.pool_images[:4], **args)

@@ -26,7 +26,12 @@ from tqdm.auto import tqdm
 
 from dit_prune.errors import DitPruneError
 from dit_prune.pipelines.dit import dit_null_class, num_classes
-from dit_prune.sampling import make_sampling_scheduler, seed_generators
+from dit_prune.sampling import (
+    check_guidance_scale,
+    check_steps,
+    make_sampling_scheduler,
+    seed_generators,
+)
 
 SAMPLERS = ("ddim", "pipeline")  # a fresh DDIM from the pipeline's schedule, or its own scheduler
 
@@ -72,8 +77,10 @@ def generate_decoded(
         raise DitPruneError(f"{len(items)} conditions but {len(seeds)} seeds: need one per image")
     if not seeds:
         raise DitPruneError("no images requested: pass at least one condition and seed")
-    if steps < 1 or batch_size < 1:
-        raise DitPruneError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+    if batch_size < 1:
+        raise DitPruneError(f"batch_size must be >= 1, got {batch_size}")
+    check_steps(steps, pipe.scheduler)  # in [1, the schedule's training steps]
+    check_guidance_scale(guidance_scale)  # finite
     if sampler not in SAMPLERS:
         raise DitPruneError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     out: list[torch.Tensor] = []
