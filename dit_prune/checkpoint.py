@@ -7,6 +7,9 @@ Layouts `load_dit` understands:
   * a single-model directory: `config.json` + `diffusion_pytorch_model.safetensors`;
   * a hub id (`org/name`) for users who are online.
 
+A `"_class_name": "Transformer2DModel"` config (the hub's DiT-XL-2 and PixArt-α/Σ) is read as
+diffusers reads it: by `norm_type`, as a DiT or a PixArt (`dit_prune.legacy`).
+
 A pruned model records its per-block widths in the transformer config under
 `dit_prune_structure` and is rebuilt from that, without the base checkpoint.
 
@@ -37,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+from dit_prune.legacy import LEGACY_CLASS, resolve_class_name, saved_config
 from dit_prune.models import disable_block_label_dropout
 from dit_prune.structure import is_uniform, read_structure, resize_to_structure
 
@@ -85,12 +89,10 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     transformer_dir = root / "transformer" if (root / "transformer").is_dir() else root
     config_file = transformer_dir / CONFIG_NAME
     config = _read_json(config_file, "transformer config")
-    class_name = config.get("_class_name")
+    class_name = resolve_class_name(config)
     if class_name not in SUPPORTED_CLASSES:
-        raise DitPruneError(
-            f"{config_file} describes {class_name!r}, not a DiT "
-            f"(supported: {', '.join(SUPPORTED_CLASSES)})"
-        )
+        raise DitPruneError(f"{config_file} {_describe(config)}, not a DiT "
+                            f"(supported: {', '.join(SUPPORTED_CLASSES)})")
     sizes = {key: _config_int(config, key, config_file) for key in ("sample_size", "in_channels")}
     try:
         model = build_transformer(config)
@@ -143,8 +145,9 @@ def build_transformer(config: dict[str, Any]) -> nn.Module:
     structure = config.pop(STRUCTURE_KEY, None)
     if structure is not None:
         _check_structure(structure)
-    if config.get("_class_name") not in SUPPORTED_CLASSES:
-        raise DitPruneError(f"the config describes {config.get('_class_name')!r}, not a DiT "
+    config["_class_name"] = resolve_class_name(config)  # legacy Transformer2DModel mapped
+    if config["_class_name"] not in SUPPORTED_CLASSES:
+        raise DitPruneError(f"the config {_describe(config)}, not a DiT "
                             f"(supported: {', '.join(SUPPORTED_CLASSES)})")
     cls = getattr(diffusers, config["_class_name"])
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -175,8 +178,7 @@ def save_checkpoint(
     with atomic_directory(target, overwrite) as tmp:
         transformer_dir = tmp / "transformer"
         transformer_dir.mkdir()
-        config = dict(model.config)
-        config["_class_name"] = type(model).__name__
+        config = saved_config(model)  # a legacy Transformer2DModel under its mapped class
         if not is_uniform(model):
             config[STRUCTURE_KEY] = read_structure(model)
         (transformer_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
@@ -289,6 +291,15 @@ def check_device(device: str | torch.device) -> torch.device:
     elif target.type not in ("cpu", "cuda", "mps", "meta"):
         raise DitPruneError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or mps)")
     return target
+
+
+def _describe(config: dict[str, Any]) -> str:
+    """'describes X', naming the norm_type of a legacy Transformer2DModel diffusers keeps as is."""
+    name = config.get("_class_name")
+    if name == LEGACY_CLASS:
+        return (f"describes {name!r} with norm_type {config.get('norm_type')!r} (diffusers builds "
+                f"a DiT for 'ada_norm_zero' and a PixArt for 'ada_norm_single')")
+    return f"describes {name!r}"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dit_prune.errors import DitPruneError
+from dit_prune.legacy import family_name
 
 DIGITS_POOL_SIZE = 1000
 DIGITS_SPLIT_SEED = 0
@@ -261,7 +262,7 @@ def check_fits_model(images: torch.Tensor, labels: torch.Tensor | None, model: A
     channels, size = int(config.in_channels), int(config.sample_size)
     shape = tuple(images.shape[1:])
     classes = getattr(config, "num_embeds_ada_norm", None)
-    is_dit = type(model).__name__ == "DiTTransformer2DModel"
+    is_dit = family_name(model) == "DiTTransformer2DModel"
     if is_dit and shape != (channels, size, size):
         raise DitPruneError(f"{what} are {shape} but the model takes {(channels, size, size)} "
                             "(C, H, W)")

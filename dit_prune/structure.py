@@ -92,10 +92,11 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
 def shrink_kind(adapter: Any, block: nn.Module, kind: str, count: int) -> None:
     """Resize the layers of one unit kind of `block` to `count` units (weights uninitialised)."""
     channels = count * adapter.width(block, kind)
+    rows = count * adapter.up_rows_per_unit(block, kind)  # GLU neurons own two proj rows
     for layer_owner, name, layer in _layers(adapter, block, kind):
         is_down = layer is adapter.down_proj(block, kind)
         new = _resized(layer, in_features=channels if is_down else None,
-                       out_features=None if is_down else channels)
+                       out_features=None if is_down else rows)
         _set(layer_owner, name, new)
     if kind != NEURON:
         attn = adapter.attention(block, kind)

@@ -29,6 +29,7 @@ from diffusers import DiTPipeline
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+from dit_prune.legacy import family_name
 from dit_prune.models import disable_block_label_dropout
 from dit_prune.pipelines.vae import IdentityVAE
 
@@ -40,7 +41,7 @@ def pixel_dit_pipeline(transformer: nn.Module, scheduler: Any) -> DiTPipeline:
 
     diffusers' per-block label dropout is switched off on `transformer` (as `load_dit` does).
     """
-    if type(transformer).__name__ != "DiTTransformer2DModel":
+    if family_name(transformer) != "DiTTransformer2DModel":
         raise DitPruneError(f"expected a DiTTransformer2DModel, got {type(transformer).__name__}")
     disable_block_label_dropout(transformer)
     param = next(transformer.parameters())

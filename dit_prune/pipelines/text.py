@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+from dit_prune.legacy import family_name
 from dit_prune.pipelines.vae import encode_images
 
 SPLITS = ("train", "heldout")
@@ -142,7 +143,7 @@ def text_conditioning(model: nn.Module, data: TextCalibrationData) -> Iterator[N
     caption. Calls that pass `encoder_hidden_states` themselves are left alone. No hook stays
     behind on exit, even on error.
     """
-    if type(model).__name__ != "PixArtTransformer2DModel":
+    if family_name(model) != "PixArtTransformer2DModel":
         raise DitPruneError(f"text conditioning needs a PixArt transformer, got "
                             f"{type(model).__name__}")
     param = next(model.parameters())

@@ -43,6 +43,7 @@ from dit_prune.checkpoint import (
     save_checkpoint,
 )
 from dit_prune.errors import DitPruneError
+from dit_prune.legacy import family_name
 from dit_prune.pruning.structural import PrunePlan, count_parameters
 from dit_prune.structure import original_counts
 from dit_prune.units import Unit, adapter_for
@@ -70,7 +71,7 @@ def describe_pruning(
         counts[unit.kind] = counts.get(unit.kind, 0) + 1
     return {
         "format": PLAN_FORMAT,
-        "model_class": type(model).__name__,
+        "model_class": family_name(model),  # a legacy Transformer2DModel as diffusers maps it
         "base_sha256": base_hash,
         "original_counts": full,
         "removed": [u.to_json() for u in sorted(removed)],

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_prune.legacy import family_name
+
 CAPTION_TOKENS = 4  # length of the dummy caption for text-conditioned models
 
 
@@ -28,13 +30,21 @@ def example_inputs(model: nn.Module, batch: int = 1, seed: int = 0) -> dict[str,
         "hidden_states": noise.to(device=param.device, dtype=param.dtype),
         "timestep": torch.full((batch,), 500, dtype=torch.long, device=param.device),  # (B,)
     }
-    if type(model).__name__ == "PixArtTransformer2DModel":
-        caption = torch.randn(batch, CAPTION_TOKENS, int(config.caption_channels), generator=gen)
+    if family_name(model) == "PixArtTransformer2DModel":
+        caption = torch.randn(batch, CAPTION_TOKENS, caption_channels(model), generator=gen)
         inputs["encoder_hidden_states"] = caption.to(param.device, param.dtype)  # (B, L, C_txt)
         inputs["added_cond_kwargs"] = _pixart_conditions(model, batch, size, param)
     else:
         inputs["class_labels"] = torch.zeros(batch, dtype=torch.long, device=param.device)  # (B,)
     return inputs
+
+
+def caption_channels(model: nn.Module) -> int:
+    """Width of the caption embeddings PixArt takes: `caption_channels`, or, without a caption
+    projection (`caption_channels=None`), the input width of the cross-attention keys."""
+    if getattr(model, "caption_projection", None) is not None:
+        return int(model.caption_projection.linear_1.in_features)
+    return int(model.transformer_blocks[0].attn2.to_k.in_features)
 
 
 def _pixart_conditions(

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from dit_prune.data import check_fits_model
 from dit_prune.errors import DitPruneError
+from dit_prune.legacy import family_name
 from dit_prune.models import disable_block_label_dropout, null_class
 
 RECOVERY_METHODS = ("none", "finetune", "distill")
@@ -264,7 +265,7 @@ def _draw_labels(
 
 
 def _require_class_conditional(model: nn.Module) -> None:
-    if type(model).__name__ != "DiTTransformer2DModel":
+    if family_name(model) != "DiTTransformer2DModel":
         raise DitPruneError(
             f"recovery supports class-conditional DiTs only, not {type(model).__name__}"
         )

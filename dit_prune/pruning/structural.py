@@ -1,10 +1,12 @@
-"""Structural removal of heads and neurons with torch-pruning's dependency graph.
+"""Structural removal of heads and neurons with torch-pruning's per-layer pruning functions.
 
 A head is a whole-head channel range of `to_q`/`to_k`/`to_v` (output rows) and of
-`to_out[0]` (input columns); a neuron is one row of `ff.net[0].proj` and one column of
-`ff.net[2]`. Nothing else is touched: the residual stream, embeddings and adaLN layers keep
-their shapes. Units keep their original (unpruned) numbering, so a pruned model can be pruned
-again with the same `Unit`s.
+`to_out[0]` (input columns); a neuron is one row of `ff.net[0].proj` (rows j and inner+j for
+GEGLU/SwiGLU) and one column of `ff.net[2]` (the anatomy is `BlockAdapter.up_rows` /
+`down_columns`). torch-pruning's dependency graph cross-checks every group before anything is
+removed, and one forward is compared with `ablate` after (`dit_prune.pruning.safety`). Nothing
+else is touched: the residual stream, embeddings and adaLN layers keep their shapes. Units keep
+their original (unpruned) numbering, so a pruned model can be pruned again with the same `Unit`s.
 
 Example:
     >>> from dit_prune.models import new_dit
@@ -29,7 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dit_prune.errors import DitPruneError
+from dit_prune.hooks import ablate
+from dit_prune.legacy import family_name
 from dit_prune.pruning.inputs import example_inputs, forward_sample
+from dit_prune.pruning.safety import LayerSnapshot, check_forward
 from dit_prune.structure import fix_attention_bookkeeping, read_structure
 from dit_prune.units import NEURON, BlockAdapter, Unit, adapter_for, group_units
 
@@ -83,18 +88,20 @@ def count_parameters(model: nn.Module) -> int:
 
 def unit_cost(adapter: BlockAdapter, block: nn.Module, kind: str) -> int:
     """Parameters one unit of `kind` holds in `block` (weights and biases of its slices)."""
-    width = adapter.width(block, kind)
+    rows = adapter.up_rows_per_unit(block, kind)  # twice the width for GLU neurons
     ups = adapter.up_proj(block, kind)
     down = adapter.down_proj(block, kind)
-    per_channel = sum(up.in_features + (up.bias is not None) for up in ups) + down.out_features
-    return width * per_channel
+    per_row = sum(up.in_features + (up.bias is not None) for up in ups)
+    return rows * per_row + adapter.width(block, kind) * down.out_features
 
 
 def prune_units(model: nn.Module, units: Iterable[Unit], progress: bool = False) -> PrunePlan:
     """Remove exactly `units` from `model` in place; returns the plan (original numbering).
 
     Raises a one-line DitPruneError for units the model does not have (already pruned or out
-    of range) and for a request that would leave a block without any unit of a kind.
+    of range), for a request that would leave a block without any unit of a kind, and when the
+    pruned model's forward on an example input disagrees with `ablate` of the same units (see
+    `dit_prune.pruning.safety`); after any error the model is as it was.
     """
     adapter = adapter_for(model)
     units = sorted(set(units))
@@ -110,14 +117,9 @@ def prune_units(model: nn.Module, units: Iterable[Unit], progress: bool = False)
     expected = sum(unit_cost(adapter, blocks[b], kind) * len(pos)
                    for (b, kind), pos in grouped.items())
     if grouped:
-        _prune_groups(model, adapter, grouped, progress)
+        _prune_checked(model, adapter, units, grouped, expected, progress)
     params_after = count_parameters(model)
-    if params_before - params_after != expected:
-        raise RuntimeError(
-            f"structural pruning removed {params_before - params_after} parameters, "
-            f"expected {expected}"
-        )
-    return PrunePlan(tuple(units), params_before, params_after, type(model).__name__,
+    return PrunePlan(tuple(units), params_before, params_after, family_name(model),
                      read_structure(model)["kept"])
 
 
@@ -130,71 +132,104 @@ def build_graph(model: nn.Module) -> tp.DependencyGraph:
         )
 
 
-def _prune_groups(
+def _prune_checked(
     model: nn.Module,
     adapter: BlockAdapter,
+    units: list[Unit],
     grouped: dict[tuple[int, str], list[int]],
+    expected: int,
     progress: bool,
 ) -> None:
+    """Remove the groups, then check parameter count and one forward against `ablate`; on any
+    failure put the snapshot back. Training mode and `requires_grad` flags are restored."""
     was_training = model.training
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(True)  # tracing follows autograd
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    before = count_parameters(model)
+    snapshot = LayerSnapshot.take(adapter, adapter.blocks(model), sorted(grouped))
+    model.eval()  # tracing and the forward check need eval mode (no dropout)
     try:
-        graph = build_graph(model)
-        # every group is built and checked before any is applied: a refusal changes nothing
-        groups = [(b, kind, positions, _checked_group(graph, adapter, model, b, kind, positions))
-                  for (b, kind), positions in sorted(grouped.items())]
-        touched: set[str] = set()
-        for b, kind, positions, group in tqdm(groups, desc="pruning", disable=not progress):
-            touched |= _apply_group(group, model, adapter, b, kind, positions)
-        for name, p in model.named_parameters():
-            if name not in touched and tuple(p.shape) != shapes[name]:
-                raise RuntimeError(f"structural pruning changed {name}, which it must not touch")
+        inputs = example_inputs(model)
+        with torch.no_grad(), ablate(model, units):
+            reference = forward_sample(model, inputs)  # (1, C_out, H, W)
+        model.requires_grad_(True)  # tracing follows autograd
+        _prune_groups(model, adapter, grouped, progress)
+        removed = before - count_parameters(model)
+        if removed != expected:
+            raise DitPruneError(f"structural pruning removed {removed} parameters, expected "
+                                f"{expected}; the model was left unchanged")
+        with torch.no_grad():
+            pruned = forward_sample(model, inputs)  # (1, C_out, H, W)
+        check_forward(pruned, reference, f"{len(units)} units")
+    except BaseException:
+        snapshot.restore()
+        raise
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, True))
         model.train(was_training)
 
 
-def _checked_group(
+def _prune_groups(
+    model: nn.Module,
+    adapter: BlockAdapter,
+    grouped: dict[tuple[int, str], list[int]],
+    progress: bool,
+) -> None:
+    """Cross-check every group on torch-pruning's dependency graph, then remove each with its
+    per-layer pruning functions, driven by the adapter's anatomy."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    graph = build_graph(model)
+    # every group is checked before any is applied: a refusal changes nothing
+    for (b, kind), positions in sorted(grouped.items()):
+        _check_on_graph(graph, adapter, model, b, kind, positions)
+    touched: set[str] = set()
+    for (b, kind), positions in tqdm(sorted(grouped.items()), desc="pruning",
+                                     disable=not progress):
+        touched |= _remove(model, adapter, b, kind, positions)
+    for name, p in model.named_parameters():
+        if name not in touched and tuple(p.shape) != shapes[name]:
+            raise DitPruneError(f"structural pruning changed {name}, which it must not touch; "
+                                f"the model was left unchanged")
+
+
+def _check_on_graph(
     graph: tp.DependencyGraph,
     adapter: BlockAdapter,
     model: nn.Module,
     b: int,
     kind: str,
     positions: list[int],
-) -> Any:
-    """torch-pruning's group for the units at `positions` of one (block, kind), checked."""
+) -> None:
+    """torch-pruning's group for the units at `positions` must reach exactly the anatomy's
+    layers and channels (the up-projections' rows, GLU pairs included, and the down columns)."""
     block = adapter.blocks(model)[b]
-    width = adapter.width(block, kind)
-    channels = [p * width + c for p in positions for c in range(width)]  # whole-unit ranges
-    ups = adapter.up_proj(block, kind)
-    group = graph.get_pruning_group(ups[0], tp.prune_linear_out_channels, channels)
-    allowed = {id(layer) for layer in [*ups, adapter.down_proj(block, kind)]}
-    _check_group(group, allowed, channels, f"block {b} {kind}")
-    return group
+    ups, down = adapter.up_proj(block, kind), adapter.down_proj(block, kind)
+    rows = adapter.up_rows(block, kind, positions)
+    wanted = {id(up): rows for up in ups}
+    wanted[id(down)] = adapter.down_columns(block, kind, positions)
+    group = graph.get_pruning_group(ups[0], tp.prune_linear_out_channels, rows)
+    _check_group(group, wanted, f"block {b} {kind}")
 
 
-def _apply_group(
-    group: Any,
-    model: nn.Module,
-    adapter: BlockAdapter,
-    b: int,
-    kind: str,
-    positions: list[int],
-) -> set[str]:
-    """Prune one checked group, fix bookkeeping; returns the parameter names touched."""
+def _remove(model: nn.Module, adapter: BlockAdapter, b: int, kind: str,
+            positions: list[int]) -> set[str]:
+    """Prune the rows and columns of one (block, kind) with torch-pruning's per-layer functions,
+    fix the bookkeeping; returns the parameter names touched."""
     block = adapter.blocks(model)[b]
     width = adapter.width(block, kind)
+    per_unit = adapter.up_rows_per_unit(block, kind)
     kept = adapter.kept(block, kind)
-    ups = adapter.up_proj(block, kind)
-    down = adapter.down_proj(block, kind)
-    group.prune(record_history=False)
+    ups, down = adapter.up_proj(block, kind), adapter.down_proj(block, kind)
+    rows = adapter.up_rows(block, kind, positions)
+    columns = adapter.down_columns(block, kind, positions)
+    for up in ups:
+        tp.prune_linear_out_channels(up, rows)
+    tp.prune_linear_in_channels(down, columns)
     remaining = len(kept) - len(positions)
-    if any(up.out_features != remaining * width for up in ups) or \
+    if any(up.out_features != remaining * per_unit for up in ups) or \
             down.in_features != remaining * width:
-        raise RuntimeError(f"block {b} {kind}: layers have unexpected widths after pruning")
+        raise DitPruneError(f"block {b} {kind}: layers have unexpected widths after pruning; "
+                            f"the model was left unchanged")
     if kind != NEURON:
         fix_attention_bookkeeping(adapter.attention(block, kind), remaining, width)
     dropped = set(positions)
@@ -204,18 +239,23 @@ def _apply_group(
             layer.named_parameters()}
 
 
-def _check_group(group: Any, allowed: set[int], channels: list[int], where: str) -> None:
-    """Refuse a group that reaches beyond the unit's layers or other channels than requested."""
-    wanted = sorted(channels)
+def _check_group(group: Any, wanted: dict[int, list[int]], where: str) -> None:
+    """Refuse a group that misses one of the unit's layers, reaches beyond them, or other
+    channels than the anatomy says."""
+    seen: set[int] = set()
     for dep, idxs in group:
         target = dep.target.module
-        if id(target) in allowed:
-            if sorted(int(i) for i in idxs) != wanted:
-                raise RuntimeError(f"{where}: torch-pruning coupled other channels of a layer")
+        if id(target) in wanted:
+            if sorted(int(i) for i in idxs) != wanted[id(target)]:
+                raise DitPruneError(f"{where}: torch-pruning coupled other channels of a layer "
+                                    f"than the unit's; nothing was pruned")
+            seen.add(id(target))
             continue
         if isinstance(target, nn.Parameter) or isinstance(target, tp.ops._OutputOp) or (
             isinstance(target, nn.Module) and any(True for _ in target.parameters())
         ):
-            raise RuntimeError(
-                f"{where}: torch-pruning coupled {type(target).__name__} outside the unit's layers"
-            )
+            raise DitPruneError(f"{where}: torch-pruning coupled {type(target).__name__} outside "
+                                f"the unit's layers; nothing was pruned")
+    if seen != set(wanted):
+        raise DitPruneError(f"{where}: torch-pruning's group misses {len(wanted) - len(seen)} of "
+                            f"the unit's layers; nothing was pruned")

@@ -4,6 +4,15 @@ Every supported family (diffusers `DiTTransformer2DModel`, `PixArtTransformer2DM
 diffusers' `BasicTransformerBlock`: a unit is an input-channel slice of a down-projection
 (`attn1.to_out[0]` for heads, `attn2.to_out[0]` for cross-attention heads, `ff.net[2]` for
 neurons). Adding a family means adding one adapter file that registers itself in `ADAPTERS`.
+A legacy `Transformer2DModel` instance counts as the class diffusers maps it to
+(`dit_prune.legacy.family_name`).
+
+Where a unit's channels lie (current numbering, unit at position p, width w):
+
+| kind | up-projection rows | down-projection columns |
+|---|---|---|
+| head, cross_head | `[p·w, (p+1)·w)` of `to_q`, `to_k`, `to_v` | same range of `to_out[0]` |
+| neuron | `p` of `ff.net[0].proj` (GEGLU/SwiGLU: `p` and `inner + p`) | `p` of `ff.net[2]` |
 
 Example:
     >>> from dit_prune.models import new_dit
@@ -19,9 +28,11 @@ from dataclasses import dataclass
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+from dit_prune.legacy import family_name
 from dit_prune.units.unit import CROSS_HEAD, HEAD, NEURON
 
 KEPT_ATTRIBUTE = "dit_prune_kept"  # per-block {kind: original indices still present}
+GLU_ACTIVATIONS = ("GEGLU", "SwiGLU")  # diffusers activations whose proj holds [value; gate]
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,28 @@ class BlockAdapter:
         attn = self.attention(block, kind)
         return [attn.to_q, attn.to_k, attn.to_v]
 
+    def is_glu(self, block: nn.Module, kind: str) -> bool:
+        """True for neurons of a GEGLU/SwiGLU feed-forward: proj rows j and inner+j pair up."""
+        return kind == NEURON and type(block.ff.net[0]).__name__ in GLU_ACTIVATIONS
+
+    def up_rows(self, block: nn.Module, kind: str, positions: list[int]) -> list[int]:
+        """Output rows of every up-projection that the units at `positions` own (sorted)."""
+        width = self.width(block, kind)
+        rows = [p * width + c for p in positions for c in range(width)]
+        if self.is_glu(block, kind):
+            inner = self.down_proj(block, kind).in_features
+            rows += [inner + r for r in rows]  # the gate half: GEGLU/SwiGLU chunk(2, dim=-1)
+        return sorted(rows)
+
+    def down_columns(self, block: nn.Module, kind: str, positions: list[int]) -> list[int]:
+        """Input columns of the down-projection that the units at `positions` own (sorted)."""
+        width = self.width(block, kind)
+        return sorted(p * width + c for p in positions for c in range(width))
+
+    def up_rows_per_unit(self, block: nn.Module, kind: str) -> int:
+        """Up-projection rows one unit owns: its width, twice that for GLU neurons."""
+        return self.width(block, kind) * (2 if self.is_glu(block, kind) else 1)
+
     def width(self, block: nn.Module, kind: str) -> int:
         """Channels per unit: the head dimension for heads, 1 for neurons."""
         if kind == NEURON:
@@ -87,9 +120,10 @@ ADAPTERS: dict[str, BlockAdapter] = {
 
 def adapter_for(model: nn.Module) -> BlockAdapter:
     """The adapter of `model`'s family; a one-line error for anything unsupported."""
-    adapter = ADAPTERS.get(type(model).__name__)
+    adapter = ADAPTERS.get(family_name(model))
     if adapter is None or not hasattr(model, "transformer_blocks"):
         raise DitPruneError(
-            f"unsupported model: {type(model).__name__} (supported: {', '.join(ADAPTERS)})"
+            f"unsupported model: {type(model).__name__} (supported: {', '.join(ADAPTERS)}, "
+            f"and Transformer2DModel with norm_type ada_norm_zero or ada_norm_single)"
         )
     return adapter
