@@ -3,6 +3,8 @@ digits-features classifier that ships beside it."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -158,15 +160,32 @@ def test_training_is_deterministic_by_seed(digits64) -> None:
                                                  d.state_dict().values(), strict=True))
 
 
+# The same command gives bit-identical weights on one machine, but not on another CPU: float
+# kernels differ (vector width, summation order) and training amplifies the differences, so
+# the shipped weights fingerprint cannot be reproduced everywhere. The card is checked by its
+# metric instead. Held-out accuracy measured (797 images): 0.9887-0.9912 over training seeds
+# 0-4 and over ATEN_CPU_CAPABILITY=avx2 and =default; the card says 0.9912. The tolerance,
+# 0.01 (8 images), is four times that spread (2 images).
+FEATURES_ACCURACY_TOLERANCE = 0.01
+
+
 @pytest.mark.slow
 def test_train_command_reproduces_the_shipped_feature_net(tmp_path) -> None:
     from dit_prune.cli import main
 
-    out = tmp_path / "digits-features"
-    assert main(["train", "--model", "features", "--out", str(out)]) == 0
-    shipped = load_digits_features(default_checkpoints_dir() / "digits-features")
-    assert load_digits_features(out).fingerprint == shipped.fingerprint
-    assert (out / "MODEL_CARD.md").is_file()
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        assert main(["train", "--model", "features", "--out", str(out)]) == 0
+    first, second = (load_digits_features(out) for out in runs)
+    assert first.fingerprint == second.fingerprint  # same machine, same command: same weights
+    assert (runs[0] / "MODEL_CARD.md").is_file()
+    card = json.loads((default_checkpoints_dir() / "digits-features" / "config.json")
+                      .read_text())["metrics"]
+    split = digits_split()
+    heldout = accuracy(first.net, split.heldout_images, split.heldout_labels)
+    pool = accuracy(first.net, split.pool_images, split.pool_labels)
+    assert abs(heldout - card["heldout_accuracy"]) <= FEATURES_ACCURACY_TOLERANCE, heldout
+    assert pool >= card["pool_accuracy"] - FEATURES_ACCURACY_TOLERANCE, pool
 
 
 def test_train_command_rejects_dit_options_for_small_nets(tmp_path, capsys) -> None:

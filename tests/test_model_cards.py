@@ -14,6 +14,12 @@ from dit_prune.sampling import sample_images
 from tests.conftest import CHECKPOINTS
 
 SAMPLES = 200  # the cards use 1,000; a 200-sample rate has a ~±3-6 point 95% interval
+# Tolerances: seeds 0-199 are a subset of the card's 1,000, so a rate differs from the card's by
+# its subsampling error, SD <= sqrt(0.25 / 200 * (1 - 200/1000)) = 0.032 (0.08 is 2.5 SD at
+# worst, 6 SD at the memorized model's 0.95). Float kernels add nothing measurable: under
+# AVX-512 and ATEN_CPU_CAPABILITY=avx2 and =default the measured rates are identical (memorized:
+# 0.965 / 0.990 / 1.000 against the card's 0.950 / 0.978 / 1.000; generalized: 0 / 0 / 0.965
+# against 0 / 0.003 / 0.966), so the metrics, not the weights, carry the comparison.
 
 
 def _card_numbers(name: str) -> dict:
