@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dit_prune.errors import DitPruneError
-from dit_prune.legacy import LEGACY_CLASS, resolve_class_name, saved_config
+from dit_prune.legacy import LEGACY_CLASS, accepted_keys, resolve_class_name, saved_config
 from dit_prune.models import disable_block_label_dropout
 from dit_prune.structure import is_uniform, read_structure, resize_to_structure
 
@@ -145,12 +145,15 @@ def build_transformer(config: dict[str, Any]) -> nn.Module:
     structure = config.pop(STRUCTURE_KEY, None)
     if structure is not None:
         _check_structure(structure)
+    legacy = config.get("_class_name") == LEGACY_CLASS
     config["_class_name"] = resolve_class_name(config)  # legacy Transformer2DModel mapped
     if config["_class_name"] not in SUPPORTED_CLASSES:
         raise DitPruneError(f"the config {_describe(config)}, not a DiT "
                             f"(supported: {', '.join(SUPPORTED_CLASSES)})")
     cls = getattr(diffusers, config["_class_name"])
     clean = {k: v for k, v in config.items() if not k.startswith("_")}
+    if legacy:
+        clean = accepted_keys(clean, cls)
     try:
         model = cls.from_config(clean)
     except (TypeError, ValueError) as exc:

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,20 @@ def resolve_class_name(config: Mapping[str, Any]) -> Any:
     if name == LEGACY_CLASS:
         return legacy_target(config.get("norm_type")) or name
     return name
+
+
+def accepted_keys(config: Mapping[str, Any], cls: type) -> dict[str, Any]:
+    """The entries of `config` that `cls.__init__` takes: a legacy config's other keys
+    (`use_linear_projection`, `num_vector_embeds`, ...) mean nothing to the mapped class, and
+    diffusers ignores them too, with a warning this avoids.
+
+    Example:
+        >>> from diffusers import DiTTransformer2DModel
+        >>> accepted_keys({"num_layers": 2, "num_vector_embeds": None}, DiTTransformer2DModel)
+        {'num_layers': 2}
+    """
+    names = inspect.signature(cls.__init__).parameters
+    return {key: value for key, value in config.items() if key in names}
 
 
 def family_name(model: nn.Module) -> str:
@@ -72,12 +87,17 @@ def is_legacy(model: nn.Module) -> bool:
 def saved_config(model: nn.Module) -> dict[str, Any]:
     """`model.config` as a dict to write next to its weights, under the class it counts as.
 
-    For a legacy instance `_class_name` becomes the mapped class, and `_use_default_values` is
-    dropped: it lists keys that took `Transformer2DModel`'s defaults, and diffusers would fill
-    them with the mapped class's defaults instead (e.g. `attention_bias`).
+    For a legacy instance `_class_name` becomes the mapped class, only the keys that class
+    takes are kept, and `_use_default_values` is dropped: it lists keys that took
+    `Transformer2DModel`'s defaults, and diffusers would fill them with the mapped class's
+    defaults instead (e.g. `attention_bias`).
     """
     config = dict(model.config)
     if is_legacy(model):
-        config.pop("_use_default_values", None)
+        import diffusers
+
+        private = {k: v for k, v in config.items()
+                   if k.startswith("_") and k != "_use_default_values"}
+        config = {**private, **accepted_keys(config, getattr(diffusers, family_name(model)))}
     config["_class_name"] = family_name(model)
     return config
