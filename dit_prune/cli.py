@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dit-prune {args.command}: error: {where}{detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"dit-prune {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        kept = ("finished sample shards are kept: the same command resumes"
+                if args.command == "run" else "no partial output was kept")
+        print(f"dit-prune {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,8 +57,10 @@ class TrainConfig:
     probe_steps: int = 50
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise DitPruneError("steps and batch size must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.patch_size < 1:
+            raise DitPruneError("steps, batch size and patch size must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DitPruneError(f"learning rate must be a positive finite number, got {self.lr}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise DitPruneError(f"label dropout must lie in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -27,7 +27,7 @@ from dit_prune.commands.common import (
     pick_device,
     staged_output,
 )
-from dit_prune.data import digits_split, load_image_folder
+from dit_prune.data import check_fits_model, digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
 from dit_prune.scorers import (
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_dit(args.checkpoint)
     check_scorer_timesteps(scorer, loaded.scheduler)
     units = enumerate_units(loaded.model, kinds)
-    data, data_meta = calibration_data(args, loaded.meta.extra)
+    data, data_meta = calibration_data(args, loaded.meta.extra, loaded.model)
     started = time.perf_counter()
     result = scorer.compute(loaded.model, units, data, loaded.scheduler)
     seconds = time.perf_counter() - started
@@ -130,14 +130,17 @@ def _kinds(text: str | None, scorer: Any) -> tuple[str, ...]:
     return kinds
 
 
-def calibration_data(args: argparse.Namespace,
-                     meta: dict[str, Any]) -> tuple[CalibrationData, dict[str, Any]]:
+def calibration_data(args: argparse.Namespace, meta: dict[str, Any],
+                     model: Any = None) -> tuple[CalibrationData, dict[str, Any]]:
     """Training images from --train-data or the checkpoint's recorded digits subset; held-out
-    images from --heldout-data or the digits held-out set."""
+    images from --heldout-data or the digits held-out set. With `model`, a folder that does not
+    fit it is refused in one line naming the folder."""
     split = digits_split() if args.train_data is None or args.heldout_data is None else None
     if args.train_data is not None:
         folder = load_image_folder(args.train_data)
         train_images, train_labels = folder.images, folder.labels
+        if model is not None:
+            check_fits_model(train_images, train_labels, model, f"image folder {args.train_data}")
         train_meta: dict[str, Any] = {"train": str(args.train_data)}
     else:
         indices = (meta.get("data") or {}).get("pool_indices")
@@ -155,6 +158,9 @@ def calibration_data(args: argparse.Namespace,
     if args.heldout_data is not None:
         folder = load_image_folder(args.heldout_data)
         held_images, held_labels = folder.images, folder.labels
+        if model is not None:
+            check_fits_model(held_images, held_labels, model,
+                             f"image folder {args.heldout_data}")
         train_meta["heldout"] = str(args.heldout_data)
     else:
         held_images, held_labels = split.heldout_images, split.heldout_labels
