@@ -270,3 +270,24 @@ def test_prune_cli_on_a_hub_layout_dit_pipeline(tmp_path, capsys):
     with ablate(base, removed):
         torch.testing.assert_close(forward(pruned, data), forward(base, data), atol=1e-4,
                                    rtol=0)
+
+
+def test_legacy_transformer_in_a_pipeline_prunes_saves_and_reloads(tmp_path):
+    from dit_prune.pipelines import prune_pipeline
+    from dit_prune.pipelines.io import load_pruned_pipeline, save_pipeline
+
+    legacy = build("dit-legacy", 0)
+    pipe = diffusers.DiTPipeline(transformer=legacy, vae=tiny_vae(latent_channels=2),
+                                 scheduler=diffusers.DDIMScheduler())
+    pruned = prune_pipeline(pipe, [Unit("head", 0, 1), Unit("neuron", 1, 3)])
+    assert pruned.transformer.transformer_blocks[0].attn1.heads == HEADS - 1
+    assert pipe.transformer.transformer_blocks[0].attn1.heads == HEADS  # the input is untouched
+    save_pipeline(pruned, tmp_path / "pipe")
+    back = load_pruned_pipeline(tmp_path / "pipe")
+    assert type(back.transformer).__name__ == "DiTTransformer2DModel"
+
+    def sample(p):
+        return p(class_labels=[1], num_inference_steps=2, guidance_scale=1.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    assert (sample(pruned) == sample(back)).all()
