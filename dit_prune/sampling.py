@@ -97,11 +97,12 @@ scheduler's training steps), got 0
     return fresh
 
 
-def check_steps(steps: Any, scheduler: Any) -> None:
-    """Raise a one-line error unless 1 <= steps <= the scheduler's training steps (an int)."""
+def check_steps(steps: Any, scheduler: Any, name: str = "sampling steps") -> None:
+    """Raise a one-line error unless 1 <= steps <= the scheduler's training steps (an int);
+    `name` is what the message calls the value (e.g. the option `--steps`)."""
     limit = int(scheduler.config.num_train_timesteps)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
-        raise DitPruneError(f"sampling steps must be an integer in [1, {limit}] (the scheduler's "
+        raise DitPruneError(f"{name} must be an integer in [1, {limit}] (the scheduler's "
                             f"training steps), got {steps!r}")
 
 

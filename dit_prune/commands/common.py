@@ -195,11 +195,10 @@ def check_cache_dir(path: str | None, flag: str) -> Path | None:
 
 
 def check_sampling_steps(steps: int, scheduler: Any) -> None:
-    """Refuse sampling steps outside [1, the scheduler's training steps]."""
-    limit = int(scheduler.config.num_train_timesteps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= limit:
-        raise DitPruneError(f"--steps must lie in [1, {limit}] (the scheduler's training "
-                            f"steps), got {steps}")
+    """Refuse sampling steps outside [1, the scheduler's training steps], naming `--steps`."""
+    from dit_prune.sampling import check_steps
+
+    check_steps(steps, scheduler, "--steps")
 
 
 def check_scorer_timesteps(scorer: Any, scheduler: Any) -> None:
