@@ -33,6 +33,8 @@ from dit_prune.scorers.calibration import CalibrationData
 from dit_prune.scorers.condgap import CondGap
 from dit_prune.scorers.contrast import ActivationContrast
 from dit_prune.scorers.io import SavedScores, load_scores, save_scores, scoring_code_fingerprint
+from dit_prune.scorers.iterative import Iterative
+from dit_prune.scorers.learned_gates import LearnedGates
 from dit_prune.scorers.normalize import NORMALIZATIONS, normalize_scores
 from dit_prune.scorers.options import ScorerOptions, TimestepDistribution
 from dit_prune.scorers.sensitivity import Sensitivity
@@ -47,7 +49,7 @@ __all__ = [
 SCORERS: MappingProxyType[str, type[Scorer]] = MappingProxyType({
     cls.name: cls
     for cls in (TaylorGap, AblationGap, ActivationContrast, CondGap, Ye2025, Sensitivity,
-                Magnitude, Random)
+                Magnitude, Random, LearnedGates, Iterative)
 })
 SHARED_OPTIONS = tuple(f.name for f in fields(ScorerOptions))
 
