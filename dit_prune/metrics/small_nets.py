@@ -1,8 +1,8 @@
 """Train, measure and save the two small evaluation networks of the embedded digits default.
 
-`dit-prune train --model features|copydetect --out DIR` calls these: same seed, same weights
-(one thread, seeded generators), and a MODEL_CARD.md with the command, seed, training time
-and the metrics measured right after training.
+`dit-prune train --model features|copydetect --out DIR` calls these: same seed, same weights on
+one machine (one thread, seeded generators), and a MODEL_CARD.md with the command, seed,
+training time and the metrics measured right after training.
 
 Example:
     $ dit-prune train --model features --out checkpoints/digits-features
@@ -153,7 +153,9 @@ penultimate features define `FD_digitsnet` (Fréchet distance), precision and re
 give class agreement.
 
 - Command: `{command}`
-- Seed: {config.seed} (one thread, seeded generators: the same command gives the same weights)
+- Seed: {config.seed} (one thread, seeded generators: the same command gives the same weights
+  on one machine; other CPUs' float kernels give a net whose metrics agree within the tests'
+  tolerance)
 - Weights fingerprint: `{fingerprint}`
 - Data: the 1,000-image digits pool (`digits_split()`, seed 0), all of it, with ±1 px shifts
 - Training: {config.epochs} epochs, batch {config.batch_size}, AdamW lr {config.lr} (one-cycle),
@@ -191,7 +193,9 @@ cosine similarity to its nearest training image is at least tau, with tau calibr
 least 99% of held-out real digits fall strictly below it, against the same training set.
 
 - Command: `{command}`
-- Seed: {config.seed} (one thread, seeded generators: the same command gives the same weights)
+- Seed: {config.seed} (one thread, seeded generators: the same command gives the same weights
+  on one machine; other CPUs' float kernels give a net whose metrics agree within the tests'
+  tolerance)
 - Weights fingerprint: `{fingerprint}`
 - Data: the whole 1,000-image digits pool (`digits_split()`, seed 0), training images of the
   digits DiTs included
