@@ -19,11 +19,17 @@ from dit_prune.legacy import family_name
 CAPTION_TOKENS = 4  # length of the dummy caption for text-conditioned models
 
 
-def example_inputs(model: nn.Module, batch: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Keyword inputs for `model(**inputs)`: (batch, C, H, W) noise, a timestep, a condition."""
+def example_inputs(
+    model: nn.Module, batch: int = 1, seed: int = 0, side: int | None = None
+) -> dict[str, Any]:
+    """Keyword inputs for `model(**inputs)`: (batch, C, H, W) noise, a timestep, a condition.
+
+    `side` is H = W (default the model's `sample_size`; diffusers recomputes the position
+    embedding for other multiples of the patch size).
+    """
     param = next(model.parameters())
     config = model.config
-    size = int(config.sample_size)
+    size = int(config.sample_size) if side is None else int(side)
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch, int(config.in_channels), size, size, generator=gen)  # (B, C, H, W)
     inputs: dict[str, Any] = {
@@ -37,6 +43,11 @@ def example_inputs(model: nn.Module, batch: int = 1, seed: int = 0) -> dict[str,
     else:
         inputs["class_labels"] = torch.zeros(batch, dtype=torch.long, device=param.device)  # (B,)
     return inputs
+
+
+def check_side(model: nn.Module) -> int:
+    """A small input side for cheap checks: 2 x 2 patches (or the sample size when smaller)."""
+    return min(int(model.config.sample_size), 2 * int(model.config.patch_size or 1))
 
 
 def caption_channels(model: nn.Module) -> int:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from dit_prune.errors import DitPruneError
 from dit_prune.hooks import ablate
 from dit_prune.legacy import family_name
-from dit_prune.pruning.inputs import example_inputs, forward_sample
+from dit_prune.pruning.inputs import check_side, example_inputs, forward_sample
 from dit_prune.pruning.safety import LayerSnapshot, check_forward
 from dit_prune.structure import fix_attention_bookkeeping, read_structure
 from dit_prune.units import NEURON, BlockAdapter, Unit, adapter_for, group_units
@@ -148,9 +148,9 @@ def _prune_checked(
     snapshot = LayerSnapshot.take(adapter, adapter.blocks(model), sorted(grouped))
     model.eval()  # tracing and the forward check need eval mode (no dropout)
     try:
-        inputs = example_inputs(model)
+        inputs = example_inputs(model, side=check_side(model))  # 2 x 2 patches: cheap
         with torch.no_grad(), ablate(model, units):
-            reference = forward_sample(model, inputs)  # (1, C_out, H, W)
+            reference = forward_sample(model, inputs)  # (1, C_out, h, w)
         model.requires_grad_(True)  # tracing follows autograd
         _prune_groups(model, adapter, grouped, progress)
         removed = before - count_parameters(model)
@@ -158,7 +158,7 @@ def _prune_checked(
             raise DitPruneError(f"structural pruning removed {removed} parameters, expected "
                                 f"{expected}; the model was left unchanged")
         with torch.no_grad():
-            pruned = forward_sample(model, inputs)  # (1, C_out, H, W)
+            pruned = forward_sample(model, inputs)  # (1, C_out, h, w)
         check_forward(pruned, reference, f"{len(units)} units")
     except BaseException:
         snapshot.restore()
