@@ -51,6 +51,11 @@ def extra_images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def constructed() -> Constructed:
+    return build_constructed()
+
+
+def build_constructed() -> Constructed:
+    """The planted head P and its 2% stand-in Q (module docstring)."""
     base, scheduler, meta = load_dit(CHECKPOINTS / "digits-memorized")
     split = digits_split()
     used = set(meta.extra["data"]["pool_indices"])
