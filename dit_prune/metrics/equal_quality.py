@@ -1,13 +1,15 @@
-"""Random pruning judged at equal quality: random's copy rate at the scorer's FD.
+"""Random pruning judged at equal quality: the copy rate random pruning reaches at the scorer's FD.
 
 Budget is not cost; quality is. For each random seed r, random pruning at increasing budgets
-traces a path (FD, copy rate) that starts at the unpruned model. Its copy rate at a given FD f,
-c_r(f), is read off that path by linear interpolation in FD, after making FD non-decreasing
-along the budgets (running maximum: a random model that is better than a smaller-budget one
-does not move the path back); outside the path's FD range the nearest end is used and the
-comparison is marked `clamped`. Random's rate at f is the mean of c_r(f) over the seeds, with a
-Student-t 95% interval over seeds (n - 1 degrees of freedom), so it carries both the sampling
-noise of each model and the spread between random draws.
+traces a path in (FD, copy rate): a polyline from the unpruned model through the random models in
+budget order (a point on a segment stands for pruning between two budgets). Random's copy rate
+at quality f, c_r(f), is the lowest copy rate on that path among the points whose FD is at most
+f: random pruning at equal *or better* quality, which gives random its best case. When f is
+below the FD of every vertex (the scorer's samples are better than the unpruned model's and
+every random model's), the vertex with the lowest FD is used and the comparison is marked
+`clamped`. Random's rate at f is the mean of c_r(f) over the random seeds, with a Student-t 95%
+interval over seeds (n - 1 degrees of freedom), so it carries both the sampling noise of each
+model and the spread between random draws.
 
 The rule ("beats random at equal quality"): the scorer's copy-rate interval lies entirely below
 random's interval at the scorer's FD. The copy-cut ratio compares how far each moved from the
@@ -74,10 +76,11 @@ def random_at_fd(points: Sequence[RandomPoint], unpruned_fd: float, unpruned_rat
     per_seed, clamped = [], False
     for seed in sorted({p.seed for p in points}):
         path = sorted((p for p in points if p.seed == seed), key=lambda p: p.budget)
-        fds = np.maximum.accumulate([unpruned_fd] + [p.fd for p in path])  # (B+1,)
+        fds = np.array([unpruned_fd] + [p.fd for p in path])  # (B+1,)
         rates = np.array([unpruned_rate] + [p.copy_rate for p in path])  # (B+1,)
-        clamped |= not fds[0] <= fd <= fds[-1]
-        per_seed.append(float(_interp_first_crossing(fd, fds, rates)))
+        best, below = lowest_rate_within(fd, fds, rates)
+        clamped |= not below
+        per_seed.append(best)
     values = np.array(per_seed)
     mean = float(values.mean())
     if len(values) > 1:
@@ -87,18 +90,24 @@ def random_at_fd(points: Sequence[RandomPoint], unpruned_fd: float, unpruned_rat
     return EqualQuality(float(fd), mean, (mean - half, mean + half), tuple(per_seed), clamped)
 
 
-def _interp_first_crossing(x: float, xs: np.ndarray, ys: np.ndarray) -> float:
-    """ys at x along a path with non-decreasing xs (flat stretches: the first point reached)."""
-    if x <= xs[0]:
-        return float(ys[0])
-    if x >= xs[-1]:
-        return float(ys[int(np.argmax(xs >= xs[-1]))])
-    hi = int(np.argmax(xs >= x))  # first index with xs >= x (> 0 here)
-    lo = hi - 1
-    if xs[hi] == xs[lo]:
-        return float(ys[lo])
-    w = (x - xs[lo]) / (xs[hi] - xs[lo])
-    return float(ys[lo] + w * (ys[hi] - ys[lo]))
+def lowest_rate_within(fd: float, fds: np.ndarray, rates: np.ndarray) -> tuple[float, bool]:
+    """Lowest rate on the polyline through (fds[i], rates[i]) among its points with FD <= fd.
+
+    Returns (rate, True); when no vertex has FD <= fd, (rate of the lowest-FD vertex, False).
+
+    Example:
+        >>> lowest_rate_within(12.0, np.array([10.0, 14.0]), np.array([0.3, 0.1]))
+        (0.2, True)
+    """
+    if not (fds <= fd).any():
+        return float(rates[int(np.argmin(fds))]), False
+    best = float(rates[fds <= fd].min())  # vertices within the FD bound
+    for i in range(len(fds) - 1):  # segments that cross the bound: the point where FD = fd
+        lo, hi = fds[i], fds[i + 1]
+        if min(lo, hi) < fd < max(lo, hi):
+            w = (fd - lo) / (hi - lo)
+            best = min(best, float(rates[i] + w * (rates[i + 1] - rates[i])))
+    return best, True
 
 
 def beats_random(scorer_interval: Sequence[float], random: EqualQuality) -> bool:
