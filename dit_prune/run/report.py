@@ -135,14 +135,15 @@ def _cell(metrics: dict[str, Any] | None, key: str) -> str:
 
 
 def verdict_sentence(report: dict[str, Any]) -> str:
-    budget = f"{fmt_budget(report['budget'])} of {report['budget_mode']}"
     removed = ", ".join(f"{n} {k}s" for k, n in report["units_removed"].items())
+    budget = removed if report["budget"] >= 1 else \
+        f"{fmt_budget(report['budget'])} of {report['budget_mode']} ({removed})"
     if report["verdict"] == "mitigated":
         what = "memorization was **mitigated**: both measures fell below the noise control " \
                "and the quality guards held"
     else:
         what = f"**not mitigated** ({report['verdict']})"
-    return (f"Pruning {budget} ({removed}) chosen by `{report['scorer']}`: {what}. "
+    return (f"Pruning {budget} chosen by `{report['scorer']}`: {what}. "
             f"Random units at the same budget: {report['random_verdict']}. "
             + equal_quality_sentence(report, report["equal_quality"], report["fd_change"]))
 
