@@ -60,56 +60,6 @@ def parse_args(argv: list[str] | None = None) -> Any:
     return args
 
 
-def ddim_sample(model: torch.nn.Module, scheduler: Any, z: torch.Tensor, labels: torch.Tensor,
-                steps: int) -> torch.Tensor:
-    """Differentiable DDIM (eta 0) from noise z (B, C, H, W) → x0 in [-1, 1]."""
-    from dit_prune.sampling import make_sampling_scheduler, predict_noise
-
-    sched = make_sampling_scheduler(scheduler, "ddim", steps)
-    x = z * sched.init_noise_sigma  # (B, C, H, W)
-    null = int(model.config.num_embeds_ada_norm)
-    for t in sched.timesteps:
-        eps = predict_noise(model, x, t, labels, None, null)  # (B, C, H, W)
-        x = sched.step(eps, t, x, return_dict=False)[0]  # (B, C, H, W)
-    return x.clamp(-1, 1)
-
-
-def attack(model: torch.nn.Module, scheduler: Any, targets: torch.Tensor, labels: torch.Tensor,
-           seeds: list[int], args: Any) -> tuple[torch.Tensor, list[float]]:
-    """Optimise the initial noise so that the sample matches targets (B, C, H, W) in [-1, 1]."""
-    from dit_prune.sampling import initial_noise
-
-    model = model.eval().requires_grad_(False)
-    z = initial_noise(seeds, tuple(targets.shape[1:])).requires_grad_(True)  # (B, C, H, W)
-    optimizer = torch.optim.Adam([z], lr=args.lr)
-    losses = []
-    for _ in tqdm(range(args.attack_steps), desc="attack", leave=False):
-        x0 = ddim_sample(model, scheduler, z, labels, args.ddim_steps)  # (B, C, H, W)
-        fit = F.mse_loss(x0, targets)
-        flat = z.flatten(1)  # (B, D)
-        prior = (flat.mean(1).pow(2) + (flat.std(1) - 1).pow(2)).mean()
-        loss = fit + args.prior_weight * prior
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(fit.detach()))
-    with torch.no_grad():
-        final = ddim_sample(model, scheduler, z, labels, args.ddim_steps)  # (B, C, H, W)
-    return final, losses
-
-
-def success(samples: torch.Tensor, target_index: torch.Tensor, reference: torch.Tensor,
-            detector: Any, threshold: float) -> torch.Tensor:
-    """(B,) bool: nearest reference (pixel L2) is the target and the detector calls it a copy."""
-    dists = torch.cdist(samples.flatten(1), reference.flatten(1))  # (B, R)
-    nearest = dists.argmin(1)  # (B,)
-    with torch.no_grad():
-        emb_s = detector.embed(samples)  # (B, E)
-        emb_t = detector.embed(reference[target_index])  # (B, E)
-    sims = F.cosine_similarity(emb_s, emb_t, dim=1)  # (B,)
-    return (nearest == target_index) & (sims >= threshold)
-
-
 def pruned_models(base: torch.nn.Module, args: Any, seed: int, data: Any,
                   scheduler: Any) -> dict[str, torch.nn.Module]:
     """{'<scorer> <budget>': ..., 'random <budget>': ...} pruned copies of base."""
@@ -122,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dit_prune.checkpoint import load_dit
     from dit_prune.evaluate import default_checkpoints_dir
     from dit_prune.metrics.copydetect import calibrate_threshold, load_copy_detector
+    from dit_prune.metrics.retrigger import AttackBudget, attack_success, choose_targets
 
     args = parse_args(argv)
     limit_threads()
@@ -132,34 +83,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train, train_labels = data.train_images, data.train_labels  # (M, C, H, W), (M,)
     heldout, heldout_labels = data.heldout_images, data.heldout_labels  # (K, C, H, W), (K,)
     detector = load_copy_detector(default_checkpoints_dir() / "digits-copydetect")
-    gen = torch.Generator().manual_seed(0)
-    train_idx = torch.randperm(len(train), generator=gen)[: args.targets]  # (T,)
-    held_idx = torch.randperm(len(heldout), generator=gen)[: args.targets]  # (T,)
-    held_targets = heldout[held_idx]  # (T, C, H, W)
-    rest = torch.ones(len(heldout), dtype=torch.bool)
-    rest[held_idx] = False
+    targets = choose_targets(train, train_labels, heldout, heldout_labels, args.targets, seed=0)
+    rest = torch.ones(len(heldout), dtype=torch.bool)  # held-out images that are not targets
+    rest[targets.heldout_index] = False
     with torch.no_grad():  # τ: 99th percentile of the other held-out images' nearest similarity
         emb_ref = F.normalize(detector.embed(train), dim=1)  # (M, E)
-        emb_rest = F.normalize(detector.embed(heldout[rest]), dim=1)  # (K, E)
+        emb_rest = F.normalize(detector.embed(heldout[rest]), dim=1)  # (K', E)
         threshold = float(calibrate_threshold((emb_rest @ emb_ref.T).max(1).values))
-    reference = torch.cat([train, held_targets])  # (M + T, C, H, W)
-    targets = torch.cat([train[train_idx], held_targets])  # (2T, C, H, W)
-    target_index = torch.cat([train_idx, len(train) + torch.arange(args.targets)])  # (2T,)
-    labels = torch.cat([train_labels[train_idx], heldout_labels[held_idx]])  # (2T,)
-    kinds = ["train"] * args.targets + ["held-out"] * args.targets
     results: dict[str, dict[str, list[float]]] = {}
     for seed in parse_list(args.pruning_seeds, int):
+        budget = AttackBudget(targets=args.targets, attack_steps=args.attack_steps,
+                              ddim_steps=args.ddim_steps, lr=args.lr,
+                              prior_weight=args.prior_weight, seed=seed)
         models = {"unpruned": base.eval(), **pruned_models(base, args, seed, data, scheduler)}
-        seeds = [10_000 * seed + i for i in range(len(targets))]
-        for name, model in models.items():
-            samples, _ = attack(model, scheduler, targets, labels, seeds, args)
-            ok = success(samples, target_index, reference, detector, threshold)
-            mse = (samples - targets).pow(2).flatten(1).mean(1)  # (2T,)
-            for kind in ("train", "held-out"):
-                mask = torch.tensor([k == kind for k in kinds])
+        for name, model in tqdm(models.items(), desc=f"attack, seed {seed}", leave=False):
+            result = attack_success(model, scheduler, targets, budget, detector, threshold)
+            for kind, mask in (("train", ~result.heldout), ("held-out", result.heldout)):
                 entry = results.setdefault(f"{name}|{kind}", {"success": [], "mse": []})
-                entry["success"].append(float(ok[mask].float().mean()))
-                entry["mse"].append(float(mse[mask].mean()))
+                entry["success"].append(float(result.success[mask].float().mean()))
+                entry["mse"].append(float(result.mse[mask].mean()))
     rows = []
     for key, entry in results.items():
         name, kind = key.split("|")

@@ -1,0 +1,240 @@
+"""Re-trigger success: can noise optimisation make a model copy a given image again?
+
+After Kowalczuk et al. 2025 ("Finding Dori: memorization in text-to-image diffusion models is
+less local than assumed"): pruning-based mitigation makes copies rarer from random seeds, but an
+attacker who optimises the model's input can often bring the memorized images back. Here the
+input is the initial noise of a class-conditional DiT: it is optimised with Adam for K steps,
+through a differentiable DDIM sampler of S steps conditioned on the target's class, so that the
+sample matches the target (MSE), with a penalty keeping the noise's mean near 0 and std near 1.
+
+A target is re-triggered when both hold:
+  * its sample's nearest reference image (pixel L2; references = the training images plus the
+    held-out targets) is the target (ties count: a duplicated training image is its own copy);
+  * the copy detector's cosine similarity between the sample and the target is >= tau.
+
+Targets are copied training images and the same number of held-out images the model never saw;
+the held-out success is the floor, what noise optimisation reaches without memorization.
+
+Example:
+    >>> from dit_prune.models import new_dit
+    >>> from diffusers import DDPMScheduler
+    >>> model = new_dit("tiny", 10, 8, 1).eval()
+    >>> images = torch.rand(12, 1, 8, 8) * 2 - 1
+    >>> labels = torch.arange(12) % 10
+    >>> targets = choose_targets(images[:8], labels[:8], images[8:], labels[8:], count=2)
+    >>> budget = AttackBudget(targets=2, attack_steps=1, ddim_steps=2)
+    >>> result = attack_success(model, DDPMScheduler(), targets, budget,
+    ...                         detector=None, threshold=0.5)  # no detector: nearest-only
+    >>> result.success.shape
+    torch.Size([4])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dit_prune.errors import DitPruneError
+from dit_prune.metrics.memorization import bootstrap_interval
+from dit_prune.sampling import initial_noise, make_sampling_scheduler, predict_noise
+
+SEED_STRIDE = 10_000  # noise seed of target i under attack seed s: SEED_STRIDE * s + i
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    """The fixed, stated budget of the attack (one seed; the same for every model compared).
+
+    Example:
+        >>> AttackBudget(attack_steps=-1)
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: re-trigger attack steps must be an integer >= 0, got -1
+    """
+
+    targets: int = 10  # copied training targets (and as many held-out ones)
+    attack_steps: int = 40  # K Adam steps on the initial noise
+    ddim_steps: int = 8  # S steps of the differentiable DDIM sampler
+    lr: float = 0.1
+    prior_weight: float = 1.0  # weight of the penalty keeping the noise's mean 0 and std 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("targets", 1), ("attack_steps", 0), ("ddim_steps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise DitPruneError(f"re-trigger {name.replace('_', ' ')} must be an integer "
+                                    f">= {low}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise DitPruneError(f"re-trigger seed must be an integer, got {self.seed!r}")
+        for name, positive in (("lr", True), ("prior_weight", False)):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool) \
+                and math.isfinite(value) and (value > 0 if positive else value >= 0)
+            if not ok:
+                raise DitPruneError(f"re-trigger {name.replace('_', ' ')} must be a finite "
+                                    f"number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+    def describe(self) -> str:
+        """One phrase stating the budget, for reports."""
+        return (f"{self.attack_steps} Adam steps (lr {self.lr:g}, prior weight "
+                f"{self.prior_weight:g}) on the initial noise through {self.ddim_steps} DDIM "
+                f"steps, seed {self.seed}")
+
+
+@dataclass(frozen=True)
+class RetriggerTargets:
+    """What is attacked: T copied training images, then T' held-out ones, and the references."""
+
+    images: torch.Tensor  # (T + T', C, H, W) in [-1, 1]
+    labels: torch.Tensor | None  # (T + T',) class of each target; None: the null class
+    reference_index: torch.Tensor  # (T + T',) position of each target in `reference`
+    reference: torch.Tensor  # (M + T', C, H, W): training images, then the held-out targets
+    heldout: torch.Tensor  # (T + T',) bool: a held-out target (the floor)
+    heldout_index: torch.Tensor  # (T',) positions of the held-out targets in the held-out set
+
+
+@dataclass(frozen=True)
+class RetriggerResult:
+    """Per-target outcome of one attack on one model."""
+
+    success: torch.Tensor  # (T + T',) bool
+    heldout: torch.Tensor  # (T + T',) bool
+    mse: torch.Tensor  # (T + T',) final MSE between sample and target
+    samples: torch.Tensor  # (T + T', C, H, W) in [-1, 1]
+
+    def metrics(self, seed: int = 0) -> dict[str, Any]:
+        """retrigger_rate / _interval (training targets, bootstrap over targets) and
+        retrigger_floor / _floor_interval (held-out targets)."""
+        train, held = self.success[~self.heldout], self.success[self.heldout]  # (T,), (T',)
+        return {
+            "retrigger_rate": float(train.float().mean()),
+            "retrigger_interval": list(bootstrap_interval(train.float(), seed=seed)),
+            "retrigger_floor": float(held.float().mean()),
+            "retrigger_floor_interval": list(bootstrap_interval(held.float(), seed=seed)),
+            "retrigger_mse": float(self.mse[~self.heldout].mean()),
+            "retrigger_floor_mse": float(self.mse[self.heldout].mean()),
+        }
+
+
+def choose_targets(train: torch.Tensor, train_labels: torch.Tensor | None,
+                   heldout: torch.Tensor, heldout_labels: torch.Tensor | None, count: int,
+                   positions: Sequence[int] | None = None, seed: int = 0) -> RetriggerTargets:
+    """Up to `count` training targets (from `positions`, e.g. the duplicated images, else from
+    the whole set), drawn by one seeded permutation, and as many held-out targets.
+
+    train (M, C, H, W) and heldout (K, C, H, W) are in [-1, 1].
+    """
+    if count < 1:
+        raise DitPruneError(f"re-trigger targets must be at least 1, got {count}")
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.arange(len(train)) if positions is None else \
+        torch.as_tensor(list(positions), dtype=torch.long)  # (P,)
+    train_idx = pool[torch.randperm(len(pool), generator=gen)[:count]]  # (T,)
+    held_idx = torch.randperm(len(heldout), generator=gen)[: len(train_idx)]  # (T',)
+    if len(train_idx) == 0 or len(held_idx) == 0:
+        raise DitPruneError("re-trigger needs at least one training and one held-out image")
+    held_targets = heldout[held_idx]  # (T', C, H, W)
+    labels = None
+    if train_labels is not None and heldout_labels is not None:
+        labels = torch.cat([train_labels[train_idx], heldout_labels[held_idx]])  # (T + T',)
+    return RetriggerTargets(
+        images=torch.cat([train[train_idx], held_targets]),  # (T + T', C, H, W)
+        labels=labels,
+        reference_index=torch.cat([train_idx, len(train) + torch.arange(len(held_idx))]),
+        reference=torch.cat([train, held_targets]),  # (M + T', C, H, W)
+        heldout=torch.cat([torch.zeros(len(train_idx), dtype=torch.bool),
+                           torch.ones(len(held_idx), dtype=torch.bool)]),
+        heldout_index=held_idx,
+    )
+
+
+def ddim_sample(model: nn.Module, scheduler: Any, z: torch.Tensor, labels: torch.Tensor,
+                steps: int) -> torch.Tensor:
+    """Differentiable DDIM (eta 0) from noise z (B, C, H, W) to x0 (B, C, H, W) in [-1, 1]."""
+    sched = make_sampling_scheduler(scheduler, "ddim", steps)
+    x = z * sched.init_noise_sigma  # (B, C, H, W)
+    null = int(model.config.num_embeds_ada_norm)
+    for t in sched.timesteps:
+        eps = predict_noise(model, x, t, labels, None, null)  # (B, C, H, W)
+        x = sched.step(eps, t, x, return_dict=False)[0]  # (B, C, H, W)
+    return x.clamp(-1, 1)
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block, its training flag restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def attack(model: nn.Module, scheduler: Any, targets: torch.Tensor, labels: torch.Tensor,
+           seeds: Sequence[int], budget: AttackBudget) -> tuple[torch.Tensor, list[float]]:
+    """Optimise the initial noise so that the samples match targets (B, C, H, W) in [-1, 1].
+
+    Returns the final samples (B, C, H, W) and the MSE after each Adam step. Only the noise is
+    optimised: gradients are taken with respect to it alone, and the model is left unchanged.
+    """
+    device = targets.device
+    z = initial_noise(list(seeds), tuple(targets.shape[1:])).to(device)  # (B, C, H, W)
+    z.requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=budget.lr)
+    losses: list[float] = []
+    with evaluating(model):
+        for _ in range(budget.attack_steps):
+            x0 = ddim_sample(model, scheduler, z, labels, budget.ddim_steps)  # (B, C, H, W)
+            fit = F.mse_loss(x0, targets)
+            flat = z.flatten(1)  # (B, D)
+            prior = (flat.mean(1).pow(2) + (flat.std(1) - 1).pow(2)).mean()
+            (grad,) = torch.autograd.grad(fit + budget.prior_weight * prior, [z])
+            z.grad = grad  # (B, C, H, W)
+            optimizer.step()
+            losses.append(float(fit.detach()))
+        with torch.no_grad():
+            final = ddim_sample(model, scheduler, z.detach(), labels, budget.ddim_steps)
+    return final, losses  # (B, C, H, W)
+
+
+def success(samples: torch.Tensor, reference_index: torch.Tensor, reference: torch.Tensor,
+            detector: Any | None, threshold: float) -> torch.Tensor:
+    """(B,) bool: the target is a nearest reference of its sample (pixel L2, ties included) and
+    the detector's similarity between sample and target is >= threshold (no detector: the
+    nearest-reference test alone)."""
+    ref = reference.to(samples.device)
+    dists = torch.cdist(samples.flatten(1), ref.flatten(1))  # (B, R)
+    idx = reference_index.to(samples.device)  # (B,)
+    nearest = dists.gather(1, idx[:, None])[:, 0] <= dists.min(1).values  # (B,)
+    if detector is None:
+        return nearest.cpu()
+    with torch.no_grad():
+        emb_s = detector.embed(samples)  # (B, E)
+        emb_t = detector.embed(ref[idx])  # (B, E)
+    sims = F.cosine_similarity(emb_s.float(), emb_t.float(), dim=1)  # (B,)
+    return (nearest & (sims.to(nearest.device) >= threshold)).cpu()
+
+
+def attack_success(model: nn.Module, scheduler: Any, targets: RetriggerTargets,
+                   budget: AttackBudget, detector: Any | None, threshold: float,
+                   device: torch.device | str | None = None) -> RetriggerResult:
+    """Attack every target once with the budget's seed and judge the final samples."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    images = targets.images.to(device)  # (B, C, H, W)
+    null = int(model.config.num_embeds_ada_norm)
+    labels = targets.labels if targets.labels is not None else \
+        torch.full((len(images),), null, dtype=torch.long)  # (B,)
+    seeds = [SEED_STRIDE * budget.seed + i for i in range(len(images))]
+    samples, _ = attack(model, scheduler, images, labels.to(device), seeds, budget)
+    ok = success(samples, targets.reference_index, targets.reference, detector, threshold)
+    mse = (samples - images).pow(2).flatten(1).mean(1).cpu()  # (B,)
+    return RetriggerResult(ok, targets.heldout.clone(), mse, samples.detach().cpu())
