@@ -197,15 +197,22 @@ def nearest_cosine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Highest cosine similarity (N,) of unit vectors `queries` (N, E) to `refs` (M, E), and index.
 
-    Chunked over queries so one similarity block holds at most `chunk_elements` entries.
+    Chunked over queries so one similarity block holds at most `chunk_elements` entries. The
+    matmul picks the two best candidates; their similarities are recomputed directly,
+    `(q * r).sum()`, and the higher wins (ties: the lower index), so the result does not depend
+    on block shapes (`dit_prune.store.search.store_nearest_cosine` gives the same bits).
     """
     rows = max(1, chunk_elements // max(1, len(refs)))
+    k = min(2, len(refs))
     sims, idx = [], []
     for i in range(0, len(queries), rows):
-        block = queries[i : i + rows] @ refs.T  # (r, M)
-        best = block.max(dim=1)
-        sims.append(best.values)
-        idx.append(best.indices)
+        block = queries[i : i + rows]  # (r, E)
+        cand = (block @ refs.T).topk(k, dim=1).indices  # (r, k)
+        exact = torch.stack([(block * refs[cand[:, j]]).sum(dim=1) for j in range(k)], 1)
+        second = (exact[:, -1] > exact[:, 0]) | (
+            (exact[:, -1] == exact[:, 0]) & (cand[:, -1] < cand[:, 0]))  # (r,)
+        sims.append(torch.where(second, exact[:, -1], exact[:, 0]))
+        idx.append(torch.where(second, cand[:, -1], cand[:, 0]))
     return torch.cat(sims), torch.cat(idx)
 
 

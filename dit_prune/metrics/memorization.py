@@ -115,7 +115,9 @@ def nearest_two(
             [(block - flat_t[run_i[:, k].to(flat_t.device)].to(device)).norm(dim=1)
              for k in range(2)], 1
         )  # (r, 2) direct L2 distances of the two candidates
-        swap = exact[:, 1] < exact[:, 0]  # (r,) rounding may have swapped a near-tie
+        swap = (exact[:, 1] < exact[:, 0]) | (
+            (exact[:, 1] == exact[:, 0]) & (run_i[:, 1] < run_i[:, 0]))  # (r,) near-tie order;
+        # exact ties go to the lower index (as dit_prune.store.search does)
         d1[i : i + rows] = torch.where(swap, exact[:, 1], exact[:, 0]).cpu()
         d2[i : i + rows] = torch.where(swap, exact[:, 0], exact[:, 1]).cpu()
         nearest[i : i + rows] = torch.where(swap, run_i[:, 1], run_i[:, 0]).cpu()

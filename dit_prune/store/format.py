@@ -1,0 +1,202 @@
+"""The on-disk reference store: sharded safetensors arrays plus a manifest, and its reader.
+
+Layout of a store directory (written by `dit-prune index`, see `dit_prune.store.build`):
+
+    manifest.json                      what is there; written last, so its presence means done
+    images-00000.safetensors           "images" (n, C, H, W) float32 in [-1, 1],
+                                       "hashes" (n, 16) uint8: per-image content hash,
+                                       ["labels" (n,) int64 when the source has classes]
+    embeddings-<fingerprint>-00000.safetensors
+                                       "embeddings" (n, E) float32 unit vectors of the same
+                                       images by the copy detector with that weights fingerprint
+
+Every shard holds `shard_size` images (the last one fewer) and records in its safetensors
+metadata the source key and its first row, so a resumed build can tell a finished shard from
+one of another input. The manifest's `content_hash` is the SHA-256 over the shape and the
+images' values in store order (chained per shard), the key a cache of anything derived from the
+references should use, with the detector's `fingerprint` for embeddings.
+
+Reading never loads the whole store: `read_images(shard, start, stop)` reads rows of one shard
+through a memory map (only those rows are copied into memory).
+
+Example:
+    >>> store = open_store("runs/pool-store")  # doctest: +SKIP
+    >>> len(store), store.shape, store.num_shards  # doctest: +SKIP
+    (1000, (1, 8, 8), 4)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dit_prune.errors import DitPruneError
+
+STORE_FORMAT = "dit_prune-reference-store"
+STORE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+HASH_BYTES = 16  # per-image content hash (blake2b digest size)
+
+
+def image_shard_name(index: int) -> str:
+    return f"images-{index:05d}.safetensors"
+
+
+def embedding_shard_name(fingerprint: str, index: int) -> str:
+    return f"embeddings-{fingerprint}-{index:05d}.safetensors"
+
+
+def image_hashes(images: torch.Tensor) -> torch.Tensor:
+    """Per-image content hash (n, 16) uint8 of float images (n, ...): blake2b of the float32
+    bytes with -0.0 mapped to 0.0, so two images hash alike exactly when every value is equal
+    (the equality `distinct_references` uses).
+
+    Example:
+        >>> h = image_hashes(torch.tensor([[0.0, 1.0], [-0.0, 1.0], [0.5, 1.0]]))
+        >>> h.shape, bool((h[0] == h[1]).all()), bool((h[0] == h[2]).all())
+        (torch.Size([3, 16]), True, False)
+    """
+    flat = (images.reshape(len(images), -1).float() + 0.0).contiguous().numpy()  # (n, P)
+    rows = [hashlib.blake2b(row.tobytes(), digest_size=HASH_BYTES).digest() for row in flat]
+    return torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).reshape(
+        len(images), HASH_BYTES).clone()  # (n, 16)
+
+
+@dataclass(frozen=True)
+class ReferenceStore:
+    """A finished store: its manifest and the shard files' paths. Holds no arrays."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.manifest["shape"])
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [int(s["rows"]) for s in self.manifest["shards"]]
+
+    @property
+    def shard_starts(self) -> list[int]:
+        starts, total = [], 0
+        for rows in self.shard_rows:
+            starts.append(total)
+            total += rows
+        return starts
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.manifest["content_hash"])
+
+    def embedding_fingerprints(self) -> list[str]:
+        return sorted(self.manifest.get("embeddings", {}))
+
+    def embedding_dim(self, fingerprint: str) -> int:
+        return int(self._embedding_entry(fingerprint)["dim"])
+
+    def read_images(self, shard: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of image shard `shard`: (n, C, H, W) float32."""
+        return self._read(self.root / image_shard_name(shard), "images", start, stop)
+
+    def read_hashes(self, shard: int) -> torch.Tensor:
+        """Content hashes (n, 16) uint8 of image shard `shard`."""
+        return self._read(self.root / image_shard_name(shard), "hashes", 0, None)
+
+    def read_labels(self, shard: int) -> torch.Tensor | None:
+        if not self.manifest.get("labels"):
+            return None
+        return self._read(self.root / image_shard_name(shard), "labels", 0, None)
+
+    def read_embeddings(self, fingerprint: str, shard: int, start: int = 0,
+                        stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the embedding shard of detector `fingerprint`: (n, E)."""
+        self._embedding_entry(fingerprint)
+        return self._read(self.root / embedding_shard_name(fingerprint, shard), "embeddings",
+                          start, stop)
+
+    def distinct_mask(self) -> list[torch.Tensor]:
+        """Per shard, a bool mask (n,) of the images that are the first occurrence of their
+        values in store order (what `distinct_references` keeps). Reads only the hashes."""
+        seen: set[bytes] = set()
+        masks = []
+        for shard in range(self.num_shards):
+            hashes = self.read_hashes(shard).numpy()  # (n, 16)
+            keep = torch.zeros(len(hashes), dtype=torch.bool)  # (n,)
+            for row, digest in enumerate(hashes):
+                key = digest.tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    keep[row] = True
+            masks.append(keep)
+        return masks
+
+    def _embedding_entry(self, fingerprint: str) -> dict[str, Any]:
+        entry = self.manifest.get("embeddings", {}).get(fingerprint)
+        if entry is None:
+            have = ", ".join(self.embedding_fingerprints()) or "none"
+            raise DitPruneError(f"store {self.root} has no embeddings of the copy detector with "
+                                f"fingerprint {fingerprint} (it has: {have}); run dit-prune "
+                                f"index --out {self.root} --copy-detector PATH to add them")
+        return entry
+
+    def _read(self, file: Path, key: str, start: int, stop: int | None) -> torch.Tensor:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                part = handle.get_slice(key)
+                rows = part.get_shape()[0]
+                stop = rows if stop is None else min(stop, rows)
+                return part[start:stop]
+        except (SafetensorError, OSError) as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise DitPruneError(f"store shard {file} is unreadable ({detail}); rebuild the store "
+                                "with dit-prune index --overwrite") from None
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of directory `root`, or None when there is none (an unfinished store)."""
+    file = root / MANIFEST_NAME
+    if not file.is_file():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DitPruneError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
+        raise DitPruneError(f"{root} is not a dit_prune reference store (bad {MANIFEST_NAME})")
+    return manifest
+
+
+def open_store(path: str | Path) -> ReferenceStore:
+    """Open a finished store directory; one-line errors when it is missing or unfinished.
+
+    Example:
+        >>> open_store("/nonexistent/store")
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: reference store not found: /nonexistent/store
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DitPruneError(f"reference store not found: {root}")
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise DitPruneError(f"{root} is an unfinished reference store (no {MANIFEST_NAME}); run "
+                            "the same dit-prune index command again to finish it")
+    if int(manifest.get("version", 0)) != STORE_VERSION:
+        raise DitPruneError(f"{root}: store version {manifest.get('version')} is not "
+                            f"{STORE_VERSION}; rebuild it with dit-prune index --overwrite")
+    return ReferenceStore(root, manifest)
