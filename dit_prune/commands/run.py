@@ -64,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "unused (digits pool images it never saw), heldout (contaminates FD, which is "
                    "measured against them) or an image folder")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                   help="scoring and noise-control seed")
+                   help="scoring, noise-control and re-trigger attack seed")
     p.add_argument("--random-seeds", default=",".join(map(str, DEFAULTS["random_seeds"])),
                    help="seeds of the random unit draws that random pruning is judged with at "
                         "equal FD (default: 0,1,2)")
@@ -75,6 +75,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default=DEFAULTS["target"], choices=TARGETS,
                    help="copies the equal-quality comparison counts: auto (the duplicated images "
                         "when the checkpoint records some, else all), all, duplicated")
+    p.add_argument("--retrigger-targets", type=int, default=DEFAULTS["retrigger_targets"],
+                   help="re-trigger robustness: copied training images (the duplicated ones, "
+                        "else a seeded sample) and as many held-out images whose initial noise "
+                        "is optimised to reproduce them, per table arm; 0 turns it off "
+                        "(default: %(default)s)")
+    p.add_argument("--retrigger-steps", type=int, default=DEFAULTS["retrigger_steps"],
+                   help="Adam steps on the noise per re-trigger attack (default: %(default)s)")
+    p.add_argument("--retrigger-ddim-steps", type=int,
+                   default=DEFAULTS["retrigger_ddim_steps"],
+                   help="steps of the differentiable DDIM sampler attacked (default: "
+                        "%(default)s)")
+    p.add_argument("--retrigger-lr", type=float, default=DEFAULTS["retrigger_lr"],
+                   help="Adam learning rate of the attack (default: %(default)s)")
+    p.add_argument("--retrigger-prior-weight", type=float,
+                   default=DEFAULTS["retrigger_prior_weight"],
+                   help="weight of the penalty keeping the noise's mean 0 and std 1 (default: "
+                        "%(default)s)")
     p.add_argument("--train", help="training image folder (default: the checkpoint's digits)")
     p.add_argument("--heldout", help="held-out image folder (default: held-out digits)")
     p.add_argument("--features", help="feature network for FD (default: digits-features)")
@@ -101,7 +118,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         copy_detector=args.copy_detector, device=args.device,
         shard_size=args.shard_size, random_seeds=_seed_list(args.random_seeds),
         random_budgets=parse_budgets(args.random_budgets) if args.random_budgets else None,
-        target=args.target,
+        target=args.target, retrigger_targets=args.retrigger_targets,
+        retrigger_steps=args.retrigger_steps, retrigger_ddim_steps=args.retrigger_ddim_steps,
+        retrigger_lr=args.retrigger_lr, retrigger_prior_weight=args.retrigger_prior_weight,
     )
 
 
@@ -153,10 +172,13 @@ def run(args: argparse.Namespace) -> int:
 def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     """The checks that need the checkpoint: sampling steps and scorer timesteps within its
     noise schedule, and budgets that remove at least one unit (and no more than exist)."""
+    from dit_prune.sampling import check_steps
     from dit_prune.scorers import get_scorer
     from dit_prune.units import HEAD, NEURON, enumerate_units
 
     check_sampling_steps(cfg.steps, loaded.scheduler)
+    if cfg.retrigger_targets:
+        check_steps(cfg.retrigger_ddim_steps, loaded.scheduler, "--retrigger-ddim-steps")
     scorer = get_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
     check_scorer_timesteps(scorer, loaded.scheduler)
     kinds = MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON))

@@ -60,7 +60,11 @@ class AttackBudget:
     """
 
     targets: int = 10  # copied training targets (and as many held-out ones)
-    attack_steps: int = 40  # K Adam steps on the initial noise
+    # K Adam steps on the initial noise. 10, not more: at 40 steps the attack also reaches
+    # held-out digits and the training digits of a model that copies nothing (floor 70-80% on
+    # digits-duplicated and digits-generalized), so it no longer measures memorization
+    # (docs/evaluator.md#re-trigger-success)
+    attack_steps: int = 10
     ddim_steps: int = 8  # S steps of the differentiable DDIM sampler
     lr: float = 0.1
     prior_weight: float = 1.0  # weight of the penalty keeping the noise's mean 0 and std 1

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dit_prune.errors import DitPruneError
+from dit_prune.metrics.retrigger import AttackBudget
 from dit_prune.pruning.recovery import RECOVERY_METHODS, RecoveryConfig
 from dit_prune.pruning.selection import BUDGET_MODES as SELECTION_MODES
 from dit_prune.pruning.selection import DEFAULT_BUDGET_MODE, check_budget
@@ -58,6 +59,14 @@ class RunConfig:
     # which copies the equal-quality comparison counts: "auto" (the checkpoint's duplicated
     # images when its training recorded some, else all), "all", or "duplicated"
     target: str = "auto"
+    # re-trigger robustness (docs/evaluator.md#re-trigger-success): copied and held-out targets
+    # attacked per table arm (0: not measured), Adam steps on the noise, DDIM steps, lr, prior
+    # weight; the attack's seed is `seed`
+    retrigger_targets: int = AttackBudget.targets
+    retrigger_steps: int = AttackBudget.attack_steps
+    retrigger_ddim_steps: int = AttackBudget.ddim_steps
+    retrigger_lr: float = AttackBudget.lr
+    retrigger_prior_weight: float = AttackBudget.prior_weight
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -92,6 +101,20 @@ class RunConfig:
                                 "random path is ordered by budget)")
         if self.target not in TARGETS:
             raise DitPruneError(f"unknown target {self.target!r}; use {TARGETS}")
+        targets = self.retrigger_targets
+        if isinstance(targets, bool) or not isinstance(targets, int) or targets < 0:
+            raise DitPruneError(f"re-trigger targets must be an integer >= 0 (0: not measured), "
+                                f"got {targets!r}")
+        self._attack_budget(max(targets, 1))  # validates the other attack options
+
+    def retrigger_budget(self) -> AttackBudget | None:
+        """The re-trigger attack's budget, or None when it is not measured (0 targets)."""
+        return self._attack_budget(self.retrigger_targets) if self.retrigger_targets else None
+
+    def _attack_budget(self, targets: int) -> AttackBudget:
+        return AttackBudget(targets=targets, attack_steps=self.retrigger_steps,
+                            ddim_steps=self.retrigger_ddim_steps, lr=self.retrigger_lr,
+                            prior_weight=self.retrigger_prior_weight, seed=self.seed)
 
     def random_budget_list(self) -> tuple[float, ...]:
         """Budgets random pruning is measured at: the scorer's unless set, in increasing order."""

@@ -46,6 +46,7 @@ from dit_prune.pruning.recovery_data import recovery_images
 from dit_prune.pruning.selection import MODE_KINDS
 from dit_prune.run.config import RunConfig
 from dit_prune.run.measure import latency_seconds, macs_and_params
+from dit_prune.run.retrigger import retrigger_probe
 from dit_prune.run.shards import ShardStore
 from dit_prune.sampling import sample_images
 from dit_prune.scorers import (
@@ -161,12 +162,19 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     base_latency = latency_seconds(base, scheduler, cfg)
     before.metrics.update(params=base_cost["params"], macs=base_cost["macs"],
                           latency_s=base_latency)
+    probe = retrigger_probe(cfg, inputs, target, context)  # None: --retrigger-targets 0
+    if probe is not None:
+        before.metrics.update(probe(base))
 
-    def measured(model: nn.Module, tag: str, timed: bool = True) -> Arm:
+    def measured(model: nn.Module, tag: str, timed: bool = True, attacked: bool = True) -> Arm:
+        """Evaluate a pruned model; `timed`: measure its latency, `attacked`: its re-trigger
+        success (both only for the table's arms)."""
         arm = _evaluate(tag, sampler(model, tag, weights_fingerprint(model)), labels, context)
         cost = macs_and_params(model)
         latency = latency_seconds(model, scheduler, cfg) if timed else None
         arm.metrics.update(params=cost["params"], macs=cost["macs"], latency_s=latency)
+        if attacked and probe is not None:
+            arm.metrics.update(probe(model))
         return arm
 
     first_seed = cfg.random_seeds[0]
@@ -180,7 +188,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                            disable=not progress):
             model, plan = _pruned_copy(base, units, seed_scores, budget, cfg, inputs)
             randoms[random_seed, budget] = measured(  # latency: only the table's random arm
-                model, f"random_s{random_seed}_{budget:g}", timed=random_seed == first_seed)
+                model, f"random_s{random_seed}_{budget:g}", timed=random_seed == first_seed,
+                attacked=random_seed == first_seed and budget in cfg.budgets)
             random_plans[random_seed, budget] = plan
     curve = [RandomPoint(s, b, arm.metrics["fd"], target_rate(arm.metrics, target))
              for (s, b), arm in randoms.items()]
@@ -216,7 +225,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
         entries.append(entry)
     return {"before": before, "entries": entries, "context": context, "config": cfg,
             "meta": meta, "seeds": seeds, "labels": labels, "units": units,
-            "random_curve": curve, "target": target[0] if target else "all"}
+            "random_curve": curve, "target": target[0] if target else "all",
+            "retrigger": probe.describe() if probe is not None else None}
 
 
 def scoring_data(inputs: RunInputs, target: tuple[str, list[int]] | None) -> CalibrationData:
