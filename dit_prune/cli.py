@@ -50,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         kept = ("finished sample shards are kept: the same command resumes"
-                if args.command == "run" else "no partial output was kept")
+                if args.command == "run" else
+                "finished store shards are kept: the same command resumes"
+                if args.command == "index" else "no partial output was kept")
         print(f"dit-prune {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
 

@@ -1,3 +1,3 @@
 """One module per `dit-prune` subcommand; each exposes `add_parser(subparsers)` and `run(args)`."""
 
-COMMANDS = ("train", "eval", "score", "prune", "run")
+COMMANDS = ("train", "eval", "score", "prune", "run", "index")

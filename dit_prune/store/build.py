@@ -86,6 +86,11 @@ def build_store(
                             int(old["shard_size"]) != shard_size):
         raise DitPruneError(f"--out {out} holds a store of {old['source']} (shard size "
                             f"{old['shard_size']}); pass --overwrite to replace it")
+    if old is None:
+        first = _kept_metadata(out / image_shard_name(0), {})
+        if first is not None and first.get("source_key") != source.key:
+            raise DitPruneError(f"--out {out} holds an unfinished store of another input; pass "
+                                "--overwrite to replace it")
     num_shards = math.ceil(source.count / shard_size)
     shard_hashes, has_labels = [], False
     bar = tqdm(total=source.count, desc="indexing images", unit="img", disable=not progress)
@@ -121,6 +126,7 @@ def build_store(
         "embeddings": embeddings,
     }
     atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST_NAME).chmod(0o644)
     return ReferenceStore(out, manifest)
 
 
@@ -135,7 +141,7 @@ def _write_image_shard(source: ImageSource, file: Path, start: int,
     meta = {"source_key": source.key, "start": str(start), "rows": str(stop - start),
             "labels": "1" if labels is not None else "0",
             "shard_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
-    atomic_write_with(file, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write_with(file, lambda tmp: _save(tensors, tmp, meta))
     return meta
 
 
@@ -155,8 +161,7 @@ def _write_embeddings(out: Path, detector: Embedder, shard_hashes: list[str], ro
             emb = detector.embed(images).float().contiguous()  # (n, E)
             meta = {"fingerprint": detector.fingerprint, "image_sha256": digest,
                     "dim": str(emb.shape[1])}
-            atomic_write_with(file, lambda tmp, e=emb, m=meta: save_file(
-                {"embeddings": e}, str(tmp), metadata=m))
+            atomic_write_with(file, lambda tmp, e=emb, m=meta: _save({"embeddings": e}, tmp, m))
             if on_shard is not None:
                 on_shard("embeddings", k)
         dim = int(meta["dim"])
@@ -165,6 +170,11 @@ def _write_embeddings(out: Path, detector: Embedder, shard_hashes: list[str], ro
     return {"detector": detector.name, "dim": dim,
             "files": [embedding_shard_name(detector.fingerprint, k)
                       for k in range(len(shard_hashes))]}
+
+
+def _save(tensors: dict[str, torch.Tensor], tmp: Path, meta: dict[str, str]) -> None:
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.chmod(0o644)  # mkstemp makes it private; a store is shared like a checkpoint
 
 
 def _kept_metadata(file: Path, expected: dict[str, str]) -> dict[str, str] | None:

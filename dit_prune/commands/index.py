@@ -1,0 +1,79 @@
+"""`dit-prune index`: build a reference store (images, optionally copy-detection embeddings).
+
+The store holds the images in [-1, 1] as safetensors shards of `--shard-size` images, plus,
+with `--copy-detector`, their embeddings keyed by the detector's weights fingerprint, and a
+manifest keyed by the images' content hash (see dit_prune/store/format.py). Finished shards
+are kept when the command is interrupted or fails: the same command resumes, and running it
+again with another `--copy-detector` adds that detector's embeddings to a finished store.
+
+Example:
+    $ dit-prune index --images digits-pool --out runs/pool-store \\
+        --copy-detector checkpoints/digits-copydetect --shard-size 256
+    $ dit-prune index --images /data/train --out /data/train-store --shard-size 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+from dit_prune.commands.common import (
+    check_positive,
+    claim_out,
+    dump_resolved_config,
+    pick_device,
+    write_marker,
+)
+from dit_prune.errors import DitPruneError
+from dit_prune.store.build import build_store
+from dit_prune.store.sources import DIGITS_SOURCES, open_source
+
+DEFAULT_SHARD_SIZE = 4096
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("index", help="build an on-disk reference store for the evaluator")
+    p.add_argument("--images", required=True,
+                   help=f"images to index: {' or '.join(DIGITS_SOURCES)}, or an image folder "
+                        "(one subfolder per class, or flat)")
+    p.add_argument("--out", required=True, help="store directory to write (or resume)")
+    p.add_argument("--copy-detector", default=None,
+                   help="also store embeddings of this copy detector (a digits-copydetect "
+                        "directory or a TorchScript SSCD file)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help="images per shard (a multiple of 256 embeds in the same batches as "
+                        "the in-memory evaluator)")
+    p.add_argument("--device", default="auto", help="device for the copy detector")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier dit-prune index output instead of resuming it")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_positive(args.shard_size, "--shard-size")
+    inputs = {"--images": None if args.images in DIGITS_SOURCES else args.images,
+              "--copy-detector": args.copy_detector}
+    out = claim_out(args.out, "index", inputs, args.overwrite, resume=True)
+    device = pick_device(args.device)
+    source = open_source(args.images)
+    detector = None
+    if args.copy_detector is not None:
+        from dit_prune.metrics.copydetect import load_copy_detector
+
+        detector = load_copy_detector(args.copy_detector, device)
+        if detector.input_shape is not None and detector.input_shape != source.shape:
+            raise DitPruneError(f"copy detector {detector.name} takes {detector.input_shape} "
+                                f"images, but --images {args.images} holds {source.shape}")
+    if args.overwrite and out.is_dir():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "index")
+    store = build_store(source, out, args.shard_size, detector, progress=not args.no_progress)
+    dump_resolved_config(out, args, device=str(device), count=len(store),
+                         content_hash=store.content_hash)
+    print(json.dumps({"store": str(out), "images": len(store), "shape": list(store.shape),
+                      "shards": store.num_shards, "content_hash": store.content_hash,
+                      "embeddings": store.embedding_fingerprints()}))
+    return 0

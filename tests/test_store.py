@@ -1,0 +1,222 @@
+"""Reference store: exact search over shards equals the in-memory search; resumable index build;
+one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dit_prune.cli import main as cli_main
+from dit_prune.errors import DitPruneError
+from dit_prune.metrics.copydetect import copy_report, load_copy_detector, nearest_cosine
+from dit_prune.metrics.memorization import memorization_report
+from dit_prune.store import (
+    TensorSource,
+    build_store,
+    open_source,
+    open_store,
+    store_block_shape,
+    store_copy_report,
+    store_memorization_report,
+    store_nearest_cosine,
+    store_search_bound,
+)
+
+from .conftest import CHECKPOINTS
+
+CHUNK = 8 * 64  # the search may hold 8 references of 64 pixels per slice
+
+
+def reference_set(digits) -> torch.Tensor:
+    """300 pool digits with 20 of them repeated later (duplicates): (320, 1, 8, 8)."""
+    base = digits.pool_images[:300]
+    return torch.cat([base, base[torch.arange(0, 200, 10)]])
+
+
+def queries(digits, train: torch.Tensor) -> torch.Tensor:
+    """Noisy held-out digits, exact copies (some duplicated), and midpoints (exact ties)."""
+    gen = torch.Generator().manual_seed(0)
+    noisy = digits.heldout_images[:120] + 0.2 * torch.randn(120, 1, 8, 8, generator=gen)
+    mid = (train[:40:2] + train[1:40:2]) / 2  # dyadic: d1 == d2 exactly
+    return torch.cat([noisy.clamp(-1, 1), train[:20], train[300:], mid])
+
+
+def spy_reads(store, sizes: list[int]) -> None:
+    """Record the rows of every slice the search reads from the store."""
+    for name in ("read_images", "read_embeddings"):
+        original = getattr(store, name)
+
+        def read(*args, _original=original, **kwargs):
+            part = _original(*args, **kwargs)
+            sizes.append(len(part))
+            return part
+
+        object.__setattr__(store, name, read)
+
+
+def test_pixel_search_over_store_matches_in_memory(digits, tmp_path):
+    train = reference_set(digits)
+    samples = queries(digits, train)
+    store = build_store(TensorSource(train, None, "refs"), tmp_path / "s", shard_size=37,
+                        progress=False)
+    bound = store_search_bound(len(samples), 37, CHUNK, 64)
+    assert bound < train.numel() * 4 / 4  # the search may use a quarter of the store's size
+    rows, cols = store_block_shape(len(samples), 37, CHUNK, 64)
+    sizes: list[int] = []
+    spy_reads(store, sizes)
+    got = store_memorization_report(samples, store, chunk_elements=CHUNK)
+    assert max(sizes) == cols == 8 and rows == 8  # never more than 8 references read at once
+    want = memorization_report(samples, train)  # in memory, one block
+    assert torch.equal(got.d1, want.d1) and torch.equal(got.d2, want.d2)
+    assert torch.equal(got.nearest, want.nearest)
+    assert torch.equal(got.ratios, want.ratios) and got.rate == want.rate
+    assert got.interval == want.interval
+    copies = slice(120, 160)  # exact copies of distinct images, then of repeated ones
+    assert (got.d1[copies] == 0).all() and (got.nearest[140:160] < 300).all()
+    mids, pair = samples[160:], torch.arange(0, 40, 2)  # midpoint k of images 2k and 2k + 1
+    tied = (got.d1[160:] == got.d2[160:]) & (
+        (mids - train[pair]).flatten(1).norm(dim=1) == got.d1[160:])  # (20,) exact 2-way ties
+    assert tied.sum() >= 5
+    assert torch.equal(got.nearest[160:][tied], pair[tied])  # the lower index of the pair
+
+
+def test_embedding_search_over_store_matches_in_memory(digits, tmp_path):
+    detector = load_copy_detector(CHECKPOINTS / "digits-copydetect")
+    train = digits.pool_images[:768]
+    samples = queries(digits, train)
+    store = build_store(TensorSource(train, digits.pool_labels[:768], "refs"), tmp_path / "s",
+                        shard_size=256, detector=detector, progress=False)
+    fp = detector.fingerprint
+    stored = torch.cat([store.read_embeddings(fp, k) for k in range(store.num_shards)])
+    assert torch.equal(stored, detector.embed(train))  # shards of 256 = the embed batches
+    q = detector.embed(samples)
+    sizes: list[int] = []
+    spy_reads(store, sizes)
+    sims, idx = store_nearest_cosine(q, store, fp, chunk_elements=CHUNK)
+    assert max(sizes) == 8
+    want_sims, want_idx = nearest_cosine(q, stored)
+    assert torch.equal(sims, want_sims) and torch.equal(idx, want_idx)
+    held = digits.heldout_images[200:400]
+    got = store_copy_report(samples, store, detector, heldout_images=held, chunk_elements=CHUNK)
+    want = copy_report(samples, train, detector, heldout_images=held)
+    assert got.threshold == want.threshold and got.rate == want.rate
+    assert torch.equal(got.similarities, want.similarities)
+    assert torch.equal(got.nearest, want.nearest)
+
+
+def test_interrupted_build_resumes_to_the_same_store(digits, tmp_path):
+    source = TensorSource(digits.pool_images[:200], digits.pool_labels[:200], "refs")
+    detector = load_copy_detector(CHECKPOINTS / "digits-copydetect")
+    whole = build_store(source, tmp_path / "whole", 64, detector, progress=False)
+    written: list[tuple[str, int]] = []
+
+    def stop_after_two(kind: str, index: int) -> None:
+        written.append((kind, index))
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_store(source, tmp_path / "part", 64, detector, progress=False,
+                    on_shard=stop_after_two)
+    with pytest.raises(DitPruneError, match="unfinished reference store"):
+        open_store(tmp_path / "part")
+    (tmp_path / "part" / ".images-00002.safetensors.tmpXYZ.safetensors").write_bytes(b"half")
+    written.clear()
+    resumed = build_store(source, tmp_path / "part", 64, detector, progress=False,
+                          on_shard=lambda kind, index: written.append((kind, index)))
+    assert written == [("images", 2), ("images", 3)] + [("embeddings", k) for k in range(4)]
+    assert resumed.manifest == whole.manifest
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "part").iterdir())
+    for name in (n for n in names if n.endswith(".safetensors")):
+        a, b = (safe_open(str(tmp_path / d / name), "pt") for d in ("whole", "part"))
+        assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = cli_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_index_command_and_bad_inputs(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "imgs"
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i + (label == "b")).save(folder / label / f"{i}.png")
+    det = str(CHECKPOINTS / "digits-copydetect")
+    out = tmp_path / "store"
+    args = ["index", "--images", str(folder), "--out", str(out), "--shard-size", "4",
+            "--copy-detector", det, "--no-progress"]
+    assert cli_main(args) == 0
+    store = open_store(out)
+    from dit_prune.data import load_image_folder
+
+    expected = load_image_folder(folder)
+    assert torch.equal(torch.cat([store.read_images(0), store.read_images(1)]), expected.images)
+    assert torch.equal(torch.cat([store.read_labels(0), store.read_labels(1)]), expected.labels)
+    before = json.loads((out / "manifest.json").read_text())
+    assert cli_main(args) == 0  # a rerun of a finished store changes nothing
+    assert json.loads((out / "manifest.json").read_text()) == before
+    capsys.readouterr()
+    bad = {
+        "--shard-size must be a positive integer": ["--images", "digits-pool", "--out",
+                                                    str(tmp_path / "x"), "--shard-size", "0"],
+        "image folder not found": ["--images", str(tmp_path / "nope"), "--out",
+                                   str(tmp_path / "y")],
+        "overlaps the input --images": ["--images", str(folder), "--out", str(folder / "s")],
+        "holds a store of": ["--images", "digits-pool", "--out", str(out)],
+        "takes (1, 8, 8) images": ["--images", str(tmp_path / "big"), "--out",
+                                   str(tmp_path / "z"), "--copy-detector", det],
+        "not found": ["--images", "digits-pool", "--out", str(tmp_path / "w"),
+                      "--copy-detector", str(tmp_path / "missing.pt")],
+    }
+    (tmp_path / "big").mkdir()
+    Image.new("L", (16, 16), 3).save(tmp_path / "big" / "0.png")
+    (tmp_path / "eval-out").mkdir()
+    (tmp_path / "eval-out" / ".dit_prune_run").write_text('{"command": "eval"}\n')
+    bad["not `dit-prune index`"] = ["--images", "digits-pool", "--out",
+                                    str(tmp_path / "eval-out")]
+    for message, argv in bad.items():
+        code, line = run_cli(["index", *argv, "--no-progress"], capsys)
+        assert code == 2 and line.startswith("dit-prune index: error:") and message in line, line
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_store_errors_are_one_line(digits, tmp_path):
+    store = build_store(open_source("digits-heldout"), tmp_path / "s", 500, progress=False)
+    detector = load_copy_detector(CHECKPOINTS / "digits-copydetect")
+    with pytest.raises(DitPruneError, match="no embeddings of the copy detector"):
+        store_copy_report(digits.pool_images[:4], store, detector, threshold=0.9)
+    with pytest.raises(DitPruneError, match="samples"):
+        store_memorization_report(torch.zeros(2, 1, 4, 4), store)
+    with pytest.raises(DitPruneError, match="shard-size"):
+        build_store(open_source("digits-heldout"), tmp_path / "t", 0, progress=False)
+    one = build_store(TensorSource(digits.pool_images[:1].repeat(3, 1, 1, 1), None, "same"),
+                      tmp_path / "one", 2, progress=False)
+    with pytest.raises(DitPruneError, match="at least 2 training images, got 1 distinct"):
+        store_memorization_report(digits.pool_images[:2], one)
+
+
+def test_faiss_recall_against_exact(digits, tmp_path):
+    pytest.importorskip("faiss")
+    from dit_prune.store.approx import build_ivf_index, recall_at_1
+
+    detector = load_copy_detector(CHECKPOINTS / "digits-copydetect")
+    store = build_store(open_source("digits-pool"), tmp_path / "s", 256, detector,
+                        progress=False)
+    q = detector.embed(queries(digits, digits.pool_images))
+    exact_sims, exact_idx = store_nearest_cosine(q, store, detector.fingerprint)
+    index = build_ivf_index(store, detector.fingerprint, nlist=16)
+    sims, idx = index.search(q, nprobe=16)  # every cell: exact up to float rounding
+    assert recall_at_1(idx, exact_idx) == 1.0
+    assert torch.allclose(sims, exact_sims, atol=1e-5)
+    assert 0.5 < recall_at_1(index.search(q, nprobe=2)[1], exact_idx) <= 1.0
