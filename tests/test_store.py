@@ -24,6 +24,7 @@ from dit_prune.store import (
     store_nearest_cosine,
     store_search_bound,
 )
+from dit_prune.store.search import top2
 
 from .conftest import CHECKPOINTS
 
@@ -220,3 +221,14 @@ def test_faiss_recall_against_exact(digits, tmp_path):
     assert recall_at_1(idx, exact_idx) == 1.0
     assert torch.allclose(sims, exact_sims, atol=1e-5)
     assert 0.5 < recall_at_1(index.search(q, nprobe=2)[1], exact_idx) <= 1.0
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_grouped_top2_equals_topk(largest):
+    gen = torch.Generator().manual_seed(0)
+    for cols in (2, 3, 255, 256, 300, 1000):
+        score = torch.randn(40, cols, generator=gen)
+        score[:5] = torch.randint(0, 3, (5, cols), generator=gen).float()  # many exact ties
+        vals, idx = top2(score, largest=largest, group=64)
+        want = score.topk(2, dim=1, largest=largest).values
+        assert torch.equal(vals, want) and torch.equal(score.gather(1, idx), want)
