@@ -65,6 +65,15 @@ def render(checkpoint: Path, metrics: dict, samples: int) -> str:
     meta = json.loads((checkpoint / "dit_prune.json").read_text())
     training, data = meta["training"], meta["data"]
     duplicated, dup_text, dup_rows = data.get("duplicated"), "", ""
+    pool_text = (f"{data['num_images']} images of the 1,000-image digits pool\n"
+                 f"  (`dit_prune.data.digits_split()`, class-balanced subset seed "
+                 f"{data.get('subset_seed')});")
+    trained_into = meta["command"].split("--out ", 1)[1].split()[0] \
+        if "--out " in meta["command"] else str(checkpoint)
+    moved_text = "" if Path(trained_into) == checkpoint else \
+        f"\nTrained into `{trained_into}`, then copied here unchanged.\n"
+    if data["num_images"] == 1000:
+        pool_text = "all of the 1,000-image digits pool (`dit_prune.data.digits_split()`);"
     if duplicated:
         sub = metrics["subsets"]
         dup_text = (f"- duplicated: {len(duplicated['train_positions'])} of them "
@@ -95,10 +104,9 @@ null class 10), EMA {training['ema_decay']}.
 ```bash
 {meta['command']}
 ```
-
+{moved_text}
 - seed {training['seed']}, {training['steps']} steps, batch {training['batch_size']}, lr {training['lr']}
-- training data: {data['num_images']} images of the 1,000-image digits pool
-  (`dit_prune.data.digits_split()`, class-balanced subset seed {data.get('subset_seed')});
+- training data: {pool_text}
   SHA-256 of the pool indices (int64): `{data['indices_sha256']}`; the indices are in
   `dit_prune.json`
 {dup_text}- training time on 2 CPU cores (shared with other jobs): {meta['train_seconds']} s; final loss

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dit_prune.checkpoint import load_dit
 from dit_prune.evaluate import digits_context, evaluate_samples
 from dit_prune.pruning.recovery_data import recovery_images
-from dit_prune.sampling import sample_images
+from dit_prune.sampling import labels_for_seeds, sample_images
 from tests.conftest import CHECKPOINTS
 
 SAMPLES = 200  # the cards use 1,000; a 200-sample rate has a ~±3-6 point 95% interval
@@ -30,18 +29,36 @@ def _card_numbers(name: str) -> dict:
 def _measure(name: str):
     model, scheduler, meta = load_dit(CHECKPOINTS / name)
     train, _, _ = recovery_images(meta.extra, "train")
-    labels = torch.arange(SAMPLES) % 10
+    duplicated = meta.extra["data"].get("duplicated")
+    subsets = {}
+    if duplicated:
+        positions = duplicated["train_positions"]
+        subsets = {"duplicated": positions,
+                   "other": sorted(set(range(len(train))) - set(positions))}
+    labels = labels_for_seeds(range(SAMPLES), meta.num_classes)
     images = sample_images(model, scheduler, labels, list(range(SAMPLES)), steps=50,
                            progress=False)
-    return evaluate_samples(images, labels, digits_context(train_images=train)).metrics
+    context = digits_context(train_images=train, subsets=subsets)
+    return evaluate_samples(images, labels, context).metrics
 
 
-@pytest.mark.parametrize("name", ["digits-memorized", "digits-generalized"])
+@pytest.mark.parametrize("name", ["digits-memorized", "digits-generalized", "digits-duplicated"])
 def test_card_metrics_are_reproduced(name):
     card, measured = _card_numbers(name), _measure(name)
     assert abs(measured["memorization_rate"] - card["memorization_rate"]) < 0.08
     assert abs(measured["copy_rate"] - card["copy_rate"]) < 0.08
     assert abs(measured["class_agreement"] - card["class_agreement"]) < 0.05
+    if "duplicated_copy_rate" in card:
+        subsets = measured["subsets"]
+        assert abs(subsets["duplicated"]["copy_rate"] - card["duplicated_copy_rate"]) < 0.08
+        assert subsets["other"]["copy_rate"] <= card["other_copy_rate"] + 0.02
+
+
+def test_duplicated_model_copies_only_its_duplicated_images():
+    card = _card_numbers("digits-duplicated")
+    assert card["duplicated_copy_rate"] >= 0.15  # it copies the 10 duplicated images ...
+    assert card["other_copy_rate"] <= 0.01  # ... and none of the other 990
+    assert card["fd"] < _card_numbers("digits-memorized")["fd"]  # and it generalizes
 
 
 def test_memorized_and_generalized_differ_as_the_cards_say():
@@ -54,7 +71,7 @@ def test_memorized_and_generalized_differ_as_the_cards_say():
 def test_training_data_hash_matches_the_card():
     from dit_prune.data import indices_hash
 
-    for name in ("digits-memorized", "digits-generalized"):
+    for name in ("digits-memorized", "digits-generalized", "digits-duplicated"):
         _, _, meta = load_dit(CHECKPOINTS / name)
         data = meta.extra["data"]
         assert indices_hash(data["pool_indices"]) == data["indices_sha256"]
