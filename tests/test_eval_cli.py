@@ -142,3 +142,23 @@ def test_eval_labels_follow_the_seed_rule_of_run() -> None:
     seeds, labels = resolve_seeds_and_labels("0-19", None, 10)
     assert labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert torch.equal(labels, RunConfig(checkpoint="x", out="y", seeds="0-19").labels())
+
+
+@pytest.mark.filterwarnings("ignore:20 generated samples")
+def test_eval_reports_the_duplicated_images_of_a_duplicated_checkpoint(checkpoint,
+                                                                       tmp_path) -> None:
+    import shutil
+
+    path, _ = checkpoint
+    dup = tmp_path / "dup"
+    shutil.copytree(path, dup)
+    meta = json.loads((dup / "dit_prune.json").read_text())
+    meta["data"]["duplicated"] = {"train_positions": [0, 5, 9], "copies": 50}
+    (dup / "dit_prune.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    assert main(["eval", str(dup), "--out", str(out), "--per-class", "2", "--steps", "2",
+                 "--device", "cpu", "--stats-cache", str(tmp_path / "cache")]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    sub = doc["subsets"]["duplicated"]
+    assert sub["subset_size"] == 3 and 0 <= sub["copy_rate"] <= doc["copy_rate"]
+    assert "duplicated images only" in (out / "report.md").read_text()

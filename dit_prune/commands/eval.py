@@ -146,6 +146,19 @@ def _train_images(spec: str, meta_extra: dict[str, Any]) -> tuple[torch.Tensor, 
     return load_image_folder(spec).images, f"image folder {spec}"
 
 
+def _duplicated_positions(spec: str, meta_extra: dict[str, Any], num_train: int) -> list[int]:
+    """The training positions of the duplicated images (`dit-prune train --duplicate`), when the
+    evaluation uses the checkpoint's own training images; else none."""
+    data = meta_extra.get("data", {}) if isinstance(meta_extra, dict) else {}
+    duplicated = data.get("duplicated") if spec == TRAIN_FROM_CHECKPOINT else None
+    if not isinstance(duplicated, dict):
+        return []
+    positions = [int(i) for i in duplicated.get("train_positions", [])]
+    if positions and (min(positions) < 0 or max(positions) >= num_train):
+        raise DitPruneError("the checkpoint's duplicated training positions are out of range")
+    return positions
+
+
 def _heldout_images(spec: str) -> tuple[torch.Tensor, str]:
     if spec == HELDOUT_DIGITS:
         return digits_split().heldout_images, "digits held-out (797)"
@@ -192,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
     features = load_feature_extractor(args.features or checkpoints / FEATURES_DIR, device)
     detector = load_copy_detector(args.copy_detector or checkpoints / COPYDETECT_DIR, device)
     classifier = "features" if getattr(features, "num_classes", None) == meta.num_classes else None
+    duplicated = _duplicated_positions(args.train, meta.extra, len(train))
     context = build_context(train, heldout, features, detector, classifier, cache, device,
-                            progress=True)
+                            progress=True,
+                            subsets={"duplicated": duplicated} if duplicated else None)
     samples = sample_images(model, scheduler, labels, seeds, steps=args.steps,
                             guidance_scale=args.guidance_scale, sampler=args.sampler,
                             batch_size=args.batch_size, progress=True)  # (N, C, H, W) in [0, 1]
@@ -254,6 +269,16 @@ def _fmt(value: Any, interval: Any = None, digits: int = 3) -> str:
     return text
 
 
+def _subset_rows(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, sub in doc.get("subsets", {}).items():
+        rows += [f"| copy rate, {name} images only ({sub['distinct_copied']} of "
+                 f"{sub['subset_size']} copied) | {_fmt(sub['copy_rate'], sub['copy_interval'])} |",
+                 f"| memorization rate, {name} images only | "
+                 f"{_fmt(sub['memorization_rate'], sub['memorization_interval'])} |"]
+    return rows
+
+
 def render_report(doc: dict[str, Any]) -> str:
     """A short markdown summary of a metrics document."""
     lines = [
@@ -273,6 +298,7 @@ def render_report(doc: dict[str, Any]) -> str:
         f"| precision / recall (k=3, {doc['feature_extractor']}) | {_fmt(doc['precision'])} / "
         f"{_fmt(doc['recall'])} |",
         f"| class agreement | {_fmt(doc['class_agreement'])} |",
+        *_subset_rows(doc),
         "",
         f"Copy threshold tau = {doc['copy_threshold']:.4f}, calibrated so that 99% of the "
         f"{doc['num_heldout_images']} held-out images fall below it against these "
