@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 # The duplicated-data regime first (a model that generalizes and copies its 10 duplicated
 # images), then the global memorizer (64 images, copies nearly everything): both full reports.
 demo: setup
-	$(BIN)/dit-prune run checkpoints/digits-duplicated --out $(DEMO_OUT)/duplicated --budget 3,2,4 --overwrite
-	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT)/memorized --budget 0.2,0.1,0.3 --overwrite
+	$(BIN)/dit-prune run checkpoints/digits-duplicated --out $(DEMO_OUT)/duplicated --budget 2,1,3 --overwrite
+	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT)/memorized --budget 0.2,0.1 --overwrite
 
 test: setup
 	$(BIN)/ruff check dit_prune tests scripts benchmarks
