@@ -136,7 +136,8 @@ def _cell(metrics: dict[str, Any] | None, key: str) -> str:
 
 
 def verdict_sentence(report: dict[str, Any]) -> str:
-    removed = ", ".join(f"{n} {k}s" for k, n in report["units_removed"].items())
+    removed = ", ".join(f"{n} {k}{'s' if n != 1 else ''}"
+                        for k, n in report["units_removed"].items())
     budget = removed if report["budget"] >= 1 else \
         f"{fmt_budget(report['budget'])} of {report['budget_mode']} ({removed})"
     if report["verdict"] == "mitigated":
@@ -208,9 +209,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     random_budgets = sorted({p["budget"] for p in report["random_curve"]})
     lines += ["", "## Random pruning at equal quality", "",
               f"Random units were pruned at budgets {', '.join(f'{b:g}' for b in random_budgets)}"
-              f" with random seeds {', '.join(map(str, report['random_seeds']))}; each seed's "
-              f"path from the unpruned model gives its copy rate at the scorer's {fd_name} "
-              "(linear in FD); the interval is Student-t over seeds. The rule: the scorer's "
+              f" with random seeds {', '.join(map(str, report['random_seeds']))}. For each seed, "
+              "random's copy rate at the scorer's quality is the lowest copy rate on its path "
+              "(the unpruned model, then its random models in budget order, joined by straight "
+              f"segments) among the points with {fd_name} at most the scorer's: random at equal "
+              "or better quality. The interval is Student-t over seeds. The rule: the scorer's "
               "interval lies entirely below random's.", "",
               f"| budget | {fd_name} after | copies after | random at the same {fd_name} | "
               "per random seed | copy cut vs random | beats random |",
@@ -230,7 +233,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                   "noise control (memorization / copy) | verdict |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for b in sorted(report["budgets"], key=lambda b: b["budget"]):
-            removed = ", ".join(f"{n} {k}" for k, n in b["units_removed"].items())
+            removed = ", ".join(f"{n} {k}{'s' if n != 1 else ''}"
+                                for k, n in b["units_removed"].items())
             lines.append(
                 f"| {b['budget']:g} | {removed} | {_cell(b['after'], 'memorization_rate')} | "
                 f"{_cell(b['after'], 'copy_rate')} | {_cell(b['after'], 'fd')} | "
