@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 # images), then the global memorizer (64 images, copies nearly everything): both full reports.
 demo: setup
 	$(BIN)/dit-prune run checkpoints/digits-duplicated --out $(DEMO_OUT)/duplicated --budget 2,1,3 --overwrite
-	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT)/memorized --budget 0.2,0.1 --overwrite
+	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT)/memorized --budget 0.2,0.1 --random-budgets 0.1,0.2,0.3 --overwrite
 
 test: setup
 	$(BIN)/ruff check dit_prune tests scripts benchmarks

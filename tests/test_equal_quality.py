@@ -63,7 +63,7 @@ def _points():
 def test_random_at_equal_fd_interpolates_each_seed_and_averages():
     eq = random_at_fd(_points(), unpruned_fd=10.0, unpruned_rate=0.3, fd=13.0)
     assert eq.per_seed == pytest.approx((0.215, 0.225, 0.235))
-    assert eq.rate == pytest.approx(0.225) and not eq.clamped
+    assert eq.rate == pytest.approx(0.225) and not eq.clamped and not eq.censored
     half = 4.302653 * 0.01 / math.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
     assert eq.interval == pytest.approx((0.225 - half, 0.225 + half), abs=1e-6)
     assert beats_random([0.05, 0.10], eq) and not beats_random([0.05, 0.22], eq)
@@ -73,8 +73,10 @@ def test_random_at_equal_fd_interpolates_each_seed_and_averages():
 def test_random_at_equal_fd_outside_the_random_path():
     better = random_at_fd(_points(), 10.0, 0.3, fd=9.0)  # better FD than any random model
     assert better.clamped and better.rate == pytest.approx(0.3)  # only "prune nothing" gets it
-    worse = random_at_fd(_points(), 10.0, 0.3, fd=20.0)  # every random model is within it
+    worse = random_at_fd(_points(), 10.0, 0.3, fd=20.0)  # every random model is within it ...
     assert not worse.clamped and worse.rate == pytest.approx(0.2)
+    assert worse.censored  # ... but random's paths stop at FD 14: larger budgets might cut more
+    assert not beats_random([0.0, 0.01], worse)  # so no win can be claimed there
 
 
 def test_random_at_equal_or_better_quality_takes_randoms_best_point():

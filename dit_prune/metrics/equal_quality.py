@@ -7,7 +7,9 @@ at quality f, c_r(f), is the lowest copy rate on that path among the points whos
 f: random pruning at equal *or better* quality, which gives random its best case. When f is
 below the FD of every vertex (the scorer's samples are better than the unpruned model's and
 every random model's), the vertex with the lowest FD is used and the comparison is marked
-`clamped`. Random's rate at f is the mean of c_r(f) over the random seeds, with a Student-t 95%
+`clamped`. When some seed's path ends at a better FD than f, random pruning at larger budgets
+might reach f with fewer copies: the comparison is marked `censored` and cannot count as a win
+for the scorer (measure random at larger budgets). Random's rate at f is the mean of c_r(f) over the random seeds, with a Student-t 95%
 interval over seeds (n - 1 degrees of freedom), so it carries both the sampling noise of each
 model and the spread between random draws.
 
@@ -53,7 +55,10 @@ class EqualQuality:
     rate: float
     interval: tuple[float, float]
     per_seed: tuple[float, ...]
-    clamped: bool  # the FD lay outside some seed's random path: its nearest end was used
+    clamped: bool  # the FD lay below every point of some seed's path: its lowest-FD point used
+    # some seed's path ends at a better FD than `fd`: random at larger budgets might cut more
+    # copies at this quality, so the comparison cannot credit the scorer (`beats_random`)
+    censored: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -73,13 +78,14 @@ def random_at_fd(points: Sequence[RandomPoint], unpruned_fd: float, unpruned_rat
     """Random's copy rate at `fd` (see module docstring); needs points from >= 1 seed."""
     if not points:
         raise DitPruneError("equal-quality comparison: no random models")
-    per_seed, clamped = [], False
+    per_seed, clamped, censored = [], False, False
     for seed in sorted({p.seed for p in points}):
         path = sorted((p for p in points if p.seed == seed), key=lambda p: p.budget)
         fds = np.array([unpruned_fd] + [p.fd for p in path])  # (B+1,)
         rates = np.array([unpruned_rate] + [p.copy_rate for p in path])  # (B+1,)
         best, below = lowest_rate_within(fd, fds, rates)
         clamped |= not below
+        censored |= bool(fds.max() < fd)
         per_seed.append(best)
     values = np.array(per_seed)
     mean = float(values.mean())
@@ -87,7 +93,8 @@ def random_at_fd(points: Sequence[RandomPoint], unpruned_fd: float, unpruned_rat
         half = t_quantile(len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
     else:
         half = math.nan
-    return EqualQuality(float(fd), mean, (mean - half, mean + half), tuple(per_seed), clamped)
+    return EqualQuality(float(fd), mean, (mean - half, mean + half), tuple(per_seed), clamped,
+                        censored)
 
 
 def lowest_rate_within(fd: float, fds: np.ndarray, rates: np.ndarray) -> tuple[float, bool]:
@@ -111,8 +118,9 @@ def lowest_rate_within(fd: float, fds: np.ndarray, rates: np.ndarray) -> tuple[f
 
 
 def beats_random(scorer_interval: Sequence[float], random: EqualQuality) -> bool:
-    """The rule: the scorer's interval lies entirely below random's interval at equal FD."""
-    return bool(float(scorer_interval[1]) < random.interval[0])
+    """The rule: the scorer's interval lies entirely below random's interval at equal FD, and
+    every random path reaches the scorer's FD (not `censored`)."""
+    return bool(float(scorer_interval[1]) < random.interval[0]) and not random.censored
 
 
 def copy_cut_ratio(before: float, scorer: float, random: EqualQuality) -> float:

@@ -158,8 +158,11 @@ def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
         "**does not beat random at equal quality**"
     ratio = eq["copy_cut_ratio"]
     cut = f"; it removes {ratio:.1f}× the copies random removes" if math.isfinite(ratio) else ""
-    clamped = " (the FD lies outside some random path: its nearest end was used)" \
-        if eq["clamped"] else ""
+    clamped = " (the FD lies below every point of some random path: its best-FD point was " \
+        "used)" if eq["clamped"] else ""
+    if eq.get("censored"):
+        clamped += (" (random's paths stop at a better FD than the scorer's: no win can be "
+                    "claimed; add larger --random-budgets)")
     return (f"At equal quality ({which}): {fmt_rate(eq['scorer_rate'], eq['scorer_interval'])} "
             f"at {report['fd_name']} {eq['fd']:.2f} ({_pct(fd_change['relative'])} "
             f"{_pct_interval(fd_change['interval'])} paired vs before); random pruning at the "
@@ -223,7 +226,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {b['budget']:g} | {eq['fd']:.2f} | "
             f"{fmt_rate(eq['scorer_rate'], eq['scorer_interval'])} | "
-            f"{fmt_rate(eq['rate'], eq['interval'])}{' (clamped)' if eq['clamped'] else ''} | "
+            f"{fmt_rate(eq['rate'], eq['interval'])}{' (clamped)' if eq['clamped'] else ''}"
+            f"{' (censored)' if eq.get('censored') else ''} | "
             f"{', '.join(fmt_rate(v) for v in eq['per_seed'])} | "
             f"{eq['copy_cut_ratio']:.2f}× | {'yes' if eq['beats'] else 'no'} |")
     if len(report["budgets"]) > 1:
