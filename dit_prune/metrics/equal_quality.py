@@ -9,9 +9,9 @@ below the FD of every vertex (the scorer's samples are better than the unpruned 
 every random model's), the vertex with the lowest FD is used and the comparison is marked
 `clamped`. When some seed's path ends at a better FD than f, random pruning at larger budgets
 might reach f with fewer copies: the comparison is marked `censored` and cannot count as a win
-for the scorer (measure random at larger budgets). Random's rate at f is the mean of c_r(f) over the random seeds, with a Student-t 95%
-interval over seeds (n - 1 degrees of freedom), so it carries both the sampling noise of each
-model and the spread between random draws.
+for the scorer (measure random at larger budgets). Random's rate at f is the mean of c_r(f)
+over the random seeds, with a Student-t 95% interval over seeds (n - 1 degrees of freedom), so
+it carries both the sampling noise of each model and the spread between random draws.
 
 The rule ("beats random at equal quality"): the scorer's copy-rate interval lies entirely below
 random's interval at the scorer's FD. The copy-cut ratio compares how far each moved from the
