@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                 random_seeds=tuple(parse_list(args.random_seeds, int)),
                                 random_budgets=random_budgets)
                 done = timed(f"{folder.name} {spec} seed {seed}")
-                reports.append(run_cached(cfg, folder / "reports" / f"{spec}-s{seed}.json"))
+                reports.append(rejudge(run_cached(cfg, folder / "reports" /
+                                                  f"{spec}-s{seed}.json")))
                 done()
             rows += table_rows(folder.name, spec, reports)
             summary.append({"checkpoint": checkpoint, "scorer": spec, "reports": [
@@ -92,6 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "regimes.json", summary)
     print((out / "regimes.md").read_text())
     return 0
+
+
+def rejudge(report: dict[str, Any]) -> dict[str, Any]:
+    """Recompute each budget's equal-quality comparison and verdict from the stored numbers with
+    the current rules, so a cached report is judged as a new one would be."""
+    from dit_prune.metrics.equal_quality import RandomPoint
+    from dit_prune.metrics.guards import verdict
+    from dit_prune.run.experiment import equal_quality_entry
+
+    target = None if report["target"] == "all" else (report["target"], [])
+    curve = [RandomPoint(**p) for p in report["random_curve"]]
+    for entry in report["budgets"]:
+        entry["equal_quality"] = equal_quality_entry(report["before"], entry["after"], curve,
+                                                     target)
+        entry["verdict"] = verdict(report["before"], entry["after"], entry["noise_control"],
+                                   entry["fd_change"], entry["equal_quality"])
+    return report
 
 
 def table_rows(model: str, scorer: str, reports: list[dict[str, Any]]) -> list[list[str]]:
