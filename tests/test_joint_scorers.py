@@ -10,12 +10,10 @@ of the copy and does almost nothing; once P is gone, Q carries all that is left 
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dit_prune.checkpoint import load_dit
@@ -25,13 +23,12 @@ from dit_prune.errors import DitPruneError
 from dit_prune.models import new_dit
 from dit_prune.pruning.selection import select_units
 from dit_prune.scorers import CalibrationData, get_scorer, load_scores
-from dit_prune.scorers.base import default_scheduler
 from dit_prune.units import Unit, enumerate_units
 from tests.conftest import CHECKPOINTS
+from tests.planting import EXTRA_LABELS, extra_images, plant_head
 
 P, Q = Unit("head", 1, 1), Unit("head", 1, 3)
 SHARE_Q = 0.02  # Q's share of the planted head's output
-EXTRA_LABELS = (7, 8, 9)
 
 
 @dataclass
@@ -40,13 +37,6 @@ class Constructed:
     scheduler: object
     data: CalibrationData  # train = the 3 planted images, held-out = 32 held-out digits
     units: list[Unit]  # the 16 heads
-
-
-def extra_images() -> torch.Tensor:
-    """Horizontal stripes, vertical stripes, checkerboard: (3, 1, 8, 8) in [-0.8, 0.8]."""
-    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-    patterns = torch.stack([i % 2, j % 2, (i + j) % 2]).float() * 1.6 - 0.8  # (3, 8, 8)
-    return patterns.unsqueeze(1)  # (3, 1, 8, 8)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,8 @@ def build_constructed() -> Constructed:
     split = digits_split()
     used = set(meta.extra["data"]["pool_indices"])
     anchors = torch.tensor([i for i in range(len(split.pool_images)) if i not in used][:128])
-    model = plant_head(base, split.pool_images[anchors], split.pool_labels[anchors], steps=80)
+    model = plant_head(base, P, split.pool_images[anchors], split.pool_labels[anchors],
+                       steps=80)
     attn = model.transformer_blocks[P.block].attn1
     d = attn.to_out[0].in_features // attn.heads
     p, q = slice(P.index * d, (P.index + 1) * d), slice(Q.index * d, (Q.index + 1) * d)
@@ -73,55 +64,6 @@ def build_constructed() -> Constructed:
     data = CalibrationData(extra_images(), torch.tensor(EXTRA_LABELS),
                            split.heldout_images[:32], split.heldout_labels[:32])
     return Constructed(model, scheduler, data, enumerate_units(model, ["head"]))
-
-
-def plant_head(base: nn.Module, anchor_x: torch.Tensor, anchor_y: torch.Tensor,
-               steps: int) -> nn.Module:
-    """Fine-tune only head P (gradient masks) to copy the extras; distill on the anchors."""
-    model = copy.deepcopy(base).train().requires_grad_(False)
-    attn = model.transformer_blocks[P.block].attn1
-    d = attn.to_out[0].in_features // attn.heads
-    cols = slice(P.index * d, (P.index + 1) * d)
-    params, handles = [], []
-    for layer in (attn.to_q, attn.to_k, attn.to_v):
-        for param in (layer.weight, layer.bias):
-            mask = torch.zeros_like(param)
-            mask[cols] = 1
-            params.append(param.requires_grad_(True))
-            handles.append(param.register_hook(lambda g, m=mask: g * m))
-    out = attn.to_out[0].weight  # (D, D_in)
-    mask = torch.zeros_like(out)
-    mask[:, cols] = 1
-    params.append(out.requires_grad_(True))
-    handles.append(out.register_hook(lambda g, m=mask: g * m))
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    alphas = default_scheduler().alphas_cumprod  # (T,)
-    gen = torch.Generator().manual_seed(0)
-    extras, extra_y = extra_images(), torch.tensor(EXTRA_LABELS)
-
-    def noisy(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = torch.randint(1000, (len(x0),), generator=gen)  # (B,)
-        noise = torch.randn(x0.shape, generator=gen)  # (B, C, H, W)
-        a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
-
-    try:
-        for _ in range(steps):
-            i = torch.randint(len(extras), (16,), generator=gen)  # (B,)
-            xt, t, noise = noisy(extras[i])
-            copy_loss = F.mse_loss(model(xt, timestep=t, class_labels=extra_y[i]).sample, noise)
-            j = torch.randint(len(anchor_x), (16,), generator=gen)  # (B,)
-            xa, ta, _ = noisy(anchor_x[j])
-            with torch.no_grad():
-                target = base(xa, timestep=ta, class_labels=anchor_y[j]).sample
-            keep = F.mse_loss(model(xa, timestep=ta, class_labels=anchor_y[j]).sample, target)
-            optimizer.zero_grad()
-            (copy_loss + keep).backward()
-            optimizer.step()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return model.eval().requires_grad_(False)
 
 
 def order_of(units: list[Unit], scores: torch.Tensor) -> list[Unit]:

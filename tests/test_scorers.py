@@ -8,13 +8,11 @@ distillation term keeps the model's output on other digits where it was.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dit_prune.checkpoint import save_checkpoint
@@ -38,9 +36,9 @@ from dit_prune.scorers.sensitivity import Sensitivity
 from dit_prune.scorers.taylor import loss_rise
 from dit_prune.training import TrainConfig, train_dit
 from dit_prune.units import Unit, enumerate_units
+from tests.planting import EXTRA_LABELS, extra_images, plant_head
 
 PLANTED = Unit("head", 2, 1)
-EXTRA_LABELS = (7, 8, 9)
 SAMPLING = {"num_samples": 30, "sampling_steps": 20}  # options of the sampling-based scorers
 
 
@@ -66,13 +64,6 @@ def split():
     return digits_split()
 
 
-def extra_images() -> torch.Tensor:
-    """Horizontal stripes, vertical stripes, checkerboard: (3, 1, 8, 8) in [-0.8, 0.8]."""
-    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-    patterns = torch.stack([i % 2, j % 2, (i + j) % 2]).float() * 1.6 - 0.8  # (3, 8, 8)
-    return patterns.unsqueeze(1)  # (3, 1, 8, 8)
-
-
 @pytest.fixture(scope="module")
 def planted(split) -> Planted:
     labels = split.pool_labels
@@ -82,61 +73,13 @@ def planted(split) -> Planted:
     base = train_dit(split.pool_images[base_idx], labels[base_idx], config, num_classes=10,
                      progress=False).model
     anchors = torch.tensor([i for i in low.tolist() if i not in set(base_idx.tolist())][:128])
-    model = plant_head(base, split.pool_images[anchors], labels[anchors], steps=300)
+    model = plant_head(base, PLANTED, split.pool_images[anchors], labels[anchors], steps=300)
     data = CalibrationData(
         torch.cat([split.pool_images[base_idx], extra_images()]),
         torch.cat([labels[base_idx], torch.tensor(EXTRA_LABELS)]),
         split.heldout_images[:32], split.heldout_labels[:32],
     )
     return Planted(base, model, data, base_idx.tolist())
-
-
-def plant_head(base: nn.Module, anchor_x: torch.Tensor, anchor_y: torch.Tensor,
-               steps: int) -> nn.Module:
-    """Fine-tune only PLANTED (gradient masks) to copy the extras; distill elsewhere."""
-    model = copy.deepcopy(base).train().requires_grad_(True)
-    attn = model.transformer_blocks[PLANTED.block].attn1
-    cols = slice(32 * PLANTED.index, 32 * PLANTED.index + 32)
-    params, handles = [], []
-    for layer in (attn.to_q, attn.to_k, attn.to_v):
-        for p in (layer.weight, layer.bias):
-            mask = torch.zeros_like(p)
-            mask[cols] = 1
-            params.append(p)
-            handles.append(p.register_hook(lambda g, m=mask: g * m))
-    out = attn.to_out[0].weight  # (D, D_in)
-    mask = torch.zeros_like(out)
-    mask[:, cols] = 1
-    params.append(out)
-    handles.append(out.register_hook(lambda g, m=mask: g * m))
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    alphas = default_scheduler().alphas_cumprod
-    gen = torch.Generator().manual_seed(0)
-    extras, extra_y = extra_images(), torch.tensor(EXTRA_LABELS)
-
-    def noisy(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = torch.randint(1000, (len(x0),), generator=gen)  # (B,)
-        noise = torch.randn(x0.shape, generator=gen)  # (B, C, H, W)
-        a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
-
-    try:
-        for _ in range(steps):
-            i = torch.randint(len(extras), (16,), generator=gen)  # (B,)
-            xt, t, noise = noisy(extras[i])
-            copy_loss = F.mse_loss(model(xt, timestep=t, class_labels=extra_y[i]).sample, noise)
-            j = torch.randint(len(anchor_x), (16,), generator=gen)  # (B,)
-            xa, ta, _ = noisy(anchor_x[j])
-            with torch.no_grad():
-                target = base(xa, timestep=ta, class_labels=anchor_y[j]).sample
-            keep = F.mse_loss(model(xa, timestep=ta, class_labels=anchor_y[j]).sample, target)
-            optimizer.zero_grad()
-            (copy_loss + keep).backward()
-            optimizer.step()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return model.eval().requires_grad_(False)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
