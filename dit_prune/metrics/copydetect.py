@@ -277,6 +277,14 @@ def copy_report(
     held_sims = None
     if heldout_images is not None:
         held_sims, _ = nearest_cosine(detector.embed(heldout_images), train_emb)  # (K,)
+    return report_from_similarities(sims, nearest, held_sims, threshold, seed)
+
+
+def report_from_similarities(sims: torch.Tensor, nearest: torch.Tensor,
+                             held_sims: torch.Tensor | None, threshold: float | None,
+                             seed: int = 0) -> CopyReport:
+    """Copies among samples with nearest-training similarities `sims` (N,) at tau: `threshold`
+    when given, else calibrated on the held-out images' similarities `held_sims` (K,)."""
     if threshold is not None:
         tau, source = float(threshold), "given"
     else:
@@ -285,7 +293,7 @@ def copy_report(
     return CopyReport(
         rate=float(copies.double().mean()) if len(copies) else float("nan"),
         interval=bootstrap_interval(copies, seed=seed),
-        num_samples=len(samples),
+        num_samples=len(sims),
         similarities=sims,
         nearest=nearest,
         copies=copies,

@@ -221,12 +221,20 @@ def memorization_report(
     references, first = distinct_references(train_images)  # (M', C, H, W), (M',)
     d1, d2, nearest = nearest_two(samples, references, chunk_elements, progress)
     nearest = first[nearest]  # (N,) index into train_images (first of identical copies)
+    return report_from_distances(d1, d2, nearest, threshold, seed)
+
+
+def report_from_distances(d1: torch.Tensor, d2: torch.Tensor, nearest: torch.Tensor,
+                          threshold: float = MEMORIZATION_THRESHOLD,
+                          seed: int = 0) -> MemorizationReport:
+    """The ratio test on distances to the nearest and second-nearest distinct training image,
+    d1, d2 (N,), and the nearest one's index (N,), with the rate's bootstrap interval."""
     ratios = d1 / d2.clamp_min(1e-12)  # (N,)
     memorized = ratios < threshold  # (N,)
     return MemorizationReport(
         rate=float(memorized.double().mean()) if len(memorized) else float("nan"),
         interval=bootstrap_interval(memorized, seed=seed),
-        num_samples=len(samples),
+        num_samples=len(d1),
         ratios=ratios,
         nearest=nearest,
         d1=d1,

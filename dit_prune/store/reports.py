@@ -20,13 +20,13 @@ import torch
 
 from dit_prune.data import check_images
 from dit_prune.errors import DitPruneError
-from dit_prune.metrics.copydetect import CopyDetector, CopyReport, calibrate_threshold
+from dit_prune.metrics.copydetect import CopyDetector, CopyReport, report_from_similarities
 from dit_prune.metrics.memorization import (
     DEFAULT_CHUNK_ELEMENTS,
     MEMORIZATION_THRESHOLD,
     PIXEL_RANGE,
     MemorizationReport,
-    bootstrap_interval,
+    report_from_distances,
 )
 from dit_prune.store.format import ReferenceStore
 from dit_prune.store.search import store_nearest_cosine, store_nearest_two
@@ -45,18 +45,7 @@ def store_memorization_report(
     `memorization_report(samples, all_store_images)` (repeated images count once)."""
     check_images(samples, "samples", store.shape, value_range=value_range)
     d1, d2, nearest = store_nearest_two(samples, store, chunk_elements, progress)
-    ratios = d1 / d2.clamp_min(1e-12)  # (N,)
-    memorized = ratios < threshold  # (N,)
-    return MemorizationReport(
-        rate=float(memorized.double().mean()) if len(memorized) else float("nan"),
-        interval=bootstrap_interval(memorized, seed=seed),
-        num_samples=len(samples),
-        ratios=ratios,
-        nearest=nearest,
-        d1=d1,
-        d2=d2,
-        memorized=memorized,
-    )
+    return report_from_distances(d1, d2, nearest, threshold, seed)
 
 
 def store_copy_report(
@@ -85,19 +74,4 @@ def store_copy_report(
     if heldout_images is not None:
         held_sims, _ = store_nearest_cosine(detector.embed(heldout_images), store, fp,
                                             chunk_elements)  # (K,)
-    if threshold is not None:
-        tau, source = float(threshold), "given"
-    else:
-        tau, source = calibrate_threshold(held_sims), f"held-out ({len(held_sims)} images)"
-    copies = sims >= tau  # (N,)
-    return CopyReport(
-        rate=float(copies.double().mean()) if len(copies) else float("nan"),
-        interval=bootstrap_interval(copies, seed=seed),
-        num_samples=len(samples),
-        similarities=sims,
-        nearest=nearest,
-        copies=copies,
-        threshold=tau,
-        threshold_source=source,
-        heldout_similarities=held_sims,
-    )
+    return report_from_similarities(sims, nearest, held_sims, threshold, seed)
