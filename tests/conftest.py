@@ -35,3 +35,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def train_tiny_checkpoint(path: Path, digits, data_extra: dict | None = None) -> Path:
+    """A DiT trained 30 steps on 20 balanced digits, saved at `path` with its training indices
+    (and `data_extra` merged into its `dit_prune.json` "data"): the tiny model of the run tests."""
+    from dit_prune.checkpoint import save_checkpoint
+    from dit_prune.data import balanced_subset, indices_hash
+    from dit_prune.training import TrainConfig, train_dit
+
+    idx = balanced_subset(digits.pool_labels, 20, seed=0)
+    result = train_dit(digits.pool_images[idx], digits.pool_labels[idx],
+                       TrainConfig(steps=30, batch_size=20, probe_every=0), num_classes=10,
+                       progress=False)
+    save_checkpoint(result.model, result.scheduler, path, extra={"data": {
+        "source": "digits", "pool_indices": idx.tolist(), "indices_sha256": indices_hash(idx),
+        **(data_extra or {})}})
+    return path

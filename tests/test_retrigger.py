@@ -11,14 +11,11 @@ import torch
 from diffusers import DDPMScheduler
 from torch import nn
 
-from dit_prune.checkpoint import save_checkpoint
 from dit_prune.cli import main
-from dit_prune.data import balanced_subset, indices_hash
 from dit_prune.errors import DitPruneError
 from dit_prune.metrics.retrigger import AttackBudget, attack_success, choose_targets
 from dit_prune.run.config import RunConfig
-from dit_prune.training import TrainConfig, train_dit
-from tests.conftest import CHECKPOINTS
+from tests.conftest import CHECKPOINTS, train_tiny_checkpoint
 
 FAST = ["--seeds", "0-39", "--steps", "4", "--scorer-option", "batches=1",
         "--scorer-option", "batch_size=32", "--device", "cpu", "--random-seeds", "0"]
@@ -112,15 +109,8 @@ def test_run_config_checks_the_attack_options(options, message):
 @pytest.fixture(scope="module")
 def duplicated_checkpoint(tmp_path_factory, digits):
     """tests/test_run.py's tiny checkpoint, recording its first 3 images as duplicated."""
-    idx = balanced_subset(digits.pool_labels, 20, seed=0)
-    result = train_dit(digits.pool_images[idx], digits.pool_labels[idx],
-                       TrainConfig(steps=30, batch_size=20, probe_every=0), num_classes=10,
-                       progress=False)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(result.model, result.scheduler, path, extra={"data": {
-        "source": "digits", "pool_indices": idx.tolist(), "indices_sha256": indices_hash(idx),
-        "duplicated": {"train_positions": [0, 1, 2]}}})
-    return path
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", digits,
+                                 {"duplicated": {"train_positions": [0, 1, 2]}})
 
 
 def test_run_reports_retrigger_success_for_before_after_and_random(duplicated_checkpoint,

@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 
-from dit_prune.checkpoint import save_checkpoint
 from dit_prune.cli import main
-from dit_prune.data import balanced_subset, indices_hash
-from dit_prune.training import TrainConfig, train_dit
+from tests.conftest import train_tiny_checkpoint
 
 FAST = ["--seeds", "0-39", "--steps", "4", "--scorer-option", "batches=1",
         "--scorer-option", "batch_size=32", "--device", "cpu"]
@@ -22,14 +20,7 @@ ARM_KEYS = {"memorization_rate", "memorization_interval", "copy_rate", "copy_int
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory, digits):
-    idx = balanced_subset(digits.pool_labels, 20, seed=0)
-    result = train_dit(digits.pool_images[idx], digits.pool_labels[idx],
-                       TrainConfig(steps=30, batch_size=20, probe_every=0), num_classes=10,
-                       progress=False)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(result.model, result.scheduler, path, extra={"data": {
-        "source": "digits", "pool_indices": idx.tolist(), "indices_sha256": indices_hash(idx)}})
-    return path
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", digits)
 
 
 def _run(checkpoint, out, *extra):
