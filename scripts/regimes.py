@@ -102,11 +102,10 @@ def rejudge(report: dict[str, Any]) -> dict[str, Any]:
     from dit_prune.metrics.guards import verdict
     from dit_prune.run.experiment import equal_quality_entry
 
-    target = None if report["target"] == "all" else (report["target"], [])
     curve = [RandomPoint(**p) for p in report["random_curve"]]
     for entry in report["budgets"]:
         entry["equal_quality"] = equal_quality_entry(report["before"], entry["after"], curve,
-                                                     target)
+                                                     report["target"])
         entry["verdict"] = verdict(report["before"], entry["after"], entry["noise_control"],
                                    entry["fd_change"], entry["equal_quality"])
     return report
@@ -114,11 +113,13 @@ def rejudge(report: dict[str, Any]) -> dict[str, Any]:
 
 def table_rows(model: str, scorer: str, reports: list[dict[str, Any]]) -> list[list[str]]:
     """One row per budget: mean ± std over scoring seeds, and how many seeds pass each test."""
+    from dit_prune.metrics.subsets import target_copy_rate
+
     rows = []
     for i, budget in enumerate(b["budget"] for b in reports[0]["budgets"]):
         entries = [r["budgets"][i] for r in reports]
         eqs = [e["equal_quality"] for e in entries]
-        before = [eq_before(r) for r in reports]
+        before = [target_copy_rate(r["before"], r["target"])[0] for r in reports]
         rows.append([
             model, scorer, f"{budget:g}", _pct(mean_std(before)),
             _pct(mean_std(eq["scorer_rate"] for eq in eqs)),
@@ -129,13 +130,6 @@ def table_rows(model: str, scorer: str, reports: list[dict[str, Any]]) -> list[l
             f"{sum(e['verdict'] == 'mitigated' for e in entries)}/{len(entries)}",
         ])
     return rows
-
-
-def eq_before(report: dict[str, Any]) -> float:
-    """The unpruned model's copy rate on the run's target."""
-    target = report["target"]
-    before = report["before"]
-    return before["copy_rate"] if target == "all" else before["subsets"][target]["copy_rate"]
 
 
 def _pct(stat: tuple[float, float, int], signed: bool = False) -> str:

@@ -35,6 +35,7 @@ from dit_prune.keyvalue import parse_key_values
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
 from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
+from dit_prune.sampling import parse_seeds
 
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # one source for the CLI's defaults
 
@@ -67,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="scoring, noise-control and re-trigger attack seed")
     p.add_argument("--random-seeds", default=",".join(map(str, DEFAULTS["random_seeds"])),
                    help="seeds of the random unit draws that random pruning is judged with at "
-                        "equal FD (default: 0,1,2)")
+                        "equal FD, e.g. 0,1,2 or 0-4 (default: 0,1,2)")
     p.add_argument("--random-budgets", default=None,
                    help="budgets random pruning is measured at, as --budget (default: the "
                         "--budget list); add larger ones when the scorer's FD lies beyond "
@@ -116,19 +117,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         recover_data=args.recover_data, seed=args.seed,
         train=args.train, heldout=args.heldout, features=args.features,
         copy_detector=args.copy_detector, device=args.device,
-        shard_size=args.shard_size, random_seeds=_seed_list(args.random_seeds),
+        shard_size=args.shard_size, random_seeds=_random_seeds(args.random_seeds),
         random_budgets=parse_budgets(args.random_budgets) if args.random_budgets else None,
         target=args.target, retrigger_targets=args.retrigger_targets,
         retrigger_steps=args.retrigger_steps, retrigger_ddim_steps=args.retrigger_ddim_steps,
         retrigger_lr=args.retrigger_lr, retrigger_prior_weight=args.retrigger_prior_weight,
     )
-
-
-def _seed_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in str(text).split(",") if v.strip())
-    except ValueError:
-        raise DitPruneError(f"--random-seeds must be integers like 0,1,2, got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -254,3 +248,10 @@ def _check_still_ours(run_dir: Path, lock: _Lock | None) -> None:
     if lock is not None and current != lock.run_id:
         raise DitPruneError(f"another dit-prune run took over {run_dir} while this one ran; "
                             "this run's report was not written")
+
+
+def _random_seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_seeds(text))
+    except DitPruneError as exc:
+        raise DitPruneError(f"--random-seeds: {exc}") from None

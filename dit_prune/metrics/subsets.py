@@ -62,3 +62,10 @@ def subset_metrics(arrays: dict, subset: torch.Tensor, seed: int = 0) -> dict[st
     return {"memorization_rate": mem.rate, "memorization_interval": list(mem.interval),
             "copy_rate": copy.rate, "copy_interval": list(copy.interval),
             "distinct_copied": copy.distinct_copied, "subset_size": copy.subset_size}
+
+
+def target_copy_rate(metrics: dict, target: str) -> tuple[float, list[float]]:
+    """(copy rate, its interval) of an evaluation's `metrics` on `target`: a subset name from
+    `metrics["subsets"]`, or "all" for copies of any training image."""
+    counted = metrics if target == "all" else metrics["subsets"][target]
+    return float(counted["copy_rate"]), list(counted["copy_interval"])

@@ -41,6 +41,7 @@ from dit_prune.metrics.equal_quality import (
 from dit_prune.metrics.fid import paired_fd_change
 from dit_prune.metrics.guards import verdict
 from dit_prune.metrics.netio import weights_fingerprint
+from dit_prune.metrics.subsets import target_copy_rate
 from dit_prune.pruning import prune_units, recover, select_units
 from dit_prune.pruning.recovery_data import recovery_images
 from dit_prune.pruning.selection import MODE_KINDS
@@ -191,7 +192,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                 model, f"random_s{random_seed}_{budget:g}", timed=random_seed == first_seed,
                 attacked=random_seed == first_seed and budget in cfg.budgets)
             random_plans[random_seed, budget] = plan
-    curve = [RandomPoint(s, b, arm.metrics["fd"], target_rate(arm.metrics, target))
+    target_name = target[0] if target else "all"
+    curve = [RandomPoint(s, b, arm.metrics["fd"], target_copy_rate(arm.metrics, target_name)[0])
              for (s, b), arm in randoms.items()]
     entries = []
     for budget in tqdm(cfg.budgets, desc="budgets", disable=not progress):
@@ -213,7 +215,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                                                         context, seed=cfg.seed)
         entry["fd_change"] = _fd_change(before, after, context, cfg.seed)
         entry["equal_quality"] = equal_quality_entry(before.metrics, after.metrics, curve,
-                                                     target)
+                                                     target_name)
         entry["verdict"] = verdict(before.metrics, after.metrics, entry["noise_control"],
                                    entry["fd_change"], entry["equal_quality"])
         random_arm = entry["random_baseline"]
@@ -225,7 +227,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
         entries.append(entry)
     return {"before": before, "entries": entries, "context": context, "config": cfg,
             "meta": meta, "seeds": seeds, "labels": labels, "units": units,
-            "random_curve": curve, "target": target[0] if target else "all",
+            "random_curve": curve, "target": target_name,
             "retrigger": probe.describe() if probe is not None else None}
 
 
@@ -257,29 +259,14 @@ def target_subset(cfg: RunConfig, extra: dict[str, Any],
     return "duplicated", positions
 
 
-def target_rate(metrics: dict[str, Any], target: tuple[str, list[int]] | None,
-                key: str = "copy") -> float:
-    """The copy rate the comparison counts: on the target subset, or over all training images."""
-    if target is None:
-        return float(metrics[f"{key}_rate"])
-    return float(metrics["subsets"][target[0]][f"{key}_rate"])
-
-
-def target_interval(metrics: dict[str, Any], target: tuple[str, list[int]] | None,
-                    key: str = "copy") -> list[float]:
-    if target is None:
-        return list(metrics[f"{key}_interval"])
-    return list(metrics["subsets"][target[0]][f"{key}_interval"])
-
-
 def equal_quality_entry(before: dict[str, Any], after: dict[str, Any],
-                        curve: list[RandomPoint],
-                        target: tuple[str, list[int]] | None) -> dict[str, Any]:
-    """Random's target copy rate at the after model's FD, the rule and the copy-cut ratio."""
-    before_rate = target_rate(before, target)
+                        curve: list[RandomPoint], target: str) -> dict[str, Any]:
+    """Random's copy rate on `target` ("all" or a subset name) at the after model's FD, the
+    rule and the copy-cut ratio."""
+    before_rate = target_copy_rate(before, target)[0]
     random = random_at_fd(curve, before["fd"], before_rate, after["fd"])
-    after_rate, after_interval = target_rate(after, target), target_interval(after, target)
-    return {**random.to_json(), "target": target[0] if target else "all",
+    after_rate, after_interval = target_copy_rate(after, target)
+    return {**random.to_json(), "target": target,
             "scorer_rate": after_rate, "scorer_interval": after_interval,
             "beats": beats_random(after_interval, random),
             "copy_cut_ratio": copy_cut_ratio(before_rate, after_rate, random),

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from dit_prune.checkpoint import atomic_write_with
 from dit_prune.metrics.equal_quality import RandomPoint, random_at_fd
+from dit_prune.metrics.subsets import target_copy_rate
 
 
 def tradeoff_plot(report: dict[str, Any], path: str | Path) -> Path:
@@ -63,12 +64,9 @@ def tradeoff_plot(report: dict[str, Any], path: str | Path) -> Path:
 
 
 def _rate(metrics: dict[str, Any], target: str) -> float:
-    return float(metrics["copy_rate"] if target == "all" else
-                 metrics["subsets"][target]["copy_rate"])
+    return target_copy_rate(metrics, target)[0]
 
 
 def _err(metrics: dict[str, Any], target: str) -> np.ndarray:
-    rate = _rate(metrics, target)
-    low, high = (metrics["copy_interval"] if target == "all" else
-                 metrics["subsets"][target]["copy_interval"])
+    rate, (low, high) = target_copy_rate(metrics, target)
     return np.array([[max(rate - low, 0.0)], [max(high - rate, 0.0)]])  # (2, 1)
