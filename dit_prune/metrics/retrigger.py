@@ -183,16 +183,16 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def attack(model: nn.Module, scheduler: Any, targets: torch.Tensor, labels: torch.Tensor,
-           seeds: Sequence[int], budget: AttackBudget) -> tuple[torch.Tensor, list[float]]:
-    """Optimise the initial noise so that the samples match targets (B, C, H, W) in [-1, 1].
+def optimise_noise(model: nn.Module, scheduler: Any, z: torch.Tensor, targets: torch.Tensor,
+                   labels: torch.Tensor, budget: AttackBudget) -> tuple[torch.Tensor, list[float]]:
+    """The attack's inner loop: `budget.attack_steps` Adam steps on the noise z (B, C, H, W),
+    from the given z, so that DDIM's samples match targets (B, C, H, W) in [-1, 1].
 
-    Returns the final samples (B, C, H, W) and the MSE after each Adam step. Only the noise is
-    optimised: gradients are taken with respect to it alone, and the model is left unchanged.
+    Returns the optimised noise (B, C, H, W), detached, and the MSE after each step. Gradients
+    are taken with respect to the noise alone; the model is left unchanged (and in its mode).
+    Adversarial recovery (dit_prune.pruning.adversarial) calls it to warm-start its attacks.
     """
-    device = targets.device
-    z = initial_noise(list(seeds), tuple(targets.shape[1:])).to(device)  # (B, C, H, W)
-    z.requires_grad_(True)
+    z = z.detach().clone().requires_grad_(True)  # (B, C, H, W)
     optimizer = torch.optim.Adam([z], lr=budget.lr)
     losses: list[float] = []
     with evaluating(model):
@@ -205,9 +205,22 @@ def attack(model: nn.Module, scheduler: Any, targets: torch.Tensor, labels: torc
             z.grad = grad  # (B, C, H, W)
             optimizer.step()
             losses.append(float(fit.detach()))
-        with torch.no_grad():
-            final = ddim_sample(model, scheduler, z.detach(), labels, budget.ddim_steps)
-    return final, losses  # (B, C, H, W)
+    return z.detach(), losses
+
+
+def attack(model: nn.Module, scheduler: Any, targets: torch.Tensor, labels: torch.Tensor,
+           seeds: Sequence[int], budget: AttackBudget) -> tuple[torch.Tensor, list[float]]:
+    """Optimise the initial noise so that the samples match targets (B, C, H, W) in [-1, 1].
+
+    Returns the final samples (B, C, H, W) and the MSE after each Adam step. Only the noise is
+    optimised: gradients are taken with respect to it alone, and the model is left unchanged.
+    """
+    device = targets.device
+    z0 = initial_noise(list(seeds), tuple(targets.shape[1:])).to(device)  # (B, C, H, W)
+    z, losses = optimise_noise(model, scheduler, z0, targets, labels, budget)
+    with evaluating(model), torch.no_grad():
+        final = ddim_sample(model, scheduler, z, labels, budget.ddim_steps)  # (B, C, H, W)
+    return final, losses
 
 
 def success(samples: torch.Tensor, reference_index: torch.Tensor, reference: torch.Tensor,
