@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--random-seeds", default="0,1,2")
     parser.add_argument("--random-budgets", default=None,
                         help="budgets of the random arms (default: --budgets)")
+    parser.add_argument("--budget-mode", default="heads",
+                        choices=("heads", "neurons", "both", "params"),
+                        help="which units the budgets count (as dit-prune run --budget-mode)")
+    parser.add_argument("--retrigger-targets", type=int, default=10,
+                        help="re-trigger attack targets per arm; 0 turns the attack off")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
@@ -76,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                                 budgets=budgets, seeds=args.seeds, steps=args.steps,
                                 scorer_options=options, seed=seed,
                                 random_seeds=tuple(parse_list(args.random_seeds, int)),
-                                random_budgets=random_budgets)
+                                random_budgets=random_budgets,
+                                budget_mode=args.budget_mode,
+                                retrigger_targets=args.retrigger_targets)
                 done = timed(f"{folder.name} {spec} seed {seed}")
                 reports.append(rejudge(run_cached(cfg, folder / "reports" /
                                                   f"{spec}-s{seed}.json")))
