@@ -9,7 +9,11 @@
   large diffusion times (default t in [500, 999]), where the teacher's prediction depends on
   coarse structure rather than on individual training images; small t, where copying is
   decided, is left as pruning made it. Any images work (held-out, unused, unlabelled: labels
-  are then drawn at random, null class included).
+  are then drawn at random, null class included). On images the teacher generated and the copy
+  detector calls novel (`recovery_data.novel_filter`), distillation can run at all t
+  (`t_min=0`) without showing the student a copied image.
+* ``adversarial`` (dit_prune.pruning.adversarial) distills the same way while moving the
+  student off the samples a noise-optimisation attack makes of the copied images.
 
 Example:
     >>> import torch
@@ -39,7 +43,7 @@ from dit_prune.errors import DitPruneError
 from dit_prune.legacy import family_name
 from dit_prune.models import disable_block_label_dropout, null_class
 
-RECOVERY_METHODS = ("none", "finetune", "distill")
+RECOVERY_METHODS = ("none", "finetune", "distill", "adversarial")
 
 
 @dataclass(frozen=True)
@@ -94,17 +98,17 @@ class RecoveryResult:
     losses: list[float]
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    # other per-step series (adversarial: "distill_loss", "attacked_mse"), same length as losses
+    trace: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        head, tail = self.losses[:20], self.losses[-20:]
-        return {
-            "method": self.method,
-            "steps": len(self.losses),
-            "loss_first_20": sum(head) / max(len(head), 1),
-            "loss_last_20": sum(tail) / max(len(tail), 1),
-            "seconds": round(self.seconds, 1),
-            "config": self.config,
-        }
+        out: dict[str, Any] = {"method": self.method, "steps": len(self.losses)}
+        for name, values in {"loss": self.losses, **self.trace}.items():
+            head, tail = values[:20], values[-20:]
+            out[f"{name}_first_20"] = sum(head) / max(len(head), 1)
+            out[f"{name}_last_20"] = sum(tail) / max(len(tail), 1)
+        out.update(seconds=round(self.seconds, 1), config=self.config)
+        return out
 
 
 def finetune(
@@ -171,11 +175,8 @@ def distill(
         raise DitPruneError(f"{len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise DitPruneError("no images to distill on")
-    import diffusers
-
     device = next(student.parameters()).device
-    alphas = diffusers.DDPMScheduler(
-        num_train_timesteps=num_train_timesteps).alphas_cumprod.to(device)  # (T,)
+    alphas = noise_levels(num_train_timesteps, device)  # (T,)
     null = null_class(student)
     teacher_was_training = teacher.training
     teacher.to(device).eval()
@@ -187,18 +188,7 @@ def distill(
     bar = tqdm(range(config.steps), desc="distilling", disable=not progress)
     try:
         for step in bar:
-            idx = torch.randint(len(images), (config.batch_size,), generator=gen)  # (B,)
-            x0 = images[idx].to(device)  # (B, C, H, W)
-            y = _draw_labels(labels, idx, null, config.label_dropout, gen).to(device)  # (B,)
-            t = torch.randint(config.t_min, config.t_max + 1, (config.batch_size,),
-                              generator=gen).to(device)  # (B,)
-            noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
-            a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B, C, H, W)
-            with torch.no_grad():
-                target = teacher(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
-            pred = student(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
-            loss = F.mse_loss(pred, target)
+            loss = distill_loss(student, teacher, images, labels, alphas, null, config, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -218,6 +208,39 @@ def distill(
     return RecoveryResult(student, "distill", losses, time.perf_counter() - started, summary)
 
 
+def noise_levels(num_train_timesteps: int, device: torch.device | str) -> torch.Tensor:
+    """alpha-bar (T,) of the project's DDPM schedule (diffusers' defaults), on `device`."""
+    import diffusers
+
+    return diffusers.DDPMScheduler(
+        num_train_timesteps=num_train_timesteps).alphas_cumprod.to(device)  # (T,)
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
+                 labels: torch.Tensor | None, alphas: torch.Tensor, null: int,
+                 config: RecoveryConfig, gen: torch.Generator) -> torch.Tensor:
+    """One batch of the distillation loss: MSE between student and teacher outputs on
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, x0 drawn from images (N, C, H, W) in [-1, 1],
+    t uniform in [config.t_min, config.t_max], labels with dropout (or uniform when None).
+
+    Draws from `gen` in a fixed order, so a seed fixes every batch. Returns a scalar with
+    gradients to the student only (the teacher runs under no_grad).
+    """
+    device = alphas.device
+    idx = torch.randint(len(images), (config.batch_size,), generator=gen)  # (B,)
+    x0 = images[idx].to(device)  # (B, C, H, W)
+    y = _draw_labels(labels, idx, null, config.label_dropout, gen).to(device)  # (B,)
+    t = torch.randint(config.t_min, config.t_max + 1, (config.batch_size,),
+                      generator=gen).to(device)  # (B,)
+    noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
+    a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B, C, H, W)
+    with torch.no_grad():
+        target = teacher(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
+    pred = student(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
+    return F.mse_loss(pred, target)
+
+
 def recover(
     method: str,
     model: nn.Module,
@@ -226,9 +249,11 @@ def recover(
     teacher: nn.Module | None = None,
     **options: Any,
 ) -> RecoveryResult | None:
-    """Run recovery `method` ('none', 'finetune' or 'distill'); None for 'none'.
+    """Run recovery `method` (one of RECOVERY_METHODS); None for 'none'.
 
-    `options` are the keyword options of `finetune` or `distill` (steps, lr, t_min, ...).
+    `options` are the keyword options of `finetune` or `distill` (steps, lr, t_min, ...);
+    'adversarial' also takes `scheduler`, `targets`, `target_labels` and `config` (an
+    AdversarialConfig; the other options are then ignored) or its fields.
     """
     if method not in RECOVERY_METHODS:
         raise DitPruneError(f"unknown recovery {method!r}; choose one of {RECOVERY_METHODS}")
@@ -242,7 +267,23 @@ def recover(
         return finetune(model, images, labels, **{k: v for k, v in options.items()
                                                    if k in allowed})
     if teacher is None:
-        raise DitPruneError("distillation needs the unpruned teacher model")
+        raise DitPruneError(f"{method} recovery needs the unpruned teacher model")
+    if method == "adversarial":
+        from dit_prune.pruning.adversarial import (
+            ADVERSARIAL_OPTIONS,
+            AdversarialConfig,
+            adversarial,
+        )
+
+        missing = [k for k in ("scheduler", "targets", "target_labels") if options.get(k) is None]
+        if missing:
+            raise DitPruneError(f"adversarial recovery needs {missing[0]!r} (the copied images "
+                                "to re-trigger and the noise scheduler)")
+        config = options.get("config") or AdversarialConfig(
+            **{k: v for k, v in options.items() if k in ADVERSARIAL_OPTIONS})
+        return adversarial(model, teacher, options["scheduler"], images, labels,
+                           options["targets"], options["target_labels"], config,
+                           progress=options.get("progress", True))
     allowed = ("steps", "lr", "batch_size", "t_min", "t_max", "seed", "num_train_timesteps",
                "progress")
     return distill(model, teacher, images, labels,
