@@ -1,7 +1,8 @@
 """Hooks on unit slices, always inside context managers that remove them (even on error).
 
-`ablate` multiplies the named units' input channels of their down-projection by `scale`;
-`capture` records those input channels (and, when asked, their gradients) per forward call.
+`ablate` multiplies the named units' input channels of every down-projection site by `scale`
+(`dit_prune.units.families` declares the sites of each family); `capture` records those input
+channels (and, when asked, their gradients) per forward call; `gates` multiplies a ones-gate.
 
 Example:
     >>> import torch
@@ -27,19 +28,29 @@ import torch
 from torch import nn
 
 from dit_prune.units import Unit, adapter_for, enumerate_units, group_units, unit_columns
+from dit_prune.units.adapters import channel_dim, in_channels, norm_width
 
 
 @dataclass
 class LayerSlot:
-    """One down-projection with the channels of the units hooked on it."""
+    """One down-projection site with the channels of the units hooked on it.
 
-    layer: nn.Linear
+    A unit with several down sites (a joint head: image and text streams) appears in one slot
+    per site. `dim` is the channel dimension of the layer's input (-1 for Linear, 1 for conv).
+    """
+
+    layer: nn.Module
     units: list[Unit]
     columns: list[range]  # aligned with units, in the layer's current numbering
+    dim: int = -1
+
+    @property
+    def in_features(self) -> int:
+        return in_channels(self.layer)
 
 
 def unit_slots(model: nn.Module, units: Iterable[Unit]) -> list[LayerSlot]:
-    """Group units by their down-projection layer, with each unit's input-channel range."""
+    """Group units by (block, kind, down site), with each unit's input-channel range."""
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     units = list(units)
@@ -50,36 +61,84 @@ def unit_slots(model: nn.Module, units: Iterable[Unit]) -> list[LayerSlot]:
         kept = adapter.kept(block, kind)
         position = {orig: pos for pos, orig in enumerate(kept)}
         members = sorted({u for u in units if u.block == b and u.kind == kind})
-        columns = [unit_columns(adapter, block, kind, position[u.index]) for u in members]
-        slots.append(LayerSlot(adapter.down_proj(block, kind), members, columns))
+        for site, layer in adapter.modules(block, adapter.require(block, kind).downs):
+            offset = adapter.down_offset(block, site)
+            columns = [unit_columns(adapter, block, kind, position[u.index], offset)
+                       for u in members]
+            slots.append(LayerSlot(layer, members, columns, channel_dim(layer)))
     return slots
+
+
+def _norm_rescalers(model: nn.Module, units: list[Unit]) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Norms spanning every head of a kind (RMSNorm across heads) with the 0/1 mask of the kept
+    channels: removal slices such a norm, so exact ablation renormalises over the kept ones."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    found = []
+    for (b, kind), positions in sorted(group_units(model, units).items()):
+        block = blocks[b]
+        gone = adapter.unit_channels(block, kind, positions)
+        for norm in adapter.norm_modules(block, kind):
+            mask = torch.ones(norm_width(norm))  # (N,)
+            mask[gone] = 0.0
+            found.append((norm, mask))
+    return found
 
 
 @contextmanager
 def ablate(model: nn.Module, units: Iterable[Unit], scale: float = 0.0) -> Iterator[None]:
-    """While inside, the named units' outputs are multiplied by `scale` (0 removes them)."""
+    """While inside, the named units' outputs are multiplied by `scale` (0 removes them).
+
+    Every down site of a unit is scaled (a joint head's image and text streams). With
+    `scale=0`, a norm that spans every head (Sana's `rms_norm_across_heads`) is computed over
+    the kept heads only, as in the pruned model: its input is masked and multiplied by
+    sqrt(N / N_kept) and its output divided by that factor, which is exact for RMSNorm.
+    """
+    units = list(units)
     handles = []
     try:
         for slot in unit_slots(model, units):
-            mask = torch.ones(slot.layer.in_features, device=slot.layer.weight.device)  # (D_in,)
+            mask = torch.ones(slot.in_features, device=slot.layer.weight.device)  # (D_in,)
             for cols in slot.columns:
                 mask[cols.start : cols.stop] = scale
-            handles.append(slot.layer.register_forward_pre_hook(_scale_input(mask)))
+            handles.append(slot.layer.register_forward_pre_hook(_scale_input(mask, slot.dim)))
+        if scale == 0:
+            for norm, keep in _norm_rescalers(model, units):
+                factor = float(keep.numel() / keep.sum()) ** 0.5
+                keep = keep.to(next(norm.parameters(), keep).device)
+                handles.append(norm.register_forward_pre_hook(_scale_input(keep * factor, -1)))
+                handles.append(norm.register_forward_hook(_divide_output(factor)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _scale_input(mask: torch.Tensor):
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x = args[0]  # (B, T, D_in)
-        scale = mask.to(dtype=x.dtype)  # (D_in,), or (B, D_in) per example
-        if scale.ndim == 2:
-            scale = scale.reshape(scale.shape[0], *([1] * (x.ndim - 2)), scale.shape[1])
-        return (x * scale,) + tuple(args[1:])
+def _divide_output(factor: float):
+    def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            return (out - bias) / factor + bias  # (..., N)
+        return out / factor  # (..., N)
 
     return hook
+
+
+def _scale_input(mask: torch.Tensor, dim: int = -1):
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]  # (B, T, D_in) or (B, D_in, H, W) for conv (dim 1)
+        return (x * _broadcast(mask.to(dtype=x.dtype), x, dim),) + tuple(args[1:])
+
+    return hook
+
+
+def _broadcast(scale: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """(D_in,) or (B, D_in) scale shaped to multiply x along channel dimension `dim`."""
+    axis = dim % x.ndim
+    trailing = [1] * (x.ndim - axis - 1)
+    if scale.ndim == 2:  # per example
+        return scale.reshape(scale.shape[0], *([1] * (axis - 1)), scale.shape[1], *trailing)
+    return scale.reshape(scale.shape[0], *trailing)
 
 
 @dataclass
@@ -90,21 +149,24 @@ class Capture:
     inputs: list[list[torch.Tensor]] = field(default_factory=list)  # [slot][call] (B, T, D_in)
     grads: list[list[torch.Tensor]] = field(default_factory=list)  # same layout
 
-    def _find(self, unit: Unit) -> tuple[int, range]:
-        for s, slot in enumerate(self.slots):
-            if unit in slot.units:
-                return s, slot.columns[slot.units.index(unit)]
-        raise KeyError(f"{unit} was not captured")
+    def _find(self, unit: Unit) -> list[tuple[int, range]]:
+        found = [(s, slot.columns[slot.units.index(unit)])
+                 for s, slot in enumerate(self.slots) if unit in slot.units]
+        if not found:
+            raise KeyError(f"{unit} was not captured")
+        return found
 
     def activations(self, unit: Unit) -> list[torch.Tensor]:
-        """The unit's input slice per forward call: [(B, T, width)]."""
-        s, cols = self._find(unit)
-        return [x[..., cols.start : cols.stop] for x in self.inputs[s]]
+        """The unit's input slice per forward call: [(B, T, width)] (conv sites: (B, width,
+        H, W)); a unit with several down sites gives every call of its first site, then of
+        the next."""
+        return [x.narrow(self.slots[s].dim, cols.start, len(cols))
+                for s, cols in self._find(unit) for x in self.inputs[s]]
 
     def gradients(self, unit: Unit) -> list[torch.Tensor]:
         """Gradient of the loss w.r.t. the unit's input slice per call (needs grads=True)."""
-        s, cols = self._find(unit)
-        return [g[..., cols.start : cols.stop] for g in self.grads[s]]
+        return [g.narrow(self.slots[s].dim, cols.start, len(cols))
+                for s, cols in self._find(unit) for g in self.grads[s]]
 
 
 @contextmanager
@@ -168,13 +230,17 @@ class Gates:
 
         Returns (..., U) aligned with `self.units`.
         """
-        sums, flat = [], {}
+        flat = {unit: i for i, unit in enumerate(dict.fromkeys(self.units))}
+        total: torch.Tensor | None = None
         for slot, values in zip(self.slots, per_slot, strict=True):
             index = slot_column_index(slot).to(values.device)  # (U_s, width)
-            sums.append(values[..., index].sum(-1))  # (..., U_s)
-            flat.update((unit, len(flat)) for unit in slot.units)
+            sums = values[..., index].sum(-1)  # (..., U_s)
+            if total is None:
+                total = sums.new_zeros(*sums.shape[:-1], len(flat))  # (..., U_unique)
+            members = torch.tensor([flat[u] for u in slot.units], device=values.device)
+            total = total.index_add(-1, members, sums)  # a unit sums over all its sites
         gather = torch.tensor([flat[unit] for unit in self.units], dtype=torch.long)  # (U,)
-        return torch.cat(sums, -1)[..., gather.to(sums[0].device)]  # (..., U)
+        return total[..., gather.to(total.device)]  # (..., U)
 
 
 def slot_column_index(slot: LayerSlot) -> torch.Tensor:
@@ -207,11 +273,11 @@ def gates(model: nn.Module, units: Sequence[Unit], batch: int | None = None) -> 
     try:
         for slot in record.slots:
             weight = slot.layer.weight
-            shape = (slot.layer.in_features,) if batch is None else (batch, slot.layer.in_features)
+            shape = (slot.in_features,) if batch is None else (batch, slot.in_features)
             gate = torch.ones(shape, device=weight.device, dtype=weight.dtype,
                               requires_grad=True)  # (D_in,) or (B, D_in)
             record.tensors.append(gate)
-            handles.append(slot.layer.register_forward_pre_hook(_scale_input(gate)))
+            handles.append(slot.layer.register_forward_pre_hook(_scale_input(gate, slot.dim)))
         yield record
     finally:
         for handle in handles:
@@ -243,26 +309,28 @@ def ablate_each(model: nn.Module, units: Sequence[Unit], scale: float = 0.0) -> 
     try:
         for slot in unit_slots(model, units):
             weight = slot.layer.weight
-            mask = torch.ones(replicas, slot.layer.in_features, device=weight.device)  # (R, D_in)
+            mask = torch.ones(replicas, slot.in_features, device=weight.device)  # (R, D_in)
             for r, unit in enumerate(units):
                 if unit in slot.units:
                     cols = slot.columns[slot.units.index(unit)]
                     mask[r, cols.start : cols.stop] = scale
-            handles.append(slot.layer.register_forward_pre_hook(_scale_replicas(mask)))
+            handles.append(slot.layer.register_forward_pre_hook(_scale_replicas(mask, slot.dim)))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _scale_replicas(mask: torch.Tensor):
+def _scale_replicas(mask: torch.Tensor, dim: int = -1):
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x = args[0]  # (R * B, T, D_in)
+        x = args[0]  # (R * B, T, D_in), or (R * B, D_in, H, W) for conv
         replicas = mask.shape[0]
         if x.shape[0] % replicas:
             raise ValueError(f"batch {x.shape[0]} is not a multiple of {replicas} replicas")
-        shaped = x.reshape(replicas, x.shape[0] // replicas, *x.shape[1:])  # (R, B, T, D_in)
-        view = mask.to(dtype=x.dtype).reshape(replicas, 1, *([1] * (x.ndim - 2)), -1)
+        shaped = x.reshape(replicas, x.shape[0] // replicas, *x.shape[1:])  # (R, B, ...)
+        axis = dim % x.ndim
+        view = mask.to(dtype=x.dtype).reshape(
+            replicas, *([1] * axis), mask.shape[1], *([1] * (x.ndim - axis - 1)))
         return ((shaped * view).reshape(x.shape),) + tuple(args[1:])
 
     return hook

@@ -13,6 +13,8 @@ Example:
     >>> resize_to_structure(model, {"kept": kept})
     >>> read_structure(model)["heads"], is_uniform(model)
     ([3, 4, 4, 4], False)
+    >>> read_structure(model)["counts"]["head"]
+    [3, 4, 4, 4]
 """
 
 from __future__ import annotations
@@ -23,31 +25,33 @@ import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
-from dit_prune.units.adapters import adapter_for
-from dit_prune.units.unit import NEURON
+from dit_prune.units.adapters import KEPT_ATTRIBUTE, adapter_for
+from dit_prune.units.removal import remove_positions
+from dit_prune.units.unit import HEAD, NEURON
 
 
 def read_structure(model: nn.Module) -> dict[str, Any]:
-    """Head counts, FF widths and the kept original indices of every block and unit kind."""
+    """Unit counts per kind and block, and the kept original indices of every block and kind
+    (`[]` where a block has no units of a kind, e.g. the text feed-forward of SD3's last
+    block). DiT-style families also get `heads` and `ff_dims` (head and neuron counts)."""
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
-    kept = {kind: [adapter.kept(b, kind) for b in blocks] for kind in adapter.kinds}
-    return {
-        "heads": [adapter.count(b, "head") for b in blocks],
-        "ff_dims": [adapter.count(b, NEURON) for b in blocks],
-        "kept": kept,
-    }
+    kept = {kind: [adapter.kept(b, kind) if adapter.spec(b, kind) else [] for b in blocks]
+            for kind in adapter.kinds}
+    structure: dict[str, Any] = {}
+    if HEAD in adapter.kinds and NEURON in adapter.kinds:
+        structure["heads"] = [adapter.count(b, HEAD) for b in blocks]
+        structure["ff_dims"] = [adapter.count(b, NEURON) for b in blocks]
+    structure["counts"] = {kind: [adapter.count(b, kind) for b in blocks]
+                           for kind in adapter.kinds}
+    structure["kept"] = kept
+    return structure
 
 
 def is_uniform(model: nn.Module) -> bool:
     """True when no unit of any block has been removed."""
     adapter = adapter_for(model)
-    return all(
-        adapter.kept(b, kind) == list(range(len(adapter.kept(b, kind))))
-        and not hasattr(b, "dit_prune_kept")
-        for b in adapter.blocks(model)
-        for kind in adapter.kinds
-    )
+    return not any(hasattr(b, KEPT_ATTRIBUTE) for b in adapter.blocks(model))
 
 
 def original_counts(model: nn.Module) -> dict[str, list[int]]:
@@ -64,9 +68,10 @@ def original_counts(model: nn.Module) -> dict[str, list[int]]:
 
 
 def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
-    """Replace the Linears of every unit kind by smaller uninitialised ones matching `structure`.
-
-    Weights are meant to be loaded right after (they are left uninitialised here).
+    """Shrink the unit layers of a freshly built model to `structure`'s kept indices, with the
+    same per-layer removal as pruning (`dit_prune.units.removal`); weights are meant to be
+    loaded right after. One-line DitPruneError for kinds, block counts or indices the model
+    does not have.
     """
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
@@ -81,59 +86,16 @@ def resize_to_structure(model: nn.Module, structure: dict[str, Any]) -> None:
             )
         for block_index, (block, indices) in enumerate(zip(blocks, per_block, strict=True)):
             full = adapter.count(block, kind)
+            if full == 0 and not indices:
+                continue  # the block has no units of this kind
             if not indices:
                 raise DitPruneError(f"block {block_index} must keep at least one {kind}")
             if len(set(indices)) != len(indices) or min(indices) < 0 or max(indices) >= full:
                 raise DitPruneError(f"block {block_index}: invalid kept {kind} indices {indices}")
-            shrink_kind(adapter, block, kind, len(indices))
-            adapter.set_kept(block, kind, list(indices))
-
-
-def shrink_kind(adapter: Any, block: nn.Module, kind: str, count: int) -> None:
-    """Resize the layers of one unit kind of `block` to `count` units (weights uninitialised)."""
-    channels = count * adapter.width(block, kind)
-    rows = count * adapter.up_rows_per_unit(block, kind)  # GLU neurons own two proj rows
-    for layer_owner, name, layer in _layers(adapter, block, kind):
-        is_down = layer is adapter.down_proj(block, kind)
-        new = _resized(layer, in_features=channels if is_down else None,
-                       out_features=None if is_down else rows)
-        _set(layer_owner, name, new)
-    if kind != NEURON:
-        attn = adapter.attention(block, kind)
-        head_dim = attn.inner_dim // attn.heads
-        fix_attention_bookkeeping(attn, count, head_dim)
-
-
-def fix_attention_bookkeeping(attn: nn.Module, heads: int, head_dim: int) -> None:
-    """The one place that updates diffusers Attention's head count and inner widths."""
-    attn.heads = heads
-    attn.inner_dim = heads * head_dim
-    attn.inner_kv_dim = heads * head_dim
-
-
-def _layers(adapter: Any, block: nn.Module, kind: str) -> list[tuple[Any, Any, nn.Linear]]:
-    if kind == NEURON:
-        return [(block.ff.net[0], "proj", block.ff.net[0].proj), (block.ff.net, 2, block.ff.net[2])]
-    attn = adapter.attention(block, kind)
-    return [(attn, n, getattr(attn, n)) for n in ("to_q", "to_k", "to_v")] + [
-        (attn.to_out, 0, attn.to_out[0])
-    ]
-
-
-def _set(owner: Any, name: Any, layer: nn.Linear) -> None:
-    if isinstance(name, int):
-        owner[name] = layer
-    else:
-        setattr(owner, name, layer)
-
-
-def _resized(
-    layer: nn.Linear, in_features: int | None = None, out_features: int | None = None
-) -> nn.Linear:
-    return nn.Linear(
-        in_features or layer.in_features,
-        out_features or layer.out_features,
-        bias=layer.bias is not None,
-        device=layer.weight.device,
-        dtype=layer.weight.dtype,
-    ).requires_grad_(layer.weight.requires_grad)
+            current = adapter.kept(block, kind)
+            keep = set(indices)
+            drop = [pos for pos, orig in enumerate(current) if orig not in keep]
+            if drop:
+                remove_positions(adapter, block, kind, drop)
+            order = {orig: i for i, orig in enumerate(indices)}
+            adapter.set_kept(block, kind, sorted(adapter.kept(block, kind), key=order.__getitem__))

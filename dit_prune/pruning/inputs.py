@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dit_prune.legacy import family_name
+from dit_prune.units.families import ANATOMIES
 
 CAPTION_TOKENS = 4  # length of the dummy caption for text-conditioned models
 
@@ -25,8 +26,12 @@ def example_inputs(
     """Keyword inputs for `model(**inputs)`: (batch, C, H, W) noise, a timestep, a condition.
 
     `side` is H = W (default the model's `sample_size`; diffusers recomputes the position
-    embedding for other multiples of the patch size).
+    embedding for other multiples of the patch size). Other families build their own inputs
+    (`Anatomy.inputs` in `dit_prune.units.families`, e.g. Flux's packed tokens).
     """
+    anatomy = ANATOMIES.get(family_name(model))
+    if anatomy is not None and anatomy.inputs is not None:
+        return anatomy.inputs(model, batch=batch, seed=seed, side=side)
     param = next(model.parameters())
     config = model.config
     size = int(config.sample_size) if side is None else int(side)
@@ -47,7 +52,8 @@ def example_inputs(
 
 def check_side(model: nn.Module) -> int:
     """A small input side for cheap checks: 2 x 2 patches (or the sample size when smaller)."""
-    return min(int(model.config.sample_size), 2 * int(model.config.patch_size or 1))
+    patch = int(getattr(model.config, "patch_size", None) or 1)
+    return min(int(getattr(model.config, "sample_size", None) or 2 * patch), 2 * patch)
 
 
 def caption_channels(model: nn.Module) -> int:

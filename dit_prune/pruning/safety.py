@@ -1,10 +1,10 @@
 """Undo and verify a structural removal: a snapshot of the unit layers, and the forward check.
 
-`prune_units` snapshots the layers it is about to shrink (their `Parameter` objects, widths, the
-attention bookkeeping and the kept indices: torch-pruning's per-layer functions replace
-parameters, they never write into the old ones), removes the units, and compares one forward on
-an example input with `ablate` of the same units on the unpruned model. Any failure restores the
-snapshot, so the caller's model is left as it was, without a deep copy of the model.
+`prune_units` snapshots the modules it is about to shrink (their attribute and `Parameter`
+dicts: widths, the attention bookkeeping, the kept indices; torch-pruning's per-layer functions
+replace parameters, they never write into the old ones), removes the units, and compares one
+forward on an example input with `ablate` of the same units on the unpruned model. Any failure
+restores the snapshot, so the caller's model is left as it was, without a deep copy of the model.
 
 Tolerance: max |pruned - reference| <= rtol * max |reference| + atol, with (rtol, atol) =
 (1e-4, 1e-6) for float32/float64 and (2e-2, 1e-3) for 16-bit floats (the pruned matmuls sum
@@ -30,11 +30,7 @@ import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
-from dit_prune.units import NEURON, BlockAdapter
-from dit_prune.units.adapters import KEPT_ATTRIBUTE
-
-ATTENTION_FIELDS = ("heads", "inner_dim", "inner_kv_dim")  # what fix_attention_bookkeeping writes
-MISSING = object()
+from dit_prune.units import BlockAdapter
 
 
 def tolerance(dtype: torch.dtype) -> tuple[float, float]:
@@ -64,11 +60,11 @@ def check_forward(pruned: torch.Tensor, reference: torch.Tensor, where: str) -> 
 
 @dataclass
 class LayerSnapshot:
-    """What pruning one set of (block, kind) groups may change, to put back on failure."""
+    """What pruning one set of (block, kind) groups may change, to put back on failure: the
+    attribute dict and parameter dict of every site layer, attention module and block
+    (widths, `heads`/`inner_dim`, `mlp_hidden_dim`, the kept indices)."""
 
-    linears: list[tuple[nn.Linear, Any, Any, int, int]] = field(default_factory=list)
-    attentions: list[tuple[nn.Module, dict[str, Any]]] = field(default_factory=list)
-    kept: list[tuple[nn.Module, Any]] = field(default_factory=list)
+    saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
     def take(cls, adapter: BlockAdapter, blocks: list[nn.Module],
@@ -77,29 +73,20 @@ class LayerSnapshot:
         seen: set[int] = set()
         for b, kind in keys:
             block = blocks[b]
-            for layer in [*adapter.up_proj(block, kind), adapter.down_proj(block, kind)]:
-                snap.linears.append((layer, layer.weight, layer.bias, layer.in_features,
-                                     layer.out_features))
-            if kind != NEURON:
-                attn = adapter.attention(block, kind)
-                snap.attentions.append((attn, {f: getattr(attn, f) for f in ATTENTION_FIELDS}))
-            if id(block) not in seen:
-                seen.add(id(block))
-                recorded = getattr(block, KEPT_ATTRIBUTE, MISSING)
-                snap.kept.append((block, recorded if recorded is MISSING else dict(recorded)))
+            spec = adapter.require(block, kind)
+            modules = [m for _, m in adapter.modules(block, spec.sites)] + [block]
+            if spec.attention is not None:
+                modules.append(adapter.attention(block, kind))
+            for module in modules:
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    snap.saved.append((module, dict(module.__dict__),
+                                       dict(module._parameters)))
         return snap
 
     def restore(self) -> None:
-        for layer, weight, bias, in_features, out_features in self.linears:
-            layer.weight, layer.in_features, layer.out_features = weight, in_features, out_features
-            if bias is not None:
-                layer.bias = bias
-        for attn, fields in self.attentions:
-            for name, value in fields.items():
-                setattr(attn, name, value)
-        for block, recorded in self.kept:
-            if recorded is MISSING:
-                if hasattr(block, KEPT_ATTRIBUTE):
-                    delattr(block, KEPT_ATTRIBUTE)
-            else:
-                setattr(block, KEPT_ATTRIBUTE, recorded)
+        for module, attributes, parameters in self.saved:
+            for name in [k for k in module.__dict__ if k not in attributes]:
+                del module.__dict__[name]  # e.g. a kept-indices record added since
+            module.__dict__.update(attributes)
+            module.__dict__["_parameters"] = dict(parameters)  # torch-pruning replaced entries

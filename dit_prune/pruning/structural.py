@@ -1,12 +1,14 @@
 """Structural removal of heads and neurons with torch-pruning's per-layer pruning functions.
 
-A head is a whole-head channel range of `to_q`/`to_k`/`to_v` (output rows) and of
-`to_out[0]` (input columns); a neuron is one row of `ff.net[0].proj` (rows j and inner+j for
-GEGLU/SwiGLU) and one column of `ff.net[2]` (the anatomy is `BlockAdapter.up_rows` /
-`down_columns`). torch-pruning's dependency graph cross-checks every group before anything is
-removed, and one forward is compared with `ablate` after (`dit_prune.pruning.safety`). Nothing
-else is touched: the residual stream, embeddings and adaLN layers keep their shapes. Units keep
-their original (unpruned) numbering, so a pruned model can be pruned again with the same `Unit`s.
+Where a unit lives is the family's declared anatomy (`dit_prune.units.families`, e.g. a DiT
+head is a channel range of `to_q`/`to_k`/`to_v` rows and `to_out[0]` columns, a Flux joint
+head also of `add_*_proj` and `to_add_out`); `dit_prune.units.removal` applies torch-pruning's
+per-layer functions to every site. Where torch-pruning's DependencyGraph traces a family
+correctly (DiT, PixArt) it cross-checks every group before anything is removed; for every
+family one forward is compared with `ablate` of the same units after
+(`dit_prune.pruning.safety`). Nothing else is touched: the residual stream, embeddings and adaLN
+layers keep their shapes. Units keep their original (unpruned) numbering, so a pruned model can
+be pruned again with the same `Unit`s.
 
 Example:
     >>> from dit_prune.models import new_dit
@@ -35,8 +37,9 @@ from dit_prune.hooks import ablate
 from dit_prune.legacy import family_name
 from dit_prune.pruning.inputs import check_side, example_inputs, forward_sample
 from dit_prune.pruning.safety import LayerSnapshot, check_forward
-from dit_prune.structure import fix_attention_bookkeeping, read_structure
-from dit_prune.units import NEURON, BlockAdapter, Unit, adapter_for, group_units
+from dit_prune.structure import read_structure
+from dit_prune.units import BlockAdapter, Unit, adapter_for, group_units
+from dit_prune.units.removal import removal_steps, remove_positions
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def unit_cost(adapter: BlockAdapter, block: nn.Module, kind: str) -> int:
-    """Parameters one unit of `kind` holds in `block` (weights and biases of its slices)."""
-    rows = adapter.up_rows_per_unit(block, kind)  # twice the width for GLU neurons
-    ups = adapter.up_proj(block, kind)
-    down = adapter.down_proj(block, kind)
-    per_row = sum(up.in_features + (up.bias is not None) for up in ups)
-    return rows * per_row + adapter.width(block, kind) * down.out_features
+    """Parameters one unit of `kind` holds in `block` (weights and biases of its slices on
+    every site; `BlockAdapter.unit_cost`)."""
+    return adapter.unit_cost(block, kind)
 
 
 def prune_units(model: nn.Module, units: Iterable[Unit], progress: bool = False) -> PrunePlan:
@@ -114,7 +114,7 @@ def prune_units(model: nn.Module, units: Iterable[Unit], progress: bool = False)
                 f"{adapter.count(blocks[b], kind)}): a block must keep at least one"
             )
     params_before = count_parameters(model)
-    expected = sum(unit_cost(adapter, blocks[b], kind) * len(pos)
+    expected = sum(adapter.removal_cost(blocks[b], kind, pos)  # refuses unbalanced GQA sets
                    for (b, kind), pos in grouped.items())
     if grouped:
         _prune_checked(model, adapter, units, grouped, expected, progress)
@@ -150,7 +150,7 @@ def _prune_checked(
     try:
         inputs = example_inputs(model, side=check_side(model))  # 2 x 2 patches: cheap
         with torch.no_grad(), ablate(model, units):
-            reference = forward_sample(model, inputs)  # (1, C_out, h, w)
+            reference = forward_sample(model, inputs)  # (1, C_out, h, w) or (1, T, C_out)
         model.requires_grad_(True)  # tracing follows autograd
         _prune_groups(model, adapter, grouped, progress)
         removed = before - count_parameters(model)
@@ -175,17 +175,21 @@ def _prune_groups(
     grouped: dict[tuple[int, str], list[int]],
     progress: bool,
 ) -> None:
-    """Cross-check every group on torch-pruning's dependency graph, then remove each with its
-    per-layer pruning functions, driven by the adapter's anatomy."""
+    """Cross-check every group on torch-pruning's dependency graph (families where it traces
+    correctly), then remove each with its per-layer pruning functions, driven by the anatomy."""
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    graph = build_graph(model)
-    # every group is checked before any is applied: a refusal changes nothing
-    for (b, kind), positions in sorted(grouped.items()):
-        _check_on_graph(graph, adapter, model, b, kind, positions)
+    if adapter.anatomy.graph_check:
+        graph = build_graph(model)
+        # every group is checked before any is applied: a refusal changes nothing
+        for (b, kind), positions in sorted(grouped.items()):
+            _check_on_graph(graph, adapter, model, b, kind, positions)
+    blocks = adapter.blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
     touched: set[str] = set()
     for (b, kind), positions in tqdm(sorted(grouped.items()), desc="pruning",
                                      disable=not progress):
-        touched |= _remove(model, adapter, b, kind, positions)
+        for layer in remove_positions(adapter, blocks[b], kind, positions):
+            touched |= {f"{names[id(layer)]}.{p}" for p, _ in layer.named_parameters()}
     for name, p in model.named_parameters():
         if name not in touched and tuple(p.shape) != shapes[name]:
             raise DitPruneError(f"structural pruning changed {name}, which it must not touch; "
@@ -203,40 +207,11 @@ def _check_on_graph(
     """torch-pruning's group for the units at `positions` must reach exactly the anatomy's
     layers and channels (the up-projections' rows, GLU pairs included, and the down columns)."""
     block = adapter.blocks(model)[b]
-    ups, down = adapter.up_proj(block, kind), adapter.down_proj(block, kind)
-    rows = adapter.up_rows(block, kind, positions)
-    wanted = {id(up): rows for up in ups}
-    wanted[id(down)] = adapter.down_columns(block, kind, positions)
-    group = graph.get_pruning_group(ups[0], tp.prune_linear_out_channels, rows)
+    steps = removal_steps(adapter, block, kind, positions)
+    wanted = {id(module): channels for module, _, channels in steps}
+    first, _, rows = steps[0]
+    group = graph.get_pruning_group(first, tp.prune_linear_out_channels, rows)
     _check_group(group, wanted, f"block {b} {kind}")
-
-
-def _remove(model: nn.Module, adapter: BlockAdapter, b: int, kind: str,
-            positions: list[int]) -> set[str]:
-    """Prune the rows and columns of one (block, kind) with torch-pruning's per-layer functions,
-    fix the bookkeeping; returns the parameter names touched."""
-    block = adapter.blocks(model)[b]
-    width = adapter.width(block, kind)
-    per_unit = adapter.up_rows_per_unit(block, kind)
-    kept = adapter.kept(block, kind)
-    ups, down = adapter.up_proj(block, kind), adapter.down_proj(block, kind)
-    rows = adapter.up_rows(block, kind, positions)
-    columns = adapter.down_columns(block, kind, positions)
-    for up in ups:
-        tp.prune_linear_out_channels(up, rows)
-    tp.prune_linear_in_channels(down, columns)
-    remaining = len(kept) - len(positions)
-    if any(up.out_features != remaining * per_unit for up in ups) or \
-            down.in_features != remaining * width:
-        raise DitPruneError(f"block {b} {kind}: layers have unexpected widths after pruning; "
-                            f"the model was left unchanged")
-    if kind != NEURON:
-        fix_attention_bookkeeping(adapter.attention(block, kind), remaining, width)
-    dropped = set(positions)
-    adapter.set_kept(block, kind, [orig for pos, orig in enumerate(kept) if pos not in dropped])
-    names = {id(m): n for n, m in model.named_modules()}
-    return {f"{names[id(layer)]}.{p}" for layer in [*ups, down] for p, _ in
-            layer.named_parameters()}
 
 
 def _check_group(group: Any, wanted: dict[int, list[int]], where: str) -> None:

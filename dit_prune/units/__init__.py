@@ -1,5 +1,7 @@
 """Units (heads and neurons), their enumeration, and where each lives in the model.
 
+Every family's anatomy is declared in `dit_prune.units.families` (docs/families.md).
+
 Example:
     >>> from dit_prune.models import new_dit
     >>> model = new_dit("tiny", 10, 8, 1)
@@ -20,17 +22,31 @@ from torch import nn
 
 from dit_prune.errors import DitPruneError
 from dit_prune.units.adapters import ADAPTERS, BlockAdapter, adapter_for
-from dit_prune.units.unit import CROSS_HEAD, HEAD, NEURON, UNIT_KINDS, Unit
+from dit_prune.units.unit import (
+    CONTEXT_NEURON,
+    CROSS_HEAD,
+    DUAL_HEAD,
+    HEAD,
+    JOINT_HEAD,
+    NEURON,
+    SINGLE_HEAD,
+    SINGLE_NEURON,
+    UNIT_KINDS,
+    Unit,
+)
 
 __all__ = [
-    "ADAPTERS", "BlockAdapter", "CROSS_HEAD", "HEAD", "NEURON", "UNIT_KINDS", "Unit",
+    "ADAPTERS", "BlockAdapter", "CONTEXT_NEURON", "CROSS_HEAD", "DUAL_HEAD", "HEAD",
+    "JOINT_HEAD", "NEURON", "SINGLE_HEAD", "SINGLE_NEURON", "UNIT_KINDS", "Unit",
     "adapter_for", "enumerate_units", "group_units", "locate", "unit_columns",
 ]
 
 
-def enumerate_units(model: nn.Module, kinds: Sequence[str] = (HEAD, NEURON)) -> list[Unit]:
-    """Every present unit of the given kinds, ordered by block, then kind, then original index."""
+def enumerate_units(model: nn.Module, kinds: Sequence[str] | None = None) -> list[Unit]:
+    """Every present unit of the given kinds (default: the family's `default_kinds`, e.g.
+    head and neuron for DiT and PixArt), ordered by block, then kind, then original index."""
     adapter = adapter_for(model)
+    kinds = adapter.default_kinds if kinds is None else tuple(kinds)
     for kind in kinds:
         if kind not in adapter.kinds:
             raise DitPruneError(f"{adapter.family} has no units of kind {kind!r}")
@@ -48,7 +64,7 @@ def group_units(model: nn.Module, units: Iterable[Unit]) -> dict[tuple[int, str]
     positions: dict[tuple[int, str], dict[int, int]] = {}
     grouped: dict[tuple[int, str], list[int]] = defaultdict(list)
     for unit in units:
-        if unit.block >= len(blocks) or unit.kind not in adapter.kinds:
+        if unit.block >= len(blocks) or adapter.spec(blocks[unit.block], unit.kind) is None:
             raise DitPruneError(f"{unit} does not exist in the model ({len(blocks)} blocks)")
         key = (unit.block, unit.kind)
         if key not in positions:
@@ -60,15 +76,19 @@ def group_units(model: nn.Module, units: Iterable[Unit]) -> dict[tuple[int, str]
     return {k: sorted(set(v)) for k, v in grouped.items()}
 
 
-def unit_columns(adapter: BlockAdapter, block: nn.Module, kind: str, position: int) -> range:
-    """Input-channel range of the down-projection that the unit at `position` occupies."""
+def unit_columns(adapter: BlockAdapter, block: nn.Module, kind: str, position: int,
+                 offset: int = 0) -> range:
+    """Input-channel range a unit at `position` occupies in a down-projection whose unit
+    columns start at `offset`."""
     width = adapter.width(block, kind)
-    return range(position * width, (position + 1) * width)
+    return range(offset + position * width, offset + (position + 1) * width)
 
 
-def locate(model: nn.Module, unit: Unit) -> tuple[nn.Linear, range]:
-    """The down-projection Linear of `unit` and its input-channel range (current numbering)."""
+def locate(model: nn.Module, unit: Unit) -> tuple[nn.Module, range]:
+    """The first down-projection of `unit` and its input-channel range (current numbering)."""
     adapter = adapter_for(model)
     ((block_index, kind), positions), = group_units(model, [unit]).items()
     block = adapter.blocks(model)[block_index]
-    return adapter.down_proj(block, kind), unit_columns(adapter, block, kind, positions[0])
+    site, layer = adapter.modules(block, adapter.require(block, kind).downs)[0]
+    return layer, unit_columns(adapter, block, kind, positions[0],
+                               adapter.down_offset(block, site))

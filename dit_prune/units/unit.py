@@ -17,12 +17,19 @@ from dit_prune.errors import DitPruneError
 HEAD = "head"
 NEURON = "neuron"
 CROSS_HEAD = "cross_head"  # cross-attention (attn2) head, text-conditioned models only
-UNIT_KINDS = (HEAD, NEURON, CROSS_HEAD)
+JOINT_HEAD = "joint_head"  # head of a joint image + text attention (SD3, Flux, Qwen-Image)
+DUAL_HEAD = "dual_head"  # head of SD3.5's second (dual) image attention, attn2
+CONTEXT_NEURON = "context_neuron"  # neuron of the text stream's feed-forward
+SINGLE_HEAD = "single_head"  # head of a Flux single-stream block
+SINGLE_NEURON = "single_neuron"  # MLP neuron of a Flux single-stream block
+UNIT_KINDS = (HEAD, NEURON, CROSS_HEAD, JOINT_HEAD, DUAL_HEAD, CONTEXT_NEURON, SINGLE_HEAD,
+              SINGLE_NEURON)
 
 
 @dataclass(frozen=True, order=True)
 class Unit:
-    """`kind` is 'head', 'neuron' (or 'cross_head'); `block` the transformer block index;
+    """`kind` is 'head', 'neuron', 'cross_head' or a family's own kind (`UNIT_KINDS`,
+    docs/families.md); `block` the transformer block index (across a family's block lists);
     `index` the head or neuron index in the *unpruned* numbering of that block."""
 
     kind: str
