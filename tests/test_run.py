@@ -112,17 +112,17 @@ def test_bad_options_fail_before_work(tiny_checkpoint, tmp_path, capsys, args, m
 
 def test_recovery_on_unused_digits_trains_on_images_the_model_never_saw(tiny_checkpoint,
                                                                         tmp_path, monkeypatch):
-    import dit_prune.run.experiment as experiment
+    import dit_prune.run.recovery as run_recovery
     from dit_prune.data import digits_split
 
     seen = []
-    real = experiment.recover
+    real = run_recovery.recover
 
     def spy(method, model, images, labels, **kwargs):
         seen.append(images)
         return real(method, model, images, labels, **kwargs)
 
-    monkeypatch.setattr(experiment, "recover", spy)
+    monkeypatch.setattr(run_recovery, "recover", spy)
     out = tmp_path / "run"
     assert _run(tiny_checkpoint, out, "--recover", "finetune", "--recover-steps", "2",
                 "--recover-data", "unused") == 0

@@ -32,6 +32,7 @@ from dit_prune.commands.common import (
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
+from dit_prune.pruning.recovery import RecoveryConfig
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
 from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
@@ -63,7 +64,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recover-data", default=DEFAULTS["recover_data"],
                    help="images recovery trains on: train (the checkpoint's training images), "
                    "unused (digits pool images it never saw), heldout (contaminates FD, which is "
-                   "measured against them) or an image folder")
+                   "measured against them), generated-novel (samples of the unpruned model that "
+                   "the copy detector calls novel) or an image folder")
+    p.add_argument("--recover-t-min", type=int, default=DEFAULTS["recover_t_min"],
+                   help="smallest distillation t (distill, adversarial; default: 500 for "
+                        "distill, 0 for adversarial)")
+    p.add_argument("--recover-t-max", type=int, default=DEFAULTS["recover_t_max"],
+                   help="largest distillation t (default: %(default)s)")
+    p.add_argument("--recover-pool", type=int, default=DEFAULTS["recover_pool"],
+                   help="generated-novel: samples drawn from the unpruned model before the "
+                        "copies are dropped (default: %(default)s)")
+    p.add_argument("--recover-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="adversarial recovery option, e.g. inner_steps=2, margin=0.1, "
+                        "weight=1, restart_every=20, ddim_steps=8, lr=1e-4 (repeatable)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                    help="scoring, noise-control and re-trigger attack seed")
     p.add_argument("--random-seeds", default=",".join(map(str, DEFAULTS["random_seeds"])),
@@ -114,7 +127,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
         scorer_options=parse_key_values(args.scorer_option, "--scorer-option"),
         recover=args.recover, recover_steps=args.recover_steps,
-        recover_data=args.recover_data, seed=args.seed,
+        recover_data=args.recover_data, recover_t_min=args.recover_t_min,
+        recover_t_max=args.recover_t_max, recover_pool=args.recover_pool,
+        recover_options=parse_key_values(args.recover_option, "--recover-option"),
+        seed=args.seed,
         train=args.train, heldout=args.heldout, features=args.features,
         copy_detector=args.copy_detector, device=args.device,
         shard_size=args.shard_size, random_seeds=_random_seeds(args.random_seeds),
@@ -171,6 +187,14 @@ def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     from dit_prune.units import HEAD, NEURON, enumerate_units
 
     check_sampling_steps(cfg.steps, loaded.scheduler)
+    options = cfg.recovery_options()
+    if options:
+        num_train_timesteps = int(loaded.scheduler.config.num_train_timesteps)
+        RecoveryConfig(t_min=options["t_min"], t_max=options["t_max"]).check_timesteps(
+            num_train_timesteps)
+        if "config" in options:
+            check_steps(options["config"].ddim_steps, loaded.scheduler,
+                        "--recover-option ddim_steps")
     if cfg.retrigger_targets:
         check_steps(cfg.retrigger_ddim_steps, loaded.scheduler, "--retrigger-ddim-steps")
     scorer = get_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)

@@ -43,7 +43,15 @@ class RunConfig:
     scorer_options: dict[str, Any] = field(default_factory=dict)
     recover: str = "none"
     recover_steps: int = RecoveryConfig.steps
-    recover_data: str = "train"  # train, unused (pool digits the model never saw) or a folder
+    # train, unused (pool digits the model never saw), heldout, generated-novel (teacher samples
+    # the copy detector calls novel) or a folder
+    recover_data: str = "train"
+    # distillation t range (distill, adversarial); None: the method's default (distill 500,
+    # adversarial 0: all t)
+    recover_t_min: int | None = None
+    recover_t_max: int = RecoveryConfig.t_max
+    recover_pool: int = 1000  # generated-novel: teacher samples drawn before the novel filter
+    recover_options: dict[str, Any] = field(default_factory=dict)  # adversarial KEY=VALUE
     seed: int = 0
     train: str | None = None  # image folder; default: the checkpoint's recorded digits subset
     heldout: str | None = None  # image folder; default: the digits held-out set
@@ -78,7 +86,7 @@ class RunConfig:
             raise DitPruneError(f"unknown recovery {self.recover!r}; use {RECOVERIES}")
         if self.sampler not in SAMPLERS:
             raise DitPruneError(f"unknown sampler {self.sampler!r}; use {SAMPLERS}")
-        for name in ("steps", "batch_size", "shard_size", "recover_steps"):
+        for name in ("steps", "batch_size", "shard_size", "recover_steps", "recover_pool"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DitPruneError(f"{name.replace('_', ' ')} must be a positive integer, "
@@ -87,6 +95,7 @@ class RunConfig:
             raise DitPruneError(f"guidance scale must be a finite number >= 1, got "
                                 f"{self.guidance_scale}")
         parse_seeds(self.seeds)
+        self.recovery_options()  # validates the recovery's t range and adversarial options
         self._check_scorer()
         if not self.random_seeds or len(set(self.random_seeds)) != len(self.random_seeds):
             raise DitPruneError(f"random seeds must be distinct and at least one, got "
@@ -106,6 +115,37 @@ class RunConfig:
             raise DitPruneError(f"re-trigger targets must be an integer >= 0 (0: not measured), "
                                 f"got {targets!r}")
         self._attack_budget(max(targets, 1))  # validates the other attack options
+
+    def recovery_options(self) -> dict[str, Any]:
+        """The keyword options of `recover` for this run ({} without recovery), validated:
+        steps, seed, the t range and (adversarial) `config`, an AdversarialConfig."""
+        from dit_prune.pruning.adversarial import adversarial_config
+
+        if self.recover_options and self.recover != "adversarial":
+            raise DitPruneError(f"--recover-option applies to --recover adversarial only, not "
+                                f"{self.recover!r}")
+        if self.recover == "none":
+            return {}
+        t_min = self.recover_t_min
+        if t_min is None:
+            t_min = 0 if self.recover == "adversarial" else RecoveryConfig.t_min
+        if isinstance(t_min, bool) or not isinstance(t_min, int) or \
+                isinstance(self.recover_t_max, bool) or not isinstance(self.recover_t_max, int):
+            raise DitPruneError(f"recovery t range must be integers, got [{t_min}, "
+                                f"{self.recover_t_max}]")
+        RecoveryConfig(steps=self.recover_steps, t_min=t_min, t_max=self.recover_t_max,
+                       seed=self.seed)
+        options: dict[str, Any] = {"steps": self.recover_steps, "seed": self.seed,
+                                   "t_min": t_min, "t_max": self.recover_t_max}
+        if self.recover == "adversarial":
+            flags = {"steps": "--recover-steps", "seed": "--seed", "t_min": "--recover-t-min",
+                     "t_max": "--recover-t-max"}
+            reserved = sorted(set(flags) & set(self.recover_options))
+            if reserved:
+                raise DitPruneError(f"recovery option {reserved[0]!r} is set by "
+                                    f"{flags[reserved[0]]}")
+            options["config"] = adversarial_config(self.recover_options, **options)
+        return options
 
     def retrigger_budget(self) -> AttackBudget | None:
         """The re-trigger attack's budget, or None when it is not measured (0 targets)."""

@@ -42,11 +42,12 @@ from dit_prune.metrics.fid import paired_fd_change
 from dit_prune.metrics.guards import verdict
 from dit_prune.metrics.netio import weights_fingerprint
 from dit_prune.metrics.subsets import target_copy_rate
-from dit_prune.pruning import prune_units, recover, select_units
-from dit_prune.pruning.recovery_data import recovery_images
+from dit_prune.pruning import prune_units, select_units
+from dit_prune.pruning.recovery_data import GENERATED_NOVEL, recovery_images
 from dit_prune.pruning.selection import MODE_KINDS
 from dit_prune.run.config import RunConfig
 from dit_prune.run.measure import latency_seconds, macs_and_params
+from dit_prune.run.recovery import RunRecovery, prepare_recovery
 from dit_prune.run.retrigger import retrigger_probe
 from dit_prune.run.shards import ShardStore
 from dit_prune.sampling import sample_images
@@ -80,7 +81,8 @@ class RunInputs:
     heldout_images: torch.Tensor  # (K, C, H, W)
     heldout_labels: torch.Tensor | None
     device: torch.device
-    recovery_images: torch.Tensor | None = None  # (R, C, H, W) in [-1, 1]; None: no recovery
+    # (R, C, H, W) in [-1, 1]; None: no recovery, or generated-novel (drawn by the run)
+    recovery_images: torch.Tensor | None = None
     recovery_labels: torch.Tensor | None = None
 
 
@@ -125,9 +127,10 @@ def prepare_inputs(cfg: RunConfig) -> RunInputs:
 def _recovery_data(cfg: RunConfig, extra: dict[str, Any], train_images: torch.Tensor,
                    train_labels: torch.Tensor | None
                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The images recovery trains on: none without recovery, the run's training images for
+    """The images recovery trains on: none without recovery (or generated-novel, which the run
+    draws from the unpruned model once its copy detector is ready), the run's training images for
     'train', otherwise what `recovery_images` finds (unused digits, held-out, a folder)."""
-    if cfg.recover == "none":
+    if cfg.recover == "none" or cfg.recover_data == GENERATED_NOVEL:
         return None, None
     if cfg.recover_data == "train":
         return train_images, train_labels
@@ -139,7 +142,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Run every stage and return the report dict (also used for report.json)."""
     inputs = inputs or prepare_inputs(cfg)
-    if cfg.recover != "none" and inputs.recovery_images is None:
+    if cfg.recover != "none" and inputs.recovery_images is None and \
+            cfg.recover_data != GENERATED_NOVEL:
         raise DitPruneError("these inputs were prepared for a run without recovery; call "
                             "prepare_inputs with the recovery's config")
     run_dir = Path(cfg.out)
@@ -166,6 +170,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     probe = retrigger_probe(cfg, inputs, target, context)  # None: --retrigger-targets 0
     if probe is not None:
         before.metrics.update(probe(base))
+    recovery = prepare_recovery(cfg, inputs, base, context, sampler, target, before)
 
     def measured(model: nn.Module, tag: str, timed: bool = True, attacked: bool = True) -> Arm:
         """Evaluate a pruned model; `timed`: measure its latency, `attacked`: its re-trigger
@@ -178,6 +183,11 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
             arm.metrics.update(probe(model))
         return arm
 
+    control = None  # the unpruned model given the same recovery, on the same seeds
+    if recovery is not None:
+        control_arm = measured(recovery.apply(copy.deepcopy(base), "control"), "control")
+        control = {"arm": control_arm,
+                   "fd_change": _fd_change(before, control_arm, context, cfg.seed)}
     first_seed = cfg.random_seeds[0]
     randoms: dict[tuple[int, float], Arm] = {}
     random_plans: dict[tuple[int, float], Any] = {}
@@ -187,7 +197,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                                      meta.weights_sha256, progress)
         for budget in tqdm(cfg.random_budget_list(), desc=f"random seed {random_seed}",
                            disable=not progress):
-            model, plan = _pruned_copy(base, units, seed_scores, budget, cfg, inputs)
+            model, plan = _pruned_copy(base, units, seed_scores, budget, cfg, recovery,
+                                       f"random_s{random_seed}_{budget:g}")
             randoms[random_seed, budget] = measured(  # latency: only the table's random arm
                 model, f"random_s{random_seed}_{budget:g}", timed=random_seed == first_seed,
                 attacked=random_seed == first_seed and budget in cfg.budgets)
@@ -198,7 +209,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     entries = []
     for budget in tqdm(cfg.budgets, desc="budgets", disable=not progress):
         entry: dict[str, Any] = {"budget": budget}
-        model, entry["after_plan"] = _pruned_copy(base, units, scores, budget, cfg, inputs)
+        model, entry["after_plan"] = _pruned_copy(base, units, scores, budget, cfg, recovery,
+                                                  f"after_{budget:g}")
         entry["model"] = model
         entry["after"] = after = measured(model, f"after_{budget:g}")
         if (first_seed, budget) not in randoms:  # random at the same budget, for the table
@@ -206,7 +218,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                 base, units, _cached_scores(run_dir / "scores" / f"random-s{first_seed}",
                                             "random", {"seed": first_seed}, base, units, data,
                                             scheduler, meta.weights_sha256, progress),
-                budget, cfg, inputs)
+                budget, cfg, recovery, f"random_s{first_seed}_{budget:g}")
             randoms[first_seed, budget] = measured(random_model,
                                                    f"random_s{first_seed}_{budget:g}")
         entry["random_baseline"] = randoms[first_seed, budget]
@@ -228,7 +240,9 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     return {"before": before, "entries": entries, "context": context, "config": cfg,
             "meta": meta, "seeds": seeds, "labels": labels, "units": units,
             "random_curve": curve, "target": target_name,
-            "retrigger": probe.describe() if probe is not None else None}
+            "retrigger": probe.describe() if probe is not None else None,
+            "recovery": recovery.describe() if recovery is not None else None,
+            "control": control}
 
 
 def scoring_data(inputs: RunInputs, target: tuple[str, list[int]] | None) -> CalibrationData:
@@ -288,7 +302,10 @@ class Sampler:
         self.cfg, self.scheduler, self.store = cfg, scheduler, store
         self.labels, self.seeds, self.progress = labels, seeds, progress
 
-    def __call__(self, model: nn.Module, tag: str, model_hash: str) -> torch.Tensor:
+    def __call__(self, model: nn.Module, tag: str, model_hash: str,
+                 labels: torch.Tensor | None = None,
+                 seeds: list[int] | None = None) -> torch.Tensor:
+        """Images (N, C, H, W) in [0, 1] for the run's seeds and labels, or the given ones."""
         cfg = self.cfg
         fingerprint = f"{model_hash}|{cfg.steps}|{cfg.sampler}|{cfg.guidance_scale}"
 
@@ -297,7 +314,9 @@ class Sampler:
                                  guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
                                  batch_size=cfg.batch_size, progress=False)
 
-        return self.store.sample(tag, draw, self.labels, self.seeds, fingerprint, self.progress)
+        return self.store.sample(tag, draw, self.labels if labels is None else labels,
+                                 self.seeds if seeds is None else seeds, fingerprint,
+                                 self.progress)
 
 
 def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor,
@@ -307,14 +326,13 @@ def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor,
 
 
 def _pruned_copy(base: nn.Module, units: list, scores: torch.Tensor, budget: float,
-                 cfg: RunConfig, inputs: RunInputs) -> tuple[nn.Module, Any]:
+                 cfg: RunConfig, recovery: RunRecovery | None,
+                 tag: str) -> tuple[nn.Module, Any]:
     model = copy.deepcopy(base)
     chosen = select_units(units, scores, budget, mode=cfg.budget_mode, model=model)
     plan = prune_units(model, chosen)
-    if cfg.recover != "none":
-        result = recover(cfg.recover, model, inputs.recovery_images, inputs.recovery_labels,
-                         teacher=base, steps=cfg.recover_steps, seed=cfg.seed, progress=False)
-        model = result.model
+    if recovery is not None:
+        model = recovery.apply(model, tag)
     return model.eval(), plan
 
 

@@ -41,6 +41,7 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
     names = ctx.describe()
     budgets = [_budget_entry(e) for e in result["entries"]]
     first = budgets[0]
+    control = result.get("control")  # the unpruned model given the same recovery
     return _plain({
         "scorer": cfg.scorer,
         "budget": first["budget"],
@@ -73,6 +74,9 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
         "random_seeds": list(cfg.random_seeds),
         "random_curve": [asdict(p) for p in result["random_curve"]],
         "retrigger": result.get("retrigger"),
+        "recovery": result.get("recovery"),
+        "control": control["arm"].metrics if control else None,
+        "control_fd_change": control["fd_change"] if control else None,
         "budgets": budgets,
     })
 
@@ -185,30 +189,31 @@ def _subset(metrics: dict[str, Any] | None, target: str) -> dict[str, Any] | Non
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: the verdict sentence first, then the before/after table and what was measured."""
     fd_name = report["fd_name"]
+    control = report.get("control")  # the unpruned model given the same recovery
+    arms = ("before", "after", "random_baseline") + (("control",) if control else ())
     lines = [f"# dit-prune run: {report['checkpoint']}", "", verdict_sentence(report), "",
              f"## Budget {report['budget']:g} ({report['budget_mode']})", "",
-             "| | before | after | random, same budget | noise control |",
-             "|---|---|---|---|---|"]
+             "| | before | after | random, same budget | "
+             + ("control: unpruned + same recovery | " if control else "") + "noise control |",
+             "|---|---|---|---|---|" + ("---|" if control else "")]
     target = report["target"]
     for key, label in METRIC_ROWS:
         label = fd_name if key == "fd" else label
-        lines.append(f"| {label} | {_cell(report['before'], key)} | {_cell(report['after'], key)}"
-                     f" | {_cell(report['random_baseline'], key)} | "
-                     f"{_cell(report['noise_control'], key)} |")
+        lines.append(f"| {label} | " + " | ".join(_cell(report[arm], key) for arm in arms)
+                     + f" | {_cell(report['noise_control'], key)} |")
         if key in ("memorization_rate", "copy_rate") and target != "all":
             sub = f"{label.split(' (')[0]}, {target} images only"
             lines.append(f"| {sub} | " + " | ".join(
-                _cell(_subset(report[arm], target), key)
-                for arm in ("before", "after", "random_baseline")) + " | — |")
+                _cell(_subset(report[arm], target), key) for arm in arms) + " | — |")
         if key == "copy_rate" and report.get("retrigger"):
             lines.append(retrigger_row(report))
         if key == "fd":
-            lines.append(f"| {fd_name} change vs before (paired 95%) | — | "
-                         f"{_pct(report['fd_change']['relative'])} "
-                         f"{_pct_interval(report['fd_change']['interval'])} | "
-                         f"{_pct(report['budgets'][0]['random_fd_change']['relative'])} "
-                         f"{_pct_interval(report['budgets'][0]['random_fd_change']['interval'])}"
-                         " | — |")
+            changes = [report["fd_change"], report["budgets"][0]["random_fd_change"]]
+            if control:
+                changes.append(report["control_fd_change"])
+            lines.append(f"| {fd_name} change vs before (paired 95%) | — | " + " | ".join(
+                f"{_pct(c['relative'])} {_pct_interval(c['interval'])}" for c in changes)
+                + " | — |")
     random_budgets = sorted({p["budget"] for p in report["random_curve"]})
     lines += ["", "## Random pruning at equal quality", "",
               f"Random units were pruned at budgets {', '.join(f'{b:g}' for b in random_budgets)}"
@@ -263,7 +268,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "- Noise control: the before samples plus Gaussian noise with the RMS of the "
         "before→after change, matched per image (mean RMS "
         f"{report['noise_control'].get('noise_rms', float('nan')):.4f} on the [0, 1] scale).",
-        f"- Recovery after pruning: {report['recover']}.",
+        f"- {recovery_sentence(report)}",
         *([f"- {retrigger_sentence(report)}"] if report.get("retrigger") else []),
         "", "![before / after](samples_before_after.png)", "",
     ]
@@ -285,8 +290,38 @@ def retrigger_row(report: dict[str, Any]) -> str:
     r = report["retrigger"]
     label = (f"re-trigger success ({r['attack_steps']} Adam steps on the noise, "
              f"{r['ddim_steps']} DDIM steps)")
-    return f"| {label} | " + " | ".join(
-        retrigger_cell(report[arm]) for arm in ("before", "after", "random_baseline")) + " | — |"
+    arms = ("before", "after", "random_baseline") + (("control",) if report.get("control")
+                                                     else ())
+    return f"| {label} | " + " | ".join(retrigger_cell(report[arm]) for arm in arms) + " | — |"
+
+
+def recovery_sentence(report: dict[str, Any]) -> str:
+    """One sentence: the recovery every pruned model (and the control) was given."""
+    recovery = report.get("recovery")
+    if not recovery:
+        return "Recovery after pruning: none."
+    options, data = recovery["options"], recovery["data"]
+    text = (f"Recovery after pruning: {recovery['method']}, {options.get('steps')} steps, seed "
+            f"{options.get('seed')}")
+    if recovery["method"] != "finetune":
+        text += f", distillation at t in [{options.get('t_min')}, {options.get('t_max')}]"
+    if data.get("source") == "generated-novel":
+        text += (f", on samples of the unpruned model that the copy detector calls novel: "
+                 f"{data['num_images']} of {data['num_drawn']} kept (seeds {data.get('seeds')}; "
+                 f"{data['num_dropped']} copies of {data['distinct_copied']} training images "
+                 f"dropped at τ = {data['threshold']:.4f})")
+    else:
+        text += f", on {data.get('num_images')} {data.get('source')} images"
+    if recovery["method"] == "adversarial":
+        targets = recovery.get("targets", {})
+        text += (f"; adversarial: {options.get('inner_steps')} warm-started attack steps per "
+                 f"step (fresh noise every {options.get('restart_every')}, "
+                 f"{options.get('ddim_steps')} DDIM steps) on "
+                 f"{len(targets.get('positions', []))} copied training images "
+                 f"({targets.get('source')}), hinge weight {options.get('weight')} to pixel MSE "
+                 f"margin {options.get('margin')}")
+    return (text + ". The control column is the unpruned model given the same recovery, on "
+            "the same seeds.")
 
 
 def retrigger_sentence(report: dict[str, Any]) -> str:
@@ -309,20 +344,21 @@ def retrigger_sentence(report: dict[str, Any]) -> str:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """The one-screen summary printed at the end of `dit-prune run`."""
     fd = report["fd_name"]
+    arms = ("before", "after", "random_baseline") + (("control",) if report.get("control")
+                                                     else ())
     rows = [verdict_sentence(report).replace("**", ""), "",
-            f"{'':28}{'before':>24}{'after':>24}{'random':>24}"]
+            f"{'':28}{'before':>24}{'after':>24}{'random':>24}"
+            + (f"{'unpruned + recovery':>24}" if report.get("control") else "")]
     for key, label in METRIC_ROWS[:6]:
         label = fd if key == "fd" else label
-        rows.append(f"{label:28}" + "".join(
-            f"{_cell(report[arm], key):>24}" for arm in ("before", "after", "random_baseline")))
+        rows.append(f"{label:28}" + "".join(f"{_cell(report[arm], key):>24}" for arm in arms))
     if report["target"] != "all":
         rows.append(f"{'copies, ' + report['target']:28}" + "".join(
             f"{_cell(_subset(report[arm], report['target']), 'copy_rate'):>24}"
-            for arm in ("before", "after", "random_baseline")))
+            for arm in arms))
     if report.get("retrigger"):
         rows.append(f"{'re-trigger (held-out floor)':28}" + "".join(
-            f"{retrigger_cell(report[arm], interval=False):>24}"
-            for arm in ("before", "after", "random_baseline")))
+            f"{retrigger_cell(report[arm], interval=False):>24}" for arm in arms))
     rows.append(f"{'noise control':28}{'':24}"
                 f"{'mem ' + fmt_rate(report['noise_control']['memorization_rate']):>24}"
                 f"{'copy ' + fmt_rate(report['noise_control']['copy_rate']):>24}")
