@@ -1,6 +1,7 @@
 """Load and save DiT checkpoints (diffusers layout, safetensors only).
 
-Layouts `load_dit` understands:
+Every family of `dit_prune.units.families` loads (DiT, PixArt-α/Σ, SD3/3.5, Flux, Qwen-Image,
+Sana, HunyuanDiT, CogView4, Lumina2). Layouts `load_dit` understands:
   * a run/checkpoint directory of ours: `transformer/` + `scheduler/` (+ `dit_prune.json`);
   * a diffusers pipeline directory: `model_index.json` with `transformer/`, `scheduler/`, `vae/`
     (the layout of `facebook/DiT-XL-2-256`);
@@ -43,20 +44,21 @@ from dit_prune.errors import DitPruneError
 from dit_prune.legacy import LEGACY_CLASS, accepted_keys, resolve_class_name, saved_config
 from dit_prune.models import disable_block_label_dropout
 from dit_prune.structure import is_uniform, read_structure, resize_to_structure
+from dit_prune.units.families import ANATOMIES
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 META_NAME = "dit_prune.json"
 STRUCTURE_KEY = "dit_prune_structure"
-SUPPORTED_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+SUPPORTED_CLASSES = tuple(ANATOMIES)  # every family of docs/families.md
 
 
 @dataclass(frozen=True)
 class DitMeta:
     """What callers need to know about a loaded DiT besides its weights."""
 
-    image_size: int  # model input side (latent side for latent models)
+    image_size: int  # model input side (latent side; 0 for packed-token families: Flux, Qwen)
     channels: int  # model input channels
     num_classes: int  # 0 for text-conditioned or unconditional models
     null_class: int | None  # label of the unconditional class, None when not class-conditional
@@ -93,7 +95,9 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     if class_name not in SUPPORTED_CLASSES:
         raise DitPruneError(f"{config_file} {_describe(config)}, not a DiT "
                             f"(supported: {', '.join(SUPPORTED_CLASSES)})")
-    sizes = {key: _config_int(config, key, config_file) for key in ("sample_size", "in_channels")}
+    keys = ("sample_size", "in_channels") if "sample_size" in config or class_name.startswith(
+        ("DiT", "PixArt")) else ("in_channels",)  # Flux and Qwen-Image take packed tokens
+    sizes = {key: _config_int(config, key, config_file) for key in keys}
     try:
         model = build_transformer(config)
     except DitPruneError as exc:
@@ -115,7 +119,7 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     num_classes = int(config.get("num_embeds_ada_norm") or 0) if class_name.startswith("DiT") else 0
     extra = _read_meta(root / META_NAME) if (root / META_NAME).is_file() else {}
     meta = DitMeta(
-        image_size=sizes["sample_size"],
+        image_size=sizes.get("sample_size", 0),
         channels=sizes["in_channels"],
         num_classes=num_classes,
         null_class=num_classes if num_classes else None,
