@@ -363,3 +363,45 @@ def test_save_and_load_are_bit_exact_in_bfloat16(tmp_path):
     loaded = load_dit(tmp_path / "bf16").model
     saved, back = model.state_dict(), loaded.state_dict()
     assert all(torch.equal(back[k].to(torch.bfloat16), saved[k]) for k in saved)
+
+
+PIPELINES = {"sd3.5": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
+             "qwenimage": "QwenImagePipeline", "sana": "SanaPipeline",
+             "hunyuan": "HunyuanDiTPipeline", "cogview4": "CogView4Pipeline",
+             "lumina2": "Lumina2Pipeline"}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("family", sorted(PIPELINES))
+def test_single_model_and_pipeline_directories_load(family, tmp_path):
+    """`load_dit` reads a `save_pretrained` transformer directory and a pipeline directory;
+    a pruned pipeline (transformer + scheduler here: text encoders and VAE need downloaded
+    tokenizers) saved by `save_pipeline` reloads through `load_pruned_pipeline`."""
+    from dit_prune.pipelines import prune_pipeline
+    from dit_prune.pipelines.io import load_pruned_pipeline, save_pipeline
+
+    model = build(family, 2)
+    data = batch_inputs(model)
+    model.save_pretrained(tmp_path / "single", safe_serialization=True)
+    single = load_dit(tmp_path / "single")
+    assert single.meta.model_class == type(model).__name__ and single.meta.pipeline_dir is None
+    assert torch.equal(forward(single.model, data), forward(model, data))
+
+    cls = getattr(diffusers, PIPELINES[family])
+    absent = {name: None for name in cls._get_signature_keys(cls)[0]
+              if name not in ("transformer", "scheduler")}
+    scheduler = (diffusers.DDPMScheduler() if family == "hunyuan"
+                 else diffusers.FlowMatchEulerDiscreteScheduler())
+    pipe = cls(transformer=model, scheduler=scheduler, **absent)
+    units = random_units(model, family, random.Random(5))
+    pruned = prune_pipeline(pipe, units)
+    save_pipeline(pruned, tmp_path / "pipe")
+    back = load_pruned_pipeline(tmp_path / "pipe", **absent)
+    assert type(back) is cls and type(back.scheduler) is type(scheduler)
+    saved, loaded = pruned.transformer.state_dict(), back.transformer.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    via_dit = load_dit(tmp_path / "pipe")
+    assert via_dit.meta.pipeline_dir == str(tmp_path / "pipe")
+    with ablate(model, units):
+        torch.testing.assert_close(forward(via_dit.model, data), forward(model, data),
+                                   atol=1e-4, rtol=0)
