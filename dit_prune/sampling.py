@@ -79,7 +79,10 @@ def labels_for_seeds(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
 def make_sampling_scheduler(scheduler: Any, sampler: str, steps: int) -> Any:
     """A fresh DDIM or DDPM scheduler sharing the training noise schedule, set to `steps`.
 
-    `steps` must be an integer in [1, the schedule's training steps].
+    A flow-matching scheduler (`dit_prune.prediction.is_flow_scheduler`) is kept: a fresh copy
+    of its own class (deterministic Euler, with its shift) whatever `sampler` says; swapping in
+    DDIM would misread its sigmas as a DDPM schedule. `steps` must be an integer in
+    [1, the schedule's training steps].
 
     Example:
         >>> make_sampling_scheduler(diffusers.DDPMScheduler(), "ddim", 0)
@@ -91,10 +94,24 @@ scheduler's training steps), got 0
     if sampler not in SAMPLERS:
         raise DitPruneError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     check_steps(steps, scheduler)
-    cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
+    from dit_prune.prediction import is_flow_scheduler
+
+    if is_flow_scheduler(scheduler):
+        cls = type(scheduler)
+    else:
+        cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
     fresh = cls.from_config(scheduler.config)
     fresh.set_timesteps(steps)
     return fresh
+
+
+def model_timesteps(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
+    """A sampler timestep as the transformer's `timestep` input, (B,): long for DDPM-style
+    integer timesteps, float32 for flow matching's σ·T (which truncating would change)."""
+    value = float(t)
+    if value == int(value):
+        return torch.full((batch,), int(value), device=device, dtype=torch.long)  # (B,)
+    return torch.full((batch,), value, device=device, dtype=torch.float32)  # (B,)
 
 
 def check_steps(steps: Any, scheduler: Any, name: str = "sampling steps") -> None:
@@ -186,7 +203,7 @@ def _denoise(
 ) -> torch.Tensor:
     device = labels.device
     sched = make_sampling_scheduler(scheduler, sampler, steps)
-    x = initial_noise(seeds, shape).to(device) * sched.init_noise_sigma  # (B, C, h, w)
+    x = initial_noise(seeds, shape).to(device) * getattr(sched, "init_noise_sigma", 1.0)
     generators = seed_generators([s + 1_000_003 for s in seeds]) if sampler == "ddpm" else None
     guided = guidance_scale != 1.0
     for t in sched.timesteps:
@@ -212,12 +229,12 @@ def predict_noise(
     channels = x.shape[1]
     dtype = next(model.parameters()).dtype
     if guidance_scale is None:
-        timesteps = torch.full((len(x),), int(t), device=x.device, dtype=torch.long)  # (B,)
+        timesteps = model_timesteps(t, len(x), x.device)  # (B,)
         out = model(x.to(dtype), timestep=timesteps, class_labels=labels).sample  # (B, C', h, w)
         return out[:, :channels].to(x.dtype)  # (B, C, h, w)
     x_in = torch.cat([x, x]).to(dtype)  # (2B, C, h, w)
     labels_in = torch.cat([labels, torch.full_like(labels, null)])  # (2B,)
-    timesteps = torch.full((len(x_in),), int(t), device=x.device, dtype=torch.long)  # (2B,)
+    timesteps = model_timesteps(t, len(x_in), x.device)  # (2B,)
     eps = model(x_in, timestep=timesteps, class_labels=labels_in).sample[:, :channels]
     eps_cond, eps_uncond = eps.float().chunk(2)  # (B, C, h, w) each
     return (eps_uncond + guidance_scale * (eps_cond - eps_uncond)).to(x.dtype)

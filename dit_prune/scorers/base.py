@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from dit_prune.data import check_fits_model
 from dit_prune.errors import DitPruneError
 from dit_prune.hooks import gates
+from dit_prune.prediction import Prediction
 from dit_prune.scorers.calibration import (
     CalibrationData,
     ExampleChunk,
@@ -65,7 +66,16 @@ class ScoringContext:
         return int(self.scheduler.config.num_train_timesteps)
 
     @property
+    def prediction(self) -> Prediction:
+        """The scheduler's noising, target and model time (ε, v or flow matching)."""
+        return Prediction.from_scheduler(self.scheduler)
+
+    @property
     def alphas_cumprod(self) -> torch.Tensor:
+        """ā (T,) of a DDPM-style schedule (scorers that take it noise with ε / v only)."""
+        if getattr(self.scheduler, "alphas_cumprod", None) is None:
+            raise DitPruneError(f"{type(self.scheduler).__name__} has no alphas_cumprod: this "
+                                "scorer supports ε / v-prediction schedules only")
         return self.scheduler.alphas_cumprod.to(self.device, torch.float32)  # (T,)
 
     @property

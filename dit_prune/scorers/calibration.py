@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+from dit_prune.prediction import EPSILON, Prediction
 from dit_prune.scorers.options import ScorerOptions, TimestepDistribution
 
 TRAIN, HELDOUT = "train", "heldout"
@@ -165,10 +166,17 @@ def iterate_examples(
             )
 
 
-def noised(chunk: ExampleChunk, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, (B, C, H, W)."""
-    a = alphas_cumprod.to(chunk.x0.device)[chunk.timesteps].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    return a.sqrt() * chunk.x0 + (1 - a).sqrt() * chunk.noise  # (B, C, H, W)
+def as_prediction(schedule: Prediction | torch.Tensor) -> Prediction:
+    """A `Prediction`, or the ε-prediction of an `alphas_cumprod` tensor (T,)."""
+    if isinstance(schedule, Prediction):
+        return schedule
+    return Prediction(EPSILON, torch.as_tensor(schedule, dtype=torch.float64).cpu())
+
+
+def noised(chunk: ExampleChunk, schedule: Prediction | torch.Tensor) -> torch.Tensor:
+    """The model input x_t of the chunk, (B, C, H, W): sqrt(ā) x0 + sqrt(1 - ā) noise for ε / v
+    (or an `alphas_cumprod` tensor), (1 - σ) x0 + σ noise for flow matching."""
+    return as_prediction(schedule).noisy(chunk.x0, chunk.noise, chunk.timesteps)
 
 
 def null_label(model: nn.Module) -> int:
@@ -189,7 +197,11 @@ def predict_eps(model: nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor,
 
 
 def per_example_loss(model: nn.Module, chunk: ExampleChunk,
-                     alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Denoising loss of each example, mean over pixels: (B,)."""
-    pred = predict_eps(model, noised(chunk, alphas_cumprod), chunk.timesteps, chunk.labels)
-    return (pred.float() - chunk.noise.float()).pow(2).flatten(1).mean(1)  # (B,)
+                     schedule: Prediction | torch.Tensor) -> torch.Tensor:
+    """Denoising loss of each example against the scheduler's own target (ε, v or ε - x0),
+    mean over pixels: (B,)."""
+    prediction = as_prediction(schedule)
+    pred = predict_eps(model, prediction.noisy(chunk.x0, chunk.noise, chunk.timesteps),
+                       prediction.model_time(chunk.timesteps), chunk.labels)  # (B, C, H, W)
+    target = prediction.target(chunk.x0, chunk.noise, chunk.timesteps)  # (B, C, H, W)
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)

@@ -50,16 +50,19 @@ def loss_rise(ctx: ScoringContext, units: list[Unit], split: str, order: int = 1
     total = ctx.count(split)
     if order == 1:
         def objective(chunk: ExampleChunk) -> torch.Tensor:
-            return per_example_loss(ctx.model, chunk, ctx.alphas_cumprod).sum() / total
+            return per_example_loss(ctx.model, chunk, ctx.prediction).sum() / total
 
         return -gate_gradient_sum(ctx, units, ctx.examples(split), objective)  # (U,)
     rise = torch.zeros(len(units), dtype=torch.float64)  # (U,)
+    prediction = ctx.prediction
     for chunk in ctx.examples(split, with_direction=True):
         with gates(ctx.model, units, batch=len(chunk.x0)) as g:
-            pred = predict_eps(ctx.model, noised(chunk, ctx.alphas_cumprod), chunk.timesteps,
+            pred = predict_eps(ctx.model, noised(chunk, prediction),
+                               prediction.model_time(chunk.timesteps),
                                chunk.labels).float()  # (B, C, H, W)
             pixels = pred[0].numel()
-            loss = (pred - chunk.noise).pow(2).flatten(1).mean(1).sum() / total  # ()
+            target = prediction.target(chunk.x0, chunk.noise, chunk.timesteps)  # (B, C, H, W)
+            loss = (pred - target.float()).pow(2).flatten(1).mean(1).sum() / total  # ()
             first = torch.autograd.grad(loss, g.tensors, retain_graph=True)  # [(B, D_in)]
             signs = torch.sign(chunk.direction)  # (B, C, H, W) Rademacher
             projected = torch.autograd.grad((pred * signs).sum(), g.tensors)  # [(B, D_in)]

@@ -70,7 +70,7 @@ def run_trajectories(
     device = next(model.parameters()).device
     null = null_label(model)
     channels, size = int(model.config.in_channels), int(model.config.sample_size)
-    sched = make_sampling_scheduler(scheduler, "ddim", steps)
+    sched = make_sampling_scheduler(scheduler, "ddim", steps)  # flow matching: its own Euler
     timesteps = sched.timesteps.clone()  # (S_all,)
     if start_t is not None:
         timesteps = timesteps[timesteps <= start_t]  # (S,)
@@ -81,11 +81,11 @@ def run_trajectories(
         rows = torch.arange(begin, min(begin + batch_size, len(seeds)))  # (B,)
         y = labels[rows].to(device)  # (B,)
         noise = initial_noise([seeds[i] for i in rows], (channels, size, size)).to(device)
+        sched = make_sampling_scheduler(scheduler, "ddim", steps)  # fresh step counter
         if start_images is None:
-            x = noise * sched.init_noise_sigma  # (B, C, H, W)
+            x = noise * getattr(sched, "init_noise_sigma", 1.0)  # (B, C, H, W)
         else:
-            a = sched.alphas_cumprod[int(timesteps[0])].to(device)
-            x = a.sqrt() * start_images[rows].to(device) + (1 - a).sqrt() * noise
+            x = start_noised(sched, start_images[rows].to(device), noise, timesteps[0])
         kept = []
         for step, t in enumerate(timesteps):
             if keep_states:
@@ -105,6 +105,16 @@ def run_trajectories(
         timesteps=timesteps.cpu(),
         labels=labels.cpu(),
     )
+
+
+def start_noised(sched: Any, images: torch.Tensor, noise: torch.Tensor,
+                 t: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W) noised to sampler timestep `t` the way `sched` would see them:
+    sqrt(ā) x0 + sqrt(1 - ā) ε for DDPM-style schedules, (1 - σ) x0 + σ ε for flow matching."""
+    if hasattr(sched, "scale_noise"):  # flow matching: t is σ·T
+        return sched.scale_noise(images, t.reshape(1), noise)  # (B, C, H, W)
+    a = sched.alphas_cumprod[int(t)].to(images.device)
+    return a.sqrt() * images + (1 - a).sqrt() * noise  # (B, C, H, W)
 
 
 def sample_plan(train_labels: torch.Tensor | None, null: int, count: int,
