@@ -24,7 +24,7 @@ from dit_prune.duplication import DuplicationSpec, expand_with_duplicates
 from dit_prune.errors import DitPruneError
 from dit_prune.training import TrainConfig, train_dit
 
-SMALL_NETS_AND_DIT = ("dit", "features", "copydetect")
+SMALL_NETS_AND_DIT = ("dit", "features", "copydetect", "text")
 DIT_ONLY_OPTIONS = ("data", "subset", "subset_seed", "size", "steps", "batch_size", "lr",
                     "label_dropout", "ema_decay", "probe_every", "patch_size", "duplicate",
                     "duplicate_seed", "checkpoint_every")
@@ -37,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", choices=SMALL_NETS_AND_DIT, default="dit",
                    help="dit (default), or one of the digits evaluation nets: features "
                         "(digits-features classifier) or copydetect (copy-detection embedding); "
-                        "those use only --seed, --out and --overwrite")
+                        "those use only --seed, --out and --overwrite; or text: the text-to-image "
+                        "digits pipeline (--duplicate images get captions of their own)")
     p.add_argument("--data", default="digits",
                    help="'digits' (embedded) or an image folder (one subfolder per class)")
     p.add_argument("--subset", default="64",
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from dit_prune.commands.common import check_train_args  # options and --out, before work
 
     check_train_args(args)
+    if getattr(args, "model", "dit") == "text":
+        from dit_prune.commands.train_text import run_text
+
+        return run_text(args, _defaults(), _argv(args))
     if getattr(args, "model", "dit") != "dit":
         return _run_small_net(args)
     config = TrainConfig(
@@ -101,9 +106,7 @@ def _run_small_net(args: argparse.Namespace) -> int:
     """Train digits-features or digits-copydetect (the evaluator's nets) on the digits pool."""
     from dit_prune.metrics.small_nets import train_copydetect_checkpoint, train_features_checkpoint
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    defaults = vars(parser.parse_args(["train", "--out", "x"]))
+    defaults = _defaults()
     changed = [k for k in DIT_ONLY_OPTIONS if getattr(args, k) != defaults[k]]
     if changed:
         raise DitPruneError(f"--model {args.model} takes only --seed, --out and --overwrite; "
@@ -114,6 +117,13 @@ def _run_small_net(args: argparse.Namespace) -> int:
                       extra["training"]["train_seconds"]}, indent=2))
     print(f"saved {args.out}")
     return 0
+
+
+def _defaults() -> dict:
+    """Every option's default value (to tell which options a command line changed)."""
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return vars(parser.parse_args(["train", "--out", "x"]))
 
 
 def _training_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
