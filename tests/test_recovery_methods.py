@@ -199,3 +199,26 @@ def test_run_with_adversarial_recovery_on_generated_novel_reports_its_control(du
     text = (out / "report.md").read_text()
     assert "control: unpruned + same recovery" in text
     assert f"{data['num_images']} of 30 kept" in text
+
+
+def test_prune_with_adversarial_recovery_on_generated_novel(dup_checkpoint, tmp_path, capsys):
+    from dit_prune.scorers import save_scores
+    from dit_prune.units import enumerate_units
+
+    units = enumerate_units(load_dit(dup_checkpoint).model)
+    save_scores(tmp_path / "scores", units, torch.linspace(1.0, 0.0, len(units)),
+                {"scorer": "handwritten"})
+    out = tmp_path / "pruned"
+    code = main(["prune", str(dup_checkpoint), "--scores", str(tmp_path / "scores"),
+                 "--budget", "1", "--budget-mode", "heads", "--out", str(out), "--recover",
+                 "adversarial", "--recover-data", "generated-novel", "--recover-pool", "20",
+                 "--recover-steps", "2", "--recover-batch-size", "4", "--recover-option",
+                 "inner_steps=1", "--recover-option", "ddim_steps=2", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    recovery = json.loads((out / "prune_report.json").read_text())["recovery"]
+    assert recovery["method"] == "adversarial" and recovery["steps"] == 2
+    assert recovery["config"]["t_min"] == 0 and recovery["config"]["inner_steps"] == 1
+    data = recovery["data"]
+    assert data["source"] == "generated-novel" and data["num_drawn"] == 20
+    assert data["targets"] == {"source": "duplicated", "positions": [0, 1]}
+    assert f"kept {data['num_images']} of 20" in capsys.readouterr().out

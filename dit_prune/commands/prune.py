@@ -29,9 +29,16 @@ from dit_prune.commands.common import (
     write_marker,
 )
 from dit_prune.errors import DitPruneError
+from dit_prune.keyvalue import parse_key_values
+from dit_prune.pruning.adversarial import AdversarialConfig, adversarial, adversarial_config
 from dit_prune.pruning.format import PLAN_NAME, read_plan, save_pruned
 from dit_prune.pruning.recovery import RECOVERY_METHODS, RecoveryConfig, recover
-from dit_prune.pruning.recovery_data import RECOVERY_SOURCES, recovery_images
+from dit_prune.pruning.recovery_data import (
+    GENERATED_NOVEL,
+    RECOVERY_SOURCES,
+    generated_novel_images,
+    recovery_images,
+)
 from dit_prune.pruning.selection import (
     BUDGET_MODES,
     DEFAULT_BUDGET_MODE,
@@ -41,6 +48,7 @@ from dit_prune.pruning.selection import (
 )
 from dit_prune.pruning.structural import PrunePlan, prune_units
 from dit_prune.run.measure import macs_and_params
+from dit_prune.sampling import check_steps
 from dit_prune.scorers.io import load_scores
 from dit_prune.structure import original_counts
 from dit_prune.units import Unit, adapter_for, enumerate_units
@@ -60,17 +68,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
     p.add_argument("--recover", default="none", choices=RECOVERY_METHODS,
                    help="recovery after pruning: none, finetune (re-teaches copying on the "
-                        "training images) or distill (teacher at large t only)")
+                        "training images), distill (teacher at large t by default) or "
+                        "adversarial (distill while moving off re-triggered copies)")
     defaults = RecoveryConfig()  # the library's defaults are the command's
     p.add_argument("--recover-steps", type=int, default=defaults.steps)
     p.add_argument("--recover-lr", type=float, default=defaults.lr)
     p.add_argument("--recover-batch-size", type=int, default=defaults.batch_size)
-    p.add_argument("--recover-t-min", type=int, default=defaults.t_min, help="distill: smallest t")
+    p.add_argument("--recover-t-min", type=int, default=None,
+                   help=f"distill, adversarial: smallest t (default: {defaults.t_min} for "
+                        "distill, 0 for adversarial)")
     p.add_argument("--recover-t-max", type=int, default=defaults.t_max, help="distill: largest t")
     p.add_argument("--recover-ema", type=float, default=defaults.ema_decay,
                    help="finetune: EMA decay")
     p.add_argument("--recover-data", default="train",
-                   help=f"recovery images: one of {', '.join(RECOVERY_SOURCES)} or a folder")
+                   help=f"recovery images: one of {', '.join(RECOVERY_SOURCES)} or a folder "
+                        f"({GENERATED_NOVEL}: samples of the unpruned model that the copy "
+                        "detector calls novel; digits checkpoints)")
+    p.add_argument("--recover-pool", type=int, default=1000,
+                   help=f"{GENERATED_NOVEL}: samples drawn (DDIM 50 steps) before the copies "
+                        "are dropped (default: %(default)s)")
+    p.add_argument("--recover-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="adversarial recovery option, e.g. inner_steps=2, margin=0.1, weight=1 "
+                        "(repeatable; see dit_prune.pruning.adversarial.AdversarialConfig)")
+    p.add_argument("--copy-detector", default=None,
+                   help=f"{GENERATED_NOVEL}: copy-detection model (default: digits-copydetect)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -90,24 +111,43 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded = load_dit(checkpoint, device=device)
     model, meta = loaded.model, loaded.meta
-    recovery_data = None
-    if recovery_config is not None:
-        recovery_config.check_timesteps(int(loaded.scheduler.config.num_train_timesteps))
-        recovery_data = recovery_images(meta.extra, args.recover_data)  # checked before work
-        if args.recover == "finetune" and recovery_data[1] is None:
-            raise DitPruneError(f"fine-tuning needs labelled images, but --recover-data "
-                                f"{args.recover_data} has none (use --recover distill)")
     scores = load_scores(_score_dir(Path(args.scores)))
     units, values, already_gone = _present_units(model, scores.units, scores.scores)
     check_budget_for(budget, args.budget_mode, _counts(units))
     chosen = select_units(units, values, budget, mode=args.budget_mode, model=model)
     if not chosen:
         raise DitPruneError(f"budget {budget} of {args.budget_mode} selects no unit")
-    teacher = copy.deepcopy(model) if args.recover == "distill" else None
+    recovery_data, targets = None, None
+    if recovery_config is not None:
+        num_train_timesteps = int(loaded.scheduler.config.num_train_timesteps)
+        if isinstance(recovery_config, AdversarialConfig):
+            recovery_config.distill_config().check_timesteps(num_train_timesteps)
+            check_steps(recovery_config.ddim_steps, loaded.scheduler,
+                        "--recover-option ddim_steps")
+        else:
+            recovery_config.check_timesteps(num_train_timesteps)
+        if args.recover_data == GENERATED_NOVEL:
+            check_steps(50, loaded.scheduler, f"{GENERATED_NOVEL} sampling steps")
+            recovery_data = _generated_novel(model, loaded.scheduler, meta.extra, args)
+        else:
+            recovery_data = recovery_images(meta.extra, args.recover_data)  # checked first
+        if args.recover == "finetune" and recovery_data[1] is None:
+            raise DitPruneError(f"fine-tuning needs labelled images, but --recover-data "
+                                f"{args.recover_data} has none (use --recover distill)")
+        if args.recover == "adversarial":
+            targets = _adversarial_targets(meta.extra, recovery_data[2],
+                                           recovery_config.max_targets)
+    teacher = copy.deepcopy(model) if args.recover in ("distill", "adversarial") else None
     before = macs_and_params(model)
     plan = prune_units(model, chosen, progress=True)
     after = macs_and_params(model)
-    recovery, data_info = _recover(args.recover, recovery_config, model, teacher, recovery_data)
+    if args.recover == "adversarial" and targets is not None and recovery_data is not None:
+        recovery = adversarial(model, teacher, loaded.scheduler, recovery_data[0],
+                               recovery_data[1], *targets[:2], recovery_config)
+        data_info = {**recovery_data[2], "targets": targets[2]}
+    else:
+        recovery, data_info = _recover(args.recover, recovery_config, model, teacher,
+                                       recovery_data)
     if recovery is not None:
         model = recovery.model
     base_hash, history = _lineage(checkpoint, meta.weights_sha256)
@@ -147,13 +187,78 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
+def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | AdversarialConfig | None:
     """The validated recovery options (None without recovery), before any work."""
+    options = parse_key_values(args.recover_option, "--recover-option")
+    if options and args.recover != "adversarial":
+        raise DitPruneError("--recover-option applies to --recover adversarial only")
     if args.recover == "none":
         return None
-    return RecoveryConfig(steps=args.recover_steps, lr=args.recover_lr,
-                          batch_size=args.recover_batch_size, t_min=args.recover_t_min,
-                          t_max=args.recover_t_max, ema_decay=args.recover_ema, seed=args.seed)
+    if isinstance(args.recover_pool, bool) or args.recover_pool < 1:
+        raise DitPruneError(f"--recover-pool must be a positive integer, got {args.recover_pool}")
+    shared = {"steps": args.recover_steps, "lr": args.recover_lr,
+              "batch_size": args.recover_batch_size, "t_max": args.recover_t_max,
+              "seed": args.seed}
+    if args.recover == "adversarial":
+        flags = {"steps": "--recover-steps", "lr": "--recover-lr", "seed": "--seed",
+                 "batch_size": "--recover-batch-size", "t_min": "--recover-t-min",
+                 "t_max": "--recover-t-max"}
+        reserved = sorted(set(flags) & set(options))
+        if reserved:
+            raise DitPruneError(f"recovery option {reserved[0]!r} is set by "
+                                f"{flags[reserved[0]]}")
+        t_min = 0 if args.recover_t_min is None else args.recover_t_min
+        return adversarial_config(options, t_min=t_min, **shared)
+    t_min = RecoveryConfig.t_min if args.recover_t_min is None else args.recover_t_min
+    return RecoveryConfig(t_min=t_min, ema_decay=args.recover_ema, **shared)
+
+
+def _generated_novel(
+    teacher: nn.Module, scheduler: Any, extra: dict[str, Any], args: argparse.Namespace
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Teacher samples the copy detector calls novel, against the checkpoint's training images,
+    tau calibrated on the held-out digits (as `dit-prune run` does by default)."""
+    from dit_prune.data import digits_split
+    from dit_prune.evaluate import default_checkpoints_dir
+    from dit_prune.metrics.copydetect import calibrate_threshold, load_copy_detector, nearest_cosine
+
+    data = extra.get("data") if isinstance(extra, dict) else None
+    if not isinstance(data, dict) or data.get("source") != "digits":
+        raise DitPruneError(f"--recover-data {GENERATED_NOVEL} in dit-prune prune needs a digits "
+                            "checkpoint (held-out digits calibrate tau); use dit-prune run "
+                            "with --train and --heldout otherwise")
+    train, _, _ = recovery_images(extra, "train")
+    detector = load_copy_detector(args.copy_detector
+                                  or default_checkpoints_dir() / "digits-copydetect")
+    train_emb = detector.embed(train)  # (M, E)
+    held, _ = nearest_cosine(detector.embed(digits_split().heldout_images), train_emb)  # (K,)
+    pool = generated_novel_images(teacher, scheduler, train_emb, detector,
+                                  calibrate_threshold(held), count=args.recover_pool,
+                                  progress=True)
+    print(f"{GENERATED_NOVEL}: kept {int(pool.kept.sum())} of {len(pool.kept)} samples")
+    return pool.images, pool.labels, {**pool.info(), "copied_positions": pool.copied_positions()}
+
+
+def _adversarial_targets(extra: dict[str, Any], data_info: dict[str, Any],
+                         count: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The copied training images to re-trigger: the duplicated ones the checkpoint records,
+    else those the teacher's generated samples copied (--recover-data generated-novel)."""
+    data = extra.get("data") if isinstance(extra, dict) else None
+    duplicated = data.get("duplicated") if isinstance(data, dict) else None
+    if isinstance(duplicated, dict) and duplicated.get("train_positions"):
+        positions, source = list(duplicated["train_positions"]), "duplicated"
+    elif data_info.get("copied_positions"):
+        positions, source = list(data_info["copied_positions"]), "copied by the unpruned model"
+    else:
+        raise DitPruneError("adversarial recovery needs copied images: a checkpoint that "
+                            f"records duplicated images, or --recover-data {GENERATED_NOVEL}")
+    train, labels, _ = recovery_images(extra, "train")
+    if labels is None:
+        raise DitPruneError("adversarial recovery needs labelled training images")
+    idx = torch.as_tensor(positions[:count], dtype=torch.long)  # (T,)
+    if idx.max() >= len(train):
+        raise DitPruneError("the checkpoint's duplicated training positions are invalid")
+    return train[idx], labels[idx], {"source": source, "positions": idx.tolist()}
 
 
 def _counts(units: list[Unit]) -> dict[str, int]:
