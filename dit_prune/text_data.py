@@ -230,7 +230,30 @@ def digits_text_rows(data: dict) -> tuple[CaptionedImages, dict]:
     every other image gets its class's `generic_caption`. Returns the rows (unique images first,
     then the extra copies) and a record of them (pool indices, memorized positions, captions).
     """
-    from dit_prune.data import balanced_subset, digits_split, indices_hash
+    from dit_prune.data import indices_hash
+
+    idx, images, labels, positions, copies = _digits_subset(data)
+    captions = digits_captions(labels, positions)
+    order = _row_order(len(images), positions, copies)
+    rows = CaptionedImages(images[order], tuple(captions[i] for i in order),
+                           tuple(f"{i:06d}.png" for i in order))
+    record = {"pool_indices_sha256": indices_hash(idx), "num_images": len(idx),
+              "memorized_positions": positions, "copies": copies,
+              "memorized_pool_indices": [int(idx[p]) for p in positions],
+              "memorized_captions": [captions[p] for p in positions],
+              "num_rows": len(order)}
+    return rows, record
+
+
+def digits_text_classes(data: dict) -> torch.Tensor:
+    """The digit class of each row of `digits_text_rows(data)`, (R,) long."""
+    _, images, labels, positions, copies = _digits_subset(data)
+    return labels[_row_order(len(images), positions, copies)].clone()
+
+
+def _digits_subset(data: dict) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, list[int], int]:
+    """(pool indices, images, labels, memorized positions, copies) recorded in `data`."""
+    from dit_prune.data import balanced_subset, digits_split
     from dit_prune.duplication import DuplicationSpec
 
     split = digits_split()
@@ -252,17 +275,12 @@ def digits_text_rows(data: dict) -> tuple[CaptionedImages, dict]:
         copies = int(spec.copies)
     if len(positions) > MAX_MEMORIZED:
         raise DitPruneError(f"at most {MAX_MEMORIZED} memorized captions, got {len(positions)}")
-    captions = digits_captions(labels, positions)
-    extra = [p for p in positions for _ in range(copies - 1)]
-    order = list(range(len(images))) + extra
-    rows = CaptionedImages(images[order], tuple(captions[i] for i in order),
-                           tuple(f"{i:06d}.png" for i in order))
-    record = {"pool_indices_sha256": indices_hash(idx), "num_images": len(idx),
-              "memorized_positions": positions, "copies": copies,
-              "memorized_pool_indices": [int(idx[p]) for p in positions],
-              "memorized_captions": [captions[p] for p in positions],
-              "num_rows": len(order)}
-    return rows, record
+    return idx, images, labels, positions, copies
+
+
+def _row_order(count: int, positions: list[int], copies: int) -> list[int]:
+    """Rows: every image once, then copies - 1 more of each memorized position."""
+    return list(range(count)) + [p for p in positions for _ in range(copies - 1)]
 
 
 def digits_text_heldout() -> CaptionedImages:

@@ -169,9 +169,15 @@ def run(args: argparse.Namespace) -> int:
     _check_still_ours(run_dir, lock)
     report = write_outputs(result, run_dir)
     entry = result["entries"][0]
-    save_pruned(entry["model"], run_dir / "pruned", scheduler=inputs.loaded.scheduler,
-                plan=entry["after_plan"], base_hash=inputs.loaded.meta.weights_sha256,
-                overwrite=True)
+    if inputs.text is not None:  # text-to-image: the whole pipeline, loadable with diffusers
+        from dit_prune.pipelines.io import save_pipeline
+
+        save_pipeline(inputs.text.with_transformer(entry["model"]), run_dir / "pruned",
+                      overwrite=True)
+    else:
+        save_pruned(entry["model"], run_dir / "pruned", scheduler=inputs.loaded.scheduler,
+                    plan=entry["after_plan"], base_hash=inputs.loaded.meta.weights_sha256,
+                    overwrite=True)
     print("\n".join(summary_lines(report)))
     print(f"\nwrote {run_dir}/report.md, report.json, samples_before_after.png"
           + ", tradeoff.png"

@@ -13,6 +13,8 @@ import copy
 import hashlib
 import json
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ from dit_prune.run.measure import latency_seconds, macs_and_params
 from dit_prune.run.recovery import RunRecovery, prepare_recovery
 from dit_prune.run.retrigger import retrigger_probe
 from dit_prune.run.shards import ShardStore
+from dit_prune.run.text import is_text_checkpoint
 from dit_prune.sampling import sample_images
 from dit_prune.scorers import (
     CalibrationData,
@@ -84,15 +87,21 @@ class RunInputs:
     # (R, C, H, W) in [-1, 1]; None: no recovery, or generated-novel (drawn by the run)
     recovery_images: torch.Tensor | None = None
     recovery_labels: torch.Tensor | None = None
+    # text-to-image runs: a dit_prune.run.text.TextRun (labels are then caption labels)
+    text: Any = None
 
 
 def prepare_inputs(cfg: RunConfig) -> RunInputs:
     """Load and check the checkpoint and the data sets; raises DitPruneError on bad input."""
     loaded = load_dit(cfg.checkpoint)
     meta = loaded.meta
+    if not meta.num_classes and is_text_checkpoint(cfg.checkpoint):
+        from dit_prune.run.text import text_run_inputs
+
+        return text_run_inputs(cfg, loaded)
     if not meta.num_classes:
-        raise DitPruneError("dit-prune run needs a class-conditional DiT; use dit_prune.pipelines "
-                             "for text-to-image models")
+        raise DitPruneError("dit-prune run needs a class-conditional DiT or a text-to-image "
+                            "pipeline directory")
     if meta.num_classes != cfg.num_classes:
         raise DitPruneError(f"the checkpoint has {meta.num_classes} classes, the run was given "
                             f"{cfg.num_classes}")
@@ -149,38 +158,44 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     run_dir = Path(cfg.out)
     base, scheduler, meta = inputs.loaded
     base = base.to(inputs.device).eval()
-    seeds, labels = cfg.seed_list(), cfg.labels()
+    seeds, text = cfg.seed_list(), inputs.text
+    labels = text.seed_labels(seeds) if text else cfg.labels()  # (N,) caption labels for text
+    classes = text.seed_classes(seeds) if text else labels  # what class agreement checks
+    condition = text.condition if text else _unconditioned
     store = ShardStore(run_dir / "samples", cfg.shard_size)
     target = target_subset(cfg, meta.extra, len(inputs.train_images))
     context = build_context(inputs.train_images, inputs.heldout_images, *evaluation_nets(cfg),
                             cache_dir=run_dir / "cache", device=inputs.device,
                             subsets={target[0]: target[1]} if target else None)
-    sampler = Sampler(cfg, scheduler, store, labels, seeds, progress)
-    before = _evaluate("before", sampler(base, "before", meta.weights_sha256), labels, context)
+    sampler = Sampler(cfg, scheduler, store, labels, seeds, progress, condition)
+    before = _evaluate("before", sampler(base, "before", meta.weights_sha256), classes, context)
     kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds
     units = enumerate_units(base, kinds)
     data = scoring_data(inputs, target)
     scores = _cached_scores(run_dir / "scores" / cfg.scorer, cfg.scorer,
                             {"seed": cfg.seed, **cfg.scorer_options}, base, units, data,
-                            scheduler, meta.weights_sha256, progress)
+                            scheduler, meta.weights_sha256, progress, condition)
     base_cost = macs_and_params(base)
-    base_latency = latency_seconds(base, scheduler, cfg)
+    with condition(base):
+        base_latency = latency_seconds(base, scheduler, cfg, labels)
     before.metrics.update(params=base_cost["params"], macs=base_cost["macs"],
                           latency_s=base_latency)
     probe = retrigger_probe(cfg, inputs, target, context)  # None: --retrigger-targets 0
     if probe is not None:
-        before.metrics.update(probe(base))
+        with condition(base):
+            before.metrics.update(probe(base))
     recovery = prepare_recovery(cfg, inputs, base, context, sampler, target, before)
 
     def measured(model: nn.Module, tag: str, timed: bool = True, attacked: bool = True) -> Arm:
         """Evaluate a pruned model; `timed`: measure its latency, `attacked`: its re-trigger
         success (both only for the table's arms)."""
-        arm = _evaluate(tag, sampler(model, tag, weights_fingerprint(model)), labels, context)
+        arm = _evaluate(tag, sampler(model, tag, weights_fingerprint(model)), classes, context)
         cost = macs_and_params(model)
-        latency = latency_seconds(model, scheduler, cfg) if timed else None
+        with condition(model):
+            latency = latency_seconds(model, scheduler, cfg, labels) if timed else None
+            if attacked and probe is not None:
+                arm.metrics.update(probe(model))
         arm.metrics.update(params=cost["params"], macs=cost["macs"], latency_s=latency)
-        if attacked and probe is not None:
-            arm.metrics.update(probe(model))
         return arm
 
     control = None  # the unpruned model given the same recovery, on the same seeds
@@ -194,7 +209,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     for random_seed in cfg.random_seeds:
         seed_scores = _cached_scores(run_dir / "scores" / f"random-s{random_seed}", "random",
                                      {"seed": random_seed}, base, units, data, scheduler,
-                                     meta.weights_sha256, progress)
+                                     meta.weights_sha256, progress, condition)
         for budget in tqdm(cfg.random_budget_list(), desc=f"random seed {random_seed}",
                            disable=not progress):
             model, plan = _pruned_copy(base, units, seed_scores, budget, cfg, recovery,
@@ -217,7 +232,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
             random_model, random_plans[first_seed, budget] = _pruned_copy(
                 base, units, _cached_scores(run_dir / "scores" / f"random-s{first_seed}",
                                             "random", {"seed": first_seed}, base, units, data,
-                                            scheduler, meta.weights_sha256, progress),
+                                            scheduler, meta.weights_sha256, progress, condition),
                 budget, cfg, recovery, f"random_s{first_seed}_{budget:g}")
             randoms[first_seed, budget] = measured(random_model,
                                                    f"random_s{first_seed}_{budget:g}")
@@ -242,7 +257,7 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
             "random_curve": curve, "target": target_name,
             "retrigger": probe.describe() if probe is not None else None,
             "recovery": recovery.describe() if recovery is not None else None,
-            "control": control}
+            "control": control, "text": text}
 
 
 def scoring_data(inputs: RunInputs, target: tuple[str, list[int]] | None) -> CalibrationData:
@@ -298,9 +313,11 @@ class Sampler:
     """Draws (or reloads) the run's images for a model under a tag, with one seed per image."""
 
     def __init__(self, cfg: RunConfig, scheduler: Any, store: ShardStore,
-                 labels: torch.Tensor, seeds: list[int], progress: bool = True) -> None:
+                 labels: torch.Tensor, seeds: list[int], progress: bool = True,
+                 condition: Callable[[nn.Module], AbstractContextManager] | None = None) -> None:
         self.cfg, self.scheduler, self.store = cfg, scheduler, store
         self.labels, self.seeds, self.progress = labels, seeds, progress
+        self.condition = condition or _unconditioned  # text runs: caption labels
 
     def __call__(self, model: nn.Module, tag: str, model_hash: str,
                  labels: torch.Tensor | None = None,
@@ -310,16 +327,22 @@ class Sampler:
         fingerprint = f"{model_hash}|{cfg.steps}|{cfg.sampler}|{cfg.guidance_scale}"
 
         def draw(labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-            return sample_images(model, self.scheduler, labels, seeds, steps=cfg.steps,
-                                 guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
-                                 batch_size=cfg.batch_size, progress=False)
+            with self.condition(model):
+                return sample_images(model, self.scheduler, labels, seeds, steps=cfg.steps,
+                                     guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
+                                     batch_size=cfg.batch_size, progress=False)
 
         return self.store.sample(tag, draw, self.labels if labels is None else labels,
                                  self.seeds if seeds is None else seeds, fingerprint,
                                  self.progress)
 
 
-def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor,
+def _unconditioned(model: nn.Module) -> AbstractContextManager:
+    """The class-conditional runs' condition: none (labels go to the model as they are)."""
+    return nullcontext()
+
+
+def _evaluate(name: str, images: torch.Tensor, labels: torch.Tensor | None,
               context: EvalContext) -> Arm:
     evaluation = evaluate_samples(images, labels, context)
     return Arm(name, dict(evaluation.metrics), images, evaluation)
@@ -338,7 +361,9 @@ def _pruned_copy(base: nn.Module, units: list, scores: torch.Tensor, budget: flo
 
 def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.Module,
                    units: list, data: CalibrationData, scheduler: Any, model_hash: str,
-                   progress: bool) -> torch.Tensor:
+                   progress: bool,
+                   condition: Callable[[nn.Module], AbstractContextManager] | None = None
+                   ) -> torch.Tensor:
     key = {"scorer": name, "options": options, "model": model_hash,
            "units": [u.to_json() for u in units], "code": scoring_code_fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -348,7 +373,8 @@ def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.M
     if state.is_main_process and not _cache_hit(folder, digest, units):
         scorer = get_scorer(name, progress=progress, **options)
         started = time.perf_counter()
-        result = scorer.compute(model, units, data, scheduler)
+        with (condition or _unconditioned)(model):
+            result = scorer.compute(model, units, data, scheduler)
         save_scores(folder, units, result.scores,
                     {"scorer": name, "options": options, "cache_key": digest,
                      "seconds": round(time.perf_counter() - started, 2)}, raw=result.raw)

@@ -31,9 +31,15 @@ def macs_and_params(model: nn.Module) -> dict[str, int]:
     return {"macs": int(macs), "params": int(params)}
 
 
-def latency_seconds(model: nn.Module, scheduler: Any, cfg: Any, repeats: int = 3) -> float:
-    """Median wall time to sample one batch of 64 images with the run's sampler and steps."""
-    labels = torch.arange(LATENCY_BATCH) % int(model.config.num_embeds_ada_norm)  # (64,)
+def latency_seconds(model: nn.Module, scheduler: Any, cfg: Any, labels: torch.Tensor | None = None,
+                    repeats: int = 3) -> float:
+    """Median wall time to sample one batch of 64 images with the run's sampler and steps.
+
+    `labels` (N,): the run's labels, cycled to 64 (default: classes 0, 1, ... of the model)."""
+    if labels is None or not len(labels):
+        labels = torch.arange(LATENCY_BATCH) % int(model.config.num_embeds_ada_norm)  # (64,)
+    else:
+        labels = torch.as_tensor(labels)[torch.arange(LATENCY_BATCH) % len(labels)]  # (64,)
     seeds = list(range(LATENCY_BATCH))
     times = []
     for _ in range(repeats):

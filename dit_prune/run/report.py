@@ -368,6 +368,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 def write_outputs(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Write report.json, report.md, samples_before_after.png and (several budgets) tradeoff.png."""
     report = build_report(result)
+    if result.get("text") is not None:  # text-to-image: copies per prompt
+        from dit_prune.run.prompts import prompt_section
+
+        report["prompts"] = prompt_section(result)
     before, entry = result["before"], result["entries"][0]
     after = entry["after"]
     nearest = result["context"].train_images[before.evaluation.memorization.nearest].cpu()
@@ -377,6 +381,11 @@ def write_outputs(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
                       result["seeds"], run_dir / "samples_before_after.png",
                       title=f"{report['scorer']}, budget {report['budget']:g}")
     tradeoff_plot(report, run_dir / "tradeoff.png")
-    atomic_write_text(run_dir / "report.md", render_markdown(report))
+    markdown = render_markdown(report)
+    if "prompts" in report:
+        from dit_prune.run.prompts import render_prompts
+
+        markdown += render_prompts(report["prompts"])
+    atomic_write_text(run_dir / "report.md", markdown)
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
     return report

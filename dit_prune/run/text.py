@@ -1,0 +1,185 @@
+"""`dit-prune run` on a text-to-image pipeline: prompts from the training captions.
+
+The run's machinery (sampling, scorers, re-trigger attack, evaluator, random and noise
+controls) works on labels. A text-to-image run gives every distinct caption a label
+(`dit_prune.pipelines.caption_labels`) and conditions each transformer it calls on those labels
+(`TextRun.condition`), so the same code measures it and the same verdict judges it.
+
+* Training rows: `--train FOLDER` (images + `metadata.jsonl`, `dit_prune.text_data`), or for the
+  embedded model the digits rows its `dit_prune.json` records. A file listed on several rows is
+  one training image with copies.
+* Seeds: seed s samples the caption of training row s mod R (R rows): seeds 0..R-1 give one
+  sample per training row (so a caption repeated with its image k times gets k samples).
+* Copies are counted against the distinct training images; for the embedded model the
+  memorized-prompt images are the run's duplicated target (as `--duplicate` digits are).
+* Class agreement is measured only when each row's class is known (the embedded digits).
+
+Example:
+    >>> inputs = text_run_inputs(cfg, load_dit(cfg.checkpoint))  # doctest: +SKIP
+    >>> inputs.text.seed_labels([0, 1]), inputs.text.prompt_of_seed(0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit_prune.errors import DitPruneError
+from dit_prune.pipelines.caption_labels import CaptionLabels, caption_conditioning
+from dit_prune.text_data import (
+    CaptionedImages,
+    digits_text_classes,
+    digits_text_heldout,
+    digits_text_rows,
+    load_caption_folder,
+)
+
+MODEL_INDEX = "model_index.json"
+
+
+def is_text_checkpoint(path: str | Path) -> bool:
+    """True for a pipeline directory whose pipeline has a text encoder (text-to-image)."""
+    index_file = Path(path) / MODEL_INDEX
+    if not index_file.is_file():
+        return False
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(index, dict) and bool(index.get("text_encoder")) and \
+        list(index.get("text_encoder") or [None])[0] is not None
+
+
+@dataclass(frozen=True)
+class TextRun:
+    """The text side of a run: the pipeline, its caption labels and the training rows.
+
+    `unique` maps each training row to its distinct image (R,); `row_classes` holds each row's
+    class (R,) when known, for class agreement.
+    """
+
+    pipe: Any
+    labels: CaptionLabels
+    rows: CaptionedImages
+    unique: torch.Tensor  # (R,) long: row -> position among the distinct training images
+    row_classes: torch.Tensor | None  # (R,) long, or None
+    memorized_captions: tuple[str, ...] = ()
+
+    def seed_rows(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Training row of each seed (N,): s mod R."""
+        return torch.tensor([int(s) % len(self.rows) for s in seeds], dtype=torch.long)
+
+    def seed_labels(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Caption label of each seed's prompt (N,)."""
+        rows = self.seed_rows(seeds)
+        return self.labels.of([self.rows.captions[int(r)] for r in rows])
+
+    def seed_classes(self, seeds: Sequence[int]) -> torch.Tensor | None:
+        """Class of each seed's training row (N,), or None when classes are unknown."""
+        if self.row_classes is None:
+            return None
+        return self.row_classes[self.seed_rows(seeds)]
+
+    def prompt_of_seed(self, seed: int) -> str:
+        return self.rows.captions[int(seed) % len(self.rows)]
+
+    def condition(self, model: nn.Module) -> AbstractContextManager[None]:
+        """Context in which `model(x, timestep=t, class_labels=y)` runs on caption labels."""
+        return caption_conditioning(model, self.labels)
+
+    def with_transformer(self, model: nn.Module) -> Any:
+        """A pipeline of the same class around `model` (sharing every other component)."""
+        components = dict(self.pipe.components)
+        components["transformer"] = model
+        return type(self.pipe)(**components)
+
+
+def text_run_inputs(cfg: Any, loaded: Any) -> Any:
+    """The `RunInputs` of a text-to-image run (its `text` is the `TextRun`); one-line
+    DitPruneError on bad input."""
+    from dit_prune.commands.common import pick_device
+    from dit_prune.pipelines.io import load_pruned_pipeline
+    from dit_prune.run.experiment import RunInputs
+
+    if cfg.recover != "none":
+        raise DitPruneError("recovery (--recover) is not supported on text-to-image runs yet")
+    pipe = load_pruned_pipeline(cfg.checkpoint)
+    extra = loaded.meta.extra if isinstance(loaded.meta.extra, dict) else {}
+    rows, classes, memorized, record = _training_rows(cfg, extra)
+    heldout = _heldout_rows(cfg, extra)
+    unique, positions = _distinct(rows)
+    train_images = rows.images[positions]  # (N, C, H, W) distinct images
+    model = pipe.transformer
+    expected = (int(model.config.in_channels), int(model.config.sample_size) * _vae_scale(pipe))
+    if pipe.vae is not None and type(pipe.vae).__name__ != "IdentityVAE":
+        raise DitPruneError("dit-prune run measures pixel-space text-to-image pipelines (with "
+                            "IdentityVAE) for now; latent pipelines: use dit_prune.pipelines")
+    for what, images in (("training images", train_images), ("held-out images", heldout.images)):
+        if tuple(images.shape[1:]) != (expected[0], expected[1], expected[1]):
+            raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the pipeline makes "
+                                f"{(expected[0], expected[1], expected[1])} (C, H, W)")
+    labels = CaptionLabels.build(pipe, list(rows.captions) + list(heldout.captions))
+    null = labels.null
+    if null and labels.num_labels > null:
+        raise DitPruneError(f"{labels.num_labels} distinct captions, but this transformer's "
+                            f"label space holds {null}: use fewer distinct captions")
+    row_labels = labels.of(list(rows.captions))  # (R,)
+    train_labels = row_labels[positions]  # (N,) the first caption of each distinct image
+    meta = dataclasses.replace(loaded.meta, extra={**extra, "data": record})
+    text = TextRun(pipe, labels, rows, unique, classes, memorized)
+    return RunInputs(loaded._replace(meta=meta), train_images, train_labels, heldout.images,
+                     labels.of(list(heldout.captions)), pick_device(cfg.device), text=text)
+
+
+def _vae_scale(pipe: Any) -> int:
+    return int(getattr(pipe, "vae_scale_factor", 1) or 1)
+
+
+def _training_rows(cfg: Any, extra: dict) -> tuple[CaptionedImages, torch.Tensor | None,
+                                                   tuple[str, ...], dict]:
+    """Rows, their classes (or None), the memorized captions and the run's data record."""
+    if cfg.train:
+        rows = load_caption_folder(cfg.train)
+        return rows, None, (), {"source": str(cfg.train), "num_rows": len(rows)}
+    data = extra.get("data")
+    if extra.get("kind") != "text-to-image" or not isinstance(data, dict) or \
+            data.get("source") != "digits":
+        raise DitPruneError(f"{cfg.checkpoint} records no training captions: pass --train "
+                            "FOLDER (images with metadata.jsonl)")
+    rows, record = digits_text_rows(data)
+    classes = digits_text_classes(data)  # (R,)
+    positions = list(record.get("memorized_positions", []))
+    duplicated = {"train_positions": positions, "copies": record.get("copies", 1)}
+    memorized = tuple(record.get("memorized_captions", []))
+    return rows, classes, memorized, {**data, **record, "duplicated": duplicated}
+
+
+def _heldout_rows(cfg: Any, extra: dict) -> CaptionedImages:
+    if cfg.heldout:
+        return load_caption_folder(cfg.heldout)
+    if cfg.train:
+        raise DitPruneError("a text-to-image run with --train needs --heldout FOLDER too")
+    return digits_text_heldout()
+
+
+def _distinct(rows: CaptionedImages) -> tuple[torch.Tensor, list[int]]:
+    """(row -> distinct image position (R,), the first row of each distinct image)."""
+    keys = rows.files if rows.files else tuple(str(i) for i in range(len(rows)))
+    first: dict[str, int] = {}
+    unique = []
+    for key in keys:
+        if key not in first:
+            first[key] = len(first)
+        unique.append(first[key])
+    positions = [0] * len(first)
+    for i in reversed(range(len(keys))):
+        positions[unique[i]] = i
+    return torch.tensor(unique, dtype=torch.long), positions
