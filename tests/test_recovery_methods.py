@@ -105,6 +105,31 @@ def test_adversarial_recovery_moves_attacked_copies_away_more_than_distillation(
                                                  result.model.parameters(), strict=True))
 
 
+def test_class_embedding_search_strengthens_the_attack_and_leaves_no_hook(digits):
+    from dit_prune.metrics.retrigger import label_tables
+
+    loaded = load_dit(CHECKPOINTS / "digits-duplicated")
+    model, scheduler = loaded.model.eval(), loaded.scheduler
+    data = loaded.meta.extra["data"]
+    train = digits.pool_images[data["pool_indices"]]
+    train_labels = digits.pool_labels[data["pool_indices"]]
+    targets = choose_targets(train, train_labels, digits.heldout_images, digits.heldout_labels,
+                             4, positions=data["duplicated"]["train_positions"])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def heldout_mse(embedding_lr: float) -> float:
+        budget = AttackBudget(targets=4, attack_steps=5, ddim_steps=4, embedding_lr=embedding_lr)
+        result = attack_success(model, scheduler, targets, budget, None, 0.9)
+        return float(result.mse[result.heldout].mean())
+
+    plain, searched = heldout_mse(0.0), heldout_mse(0.1)
+    assert searched < 0.8 * plain  # more freedom: even held-out digits are fitted better
+    assert not any(table._forward_hooks for table in label_tables(model))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(DitPruneError, match="embedding lr"):
+        AttackBudget(embedding_lr=-1.0)
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"margin": 0}, "margin must be a finite number > 0"),
     ({"inner_steps": 0}, "inner steps must be an integer >= 1"),
@@ -112,6 +137,7 @@ def test_adversarial_recovery_moves_attacked_copies_away_more_than_distillation(
     ({"t_min": 600, "t_max": 500}, "t range [600, 500] is empty"),
     ({"lr": float("nan")}, "lr must be a finite number > 0"),
     ({"seed": 1.5}, "seed must be an integer"),
+    ({"embedding_lr": float("inf")}, "embedding lr must be a finite number >= 0"),
 ])
 def test_adversarial_config_errors_are_one_line(options, message):
     with pytest.raises(DitPruneError) as info:
@@ -180,11 +206,13 @@ def test_run_with_adversarial_recovery_on_generated_novel_reports_its_control(du
     code = main(["run", str(dup_checkpoint), "--out", str(out), *FAST, "--budget", "1",
                  "--recover", "adversarial", "--recover-steps", "2", "--recover-data",
                  "generated-novel", "--recover-pool", "30", "--recover-option", "inner_steps=1",
-                 "--recover-option", "ddim_steps=2", "--recover-option", "batch_size=8"])
+                 "--recover-option", "ddim_steps=2", "--recover-option", "batch_size=8",
+                 "--recover-option", "embedding_lr=0.05"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     recovery = report["recovery"]
     assert recovery["method"] == "adversarial" and recovery["options"]["t_min"] == 0
+    assert recovery["options"]["embedding_lr"] == 0.05
     data = recovery["data"]
     assert data["source"] == "generated-novel" and data["num_drawn"] == 30
     assert data["num_images"] + data["num_dropped"] == 30 and data["num_images"] >= 1

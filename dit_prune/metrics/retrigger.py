@@ -69,6 +69,9 @@ class AttackBudget:
     lr: float = 0.1
     prior_weight: float = 1.0  # weight of the penalty keeping the noise's mean 0 and std 1
     seed: int = 0
+    # Adam learning rate of an offset added to the class embedding of every block (searched
+    # with the noise, from 0); 0: the noise alone (the probe of `dit-prune run`)
+    embedding_lr: float = 0.0
 
     def __post_init__(self) -> None:
         for name, low in (("targets", 1), ("attack_steps", 0), ("ddim_steps", 1)):
@@ -78,7 +81,7 @@ class AttackBudget:
                                     f">= {low}, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise DitPruneError(f"re-trigger seed must be an integer, got {self.seed!r}")
-        for name, positive in (("lr", True), ("prior_weight", False)):
+        for name, positive in (("lr", True), ("prior_weight", False), ("embedding_lr", False)):
             value = getattr(self, name)
             ok = isinstance(value, int | float) and not isinstance(value, bool) \
                 and math.isfinite(value) and (value > 0 if positive else value >= 0)
@@ -88,9 +91,11 @@ class AttackBudget:
 
     def describe(self) -> str:
         """One phrase stating the budget, for reports."""
+        embedding = f" and the class embedding (lr {self.embedding_lr:g})" \
+            if self.embedding_lr else ""
         return (f"{self.attack_steps} Adam steps (lr {self.lr:g}, prior weight "
-                f"{self.prior_weight:g}) on the initial noise through {self.ddim_steps} DDIM "
-                f"steps, seed {self.seed}")
+                f"{self.prior_weight:g}) on the initial noise{embedding} through "
+                f"{self.ddim_steps} DDIM steps, seed {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -183,42 +188,98 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def optimise_noise(model: nn.Module, scheduler: Any, z: torch.Tensor, targets: torch.Tensor,
-                   labels: torch.Tensor, budget: AttackBudget) -> tuple[torch.Tensor, list[float]]:
-    """The attack's inner loop: `budget.attack_steps` Adam steps on the noise z (B, C, H, W),
-    from the given z, so that DDIM's samples match targets (B, C, H, W) in [-1, 1].
+def label_tables(model: nn.Module) -> list[nn.Module]:
+    """The class-label embedding tables of a class-conditional DiT (one per block), in order."""
+    return [m for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
 
-    Returns the optimised noise (B, C, H, W), detached, and the MSE after each step. Gradients
-    are taken with respect to the noise alone; the model is left unchanged (and in its mode).
-    Adversarial recovery (dit_prune.pruning.adversarial) calls it to warm-start its attacks.
+
+@contextlib.contextmanager
+def class_embedding_offsets(model: nn.Module,
+                            offsets: torch.Tensor | None) -> Iterator[nn.Module]:
+    """Add offsets[l] (B, D) to the output of the l-th label-embedding table for the block
+    (offsets (L, B, D); None: nothing). The hooks are removed on exit, even on error."""
+    if offsets is None:
+        yield model
+        return
+    tables = label_tables(model)
+    if len(tables) != len(offsets):
+        raise DitPruneError(f"{len(offsets)} class-embedding offsets for {len(tables)} tables")
+
+    def hook(index: int) -> Any:
+        def add(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            if out.shape != offsets[index].shape:
+                raise DitPruneError(f"class embedding {tuple(out.shape)} does not match its "
+                                    f"offset {tuple(offsets[index].shape)}")
+            return out + offsets[index]  # (B, D)
+        return add
+
+    handles = [table.register_forward_hook(hook(i)) for i, table in enumerate(tables)]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def zero_offsets(model: nn.Module, batch: int, budget: AttackBudget) -> torch.Tensor | None:
+    """Starting class-embedding offsets (L, B, D) of zeros, or None when the budget searches the
+    noise alone or the model has no label tables."""
+    tables = label_tables(model)
+    if not budget.embedding_lr or not tables:
+        return None
+    weight = tables[0].embedding_table.weight  # (classes + 1, D)
+    return torch.zeros(len(tables), batch, weight.shape[1], device=weight.device)
+
+
+def optimise_noise(model: nn.Module, scheduler: Any, z: torch.Tensor, targets: torch.Tensor,
+                   labels: torch.Tensor, budget: AttackBudget,
+                   offsets: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
+    """The attack's inner loop: `budget.attack_steps` Adam steps on the noise z (B, C, H, W),
+    from the given z, so that DDIM's samples match targets (B, C, H, W) in [-1, 1]. With
+    class-embedding `offsets` (L, B, D; see `zero_offsets`) they are searched too, with
+    `budget.embedding_lr`.
+
+    Returns the optimised noise (B, C, H, W) and offsets, detached, and the MSE after each step.
+    Gradients are taken with respect to them alone; the model is left unchanged (and in its
+    mode). Adversarial recovery (dit_prune.pruning.adversarial) calls it to warm-start attacks.
     """
     z = z.detach().clone().requires_grad_(True)  # (B, C, H, W)
-    optimizer = torch.optim.Adam([z], lr=budget.lr)
+    groups = [{"params": [z], "lr": budget.lr}]
+    if offsets is not None:
+        offsets = offsets.detach().clone().requires_grad_(True)  # (L, B, D)
+        groups.append({"params": [offsets], "lr": budget.embedding_lr})
+    optimizer = torch.optim.Adam(groups)
+    searched = [z] if offsets is None else [z, offsets]
     losses: list[float] = []
     with evaluating(model):
         for _ in range(budget.attack_steps):
-            x0 = ddim_sample(model, scheduler, z, labels, budget.ddim_steps)  # (B, C, H, W)
+            with class_embedding_offsets(model, offsets):
+                x0 = ddim_sample(model, scheduler, z, labels, budget.ddim_steps)  # (B, C, H, W)
             fit = F.mse_loss(x0, targets)
             flat = z.flatten(1)  # (B, D)
             prior = (flat.mean(1).pow(2) + (flat.std(1) - 1).pow(2)).mean()
-            (grad,) = torch.autograd.grad(fit + budget.prior_weight * prior, [z])
-            z.grad = grad  # (B, C, H, W)
+            grads = torch.autograd.grad(fit + budget.prior_weight * prior, searched)
+            for tensor, grad in zip(searched, grads, strict=True):
+                tensor.grad = grad
             optimizer.step()
             losses.append(float(fit.detach()))
-    return z.detach(), losses
+    return z.detach(), None if offsets is None else offsets.detach(), losses
 
 
 def attack(model: nn.Module, scheduler: Any, targets: torch.Tensor, labels: torch.Tensor,
            seeds: Sequence[int], budget: AttackBudget) -> tuple[torch.Tensor, list[float]]:
-    """Optimise the initial noise so that the samples match targets (B, C, H, W) in [-1, 1].
+    """Optimise the initial noise (and, with `budget.embedding_lr`, the class embedding) so
+    that the samples match targets (B, C, H, W) in [-1, 1].
 
-    Returns the final samples (B, C, H, W) and the MSE after each Adam step. Only the noise is
-    optimised: gradients are taken with respect to it alone, and the model is left unchanged.
+    Returns the final samples (B, C, H, W) and the MSE after each Adam step. Only the inputs are
+    optimised: gradients are taken with respect to them alone, and the model is left unchanged.
     """
     device = targets.device
     z0 = initial_noise(list(seeds), tuple(targets.shape[1:])).to(device)  # (B, C, H, W)
-    z, losses = optimise_noise(model, scheduler, z0, targets, labels, budget)
-    with evaluating(model), torch.no_grad():
+    offsets = zero_offsets(model, len(targets), budget)  # (L, B, D) or None
+    z, offsets, losses = optimise_noise(model, scheduler, z0, targets, labels, budget, offsets)
+    with evaluating(model), torch.no_grad(), class_embedding_offsets(model, offsets):
         final = ddim_sample(model, scheduler, z, labels, budget.ddim_steps)  # (B, C, H, W)
     return final, losses
 

@@ -21,8 +21,11 @@ adversarial fine-tuning held. Each outer step here:
 The targets must be the copied training images (the duplicated ones when a checkpoint records
 them), never held-out images: held-out targets measure the attack's floor.
 
-Only the initial noise is searched; a class-conditional DiT's class embedding is not (its
-label table is the model's own, one row per class, and the attack keeps the target's class).
+With `embedding_lr` > 0 the inner loop also searches an offset added to the class embedding of
+every block (`retrigger.class_embedding_offsets`, from 0, warm-started and reset with the
+noise), the class-conditional analogue of Kowalczuk et al.'s embedding attack; the outer step
+then samples with that offset too. Default 0: the noise alone, the attack `dit-prune run`'s
+probe measures with.
 
 Example:
     >>> from diffusers import DDPMScheduler
@@ -54,8 +57,10 @@ from dit_prune.errors import DitPruneError
 from dit_prune.metrics.retrigger import (
     SEED_STRIDE,
     AttackBudget,
+    class_embedding_offsets,
     ddim_sample,
     optimise_noise,
+    zero_offsets,
 )
 from dit_prune.models import disable_block_label_dropout, null_class
 from dit_prune.pruning.recovery import (
@@ -97,6 +102,7 @@ class AdversarialConfig:
     prior_weight: float = 1.0  # the attack's penalty keeping the noise's mean 0 and std 1
     weight: float = 1.0  # weight of the hinge term against the distillation term
     margin: float = 0.1  # pixel MSE (images in [-1, 1]) beyond which a target is left alone
+    embedding_lr: float = 0.0  # > 0: the inner loop also searches the class embedding
     max_targets: int = 16  # copied images attacked at most (the first ones given)
 
     def __post_init__(self) -> None:
@@ -111,7 +117,8 @@ class AdversarialConfig:
             raise DitPruneError(f"adversarial recovery seed must be an integer, got "
                                 f"{self.seed!r}")
         for name, positive in (("lr", True), ("attack_lr", True), ("margin", True),
-                               ("weight", False), ("prior_weight", False)):
+                               ("weight", False), ("prior_weight", False),
+                               ("embedding_lr", False)):
             value = getattr(self, name)
             ok = isinstance(value, int | float) and not isinstance(value, bool) \
                 and math.isfinite(value) and (value > 0 if positive else value >= 0)
@@ -130,7 +137,8 @@ class AdversarialConfig:
         """The inner loop's budget: `inner_steps` Adam steps per outer step."""
         return AttackBudget(targets=targets, attack_steps=self.inner_steps,
                             ddim_steps=self.ddim_steps, lr=self.attack_lr,
-                            prior_weight=self.prior_weight, seed=self.seed)
+                            prior_weight=self.prior_weight, seed=self.seed,
+                            embedding_lr=self.embedding_lr)
 
 
 ADVERSARIAL_OPTIONS = tuple(AdversarialConfig.__dataclass_fields__)
@@ -192,7 +200,7 @@ def adversarial(
     gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     trace: dict[str, list[float]] = {"distill_loss": [], "attacked_mse": []}
-    z = goal  # replaced at step 0
+    z, offsets = goal, None  # replaced at step 0
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="adversarial recovery", disable=not progress)
     try:
@@ -200,8 +208,12 @@ def adversarial(
             if step % config.restart_every == 0:
                 z = initial_noise(_noise_seeds(config, step // config.restart_every, len(goal)),
                                   tuple(goal.shape[1:])).to(device)  # (T, C, H, W)
-            z, _ = optimise_noise(student, scheduler, z, goal, goal_labels, budget)
-            x0 = ddim_sample(student, scheduler, z, goal_labels, config.ddim_steps)  # (T, C, H, W)
+                offsets = zero_offsets(student, len(goal), budget)  # (L, T, D) or None
+            z, offsets, _ = optimise_noise(student, scheduler, z, goal, goal_labels, budget,
+                                           offsets)
+            with class_embedding_offsets(student, offsets):
+                x0 = ddim_sample(student, scheduler, z, goal_labels,
+                                 config.ddim_steps)  # (T, C, H, W)
             mse = (x0 - goal).pow(2).flatten(1).mean(1)  # (T,)
             hinge = F.relu(config.margin - mse).mean()
             distill = distill_loss(student, teacher, images, labels, alphas, null,
