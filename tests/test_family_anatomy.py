@@ -405,3 +405,36 @@ def test_single_model_and_pipeline_directories_load(family, tmp_path):
     with ablate(model, units):
         torch.testing.assert_close(forward(via_dit.model, data), forward(model, data),
                                    atol=1e-4, rtol=0)
+
+
+def test_balance_kv_groups_gives_the_largest_removable_subset():
+    """Any head selection shrinks to a removable subset of itself; no larger subset is
+    removable (checked by brute force over the block's subsets)."""
+    from itertools import combinations
+
+    from dit_prune.units.gqa import balance_kv_groups
+
+    model = build("lumina2", 4)
+    adapter = adapter_for(model)
+    block = adapter.blocks(model)[3]
+    heads = [Unit("head", 3, i) for i in range(4)]
+
+    def removable(subset):
+        try:
+            adapter.kv_positions(block, "head", [u.index for u in subset])
+        except DitPruneError:
+            return False
+        return len(subset) < len(heads)
+
+    rnd = random.Random(0)
+    for size in range(1, 4):
+        for chosen in combinations(heads, size):
+            chosen = rnd.sample(list(chosen), len(chosen))
+            kept = balance_kv_groups(model, chosen)
+            assert set(kept) <= set(chosen) and removable(kept)
+            assert kept == [u for u in chosen if u in kept]  # the caller's order
+            best = max(len(s) for n in range(size + 1) for s in combinations(chosen, n)
+                       if removable(list(s)))
+            assert len(kept) == best
+    data = batch_inputs(model)
+    prune_and_compare(model, "lumina2", balance_kv_groups(model, heads[:1] + heads[2:]), data)
