@@ -24,7 +24,6 @@ from dit_prune.store import (
     store_nearest_cosine,
     store_search_bound,
 )
-from dit_prune.store.search import top2
 
 from .conftest import CHECKPOINTS
 
@@ -47,7 +46,7 @@ def queries(digits, train: torch.Tensor) -> torch.Tensor:
 
 def spy_reads(store, sizes: list[int]) -> None:
     """Record the rows of every slice the search reads from the store."""
-    for name in ("read_images", "read_embeddings"):
+    for name in ("map_images", "map_embeddings"):
         original = getattr(store, name)
 
         def read(*args, _original=original, **kwargs):
@@ -64,12 +63,12 @@ def test_pixel_search_over_store_matches_in_memory(digits, tmp_path):
     store = build_store(TensorSource(train, None, "refs"), tmp_path / "s", shard_size=37,
                         progress=False)
     bound = store_search_bound(len(samples), 37, CHUNK, 64)
-    assert bound < train.numel() * 4 / 4  # the search may use a quarter of the store's size
-    rows, cols = store_block_shape(len(samples), 37, CHUNK, 64)
+    assert bound < train.numel() * 4 / 2  # the search may use half of the store's size
+    rows, cols, size = store_block_shape(len(samples), 37, CHUNK, 64)
     sizes: list[int] = []
     spy_reads(store, sizes)
     got = store_memorization_report(samples, store, chunk_elements=CHUNK)
-    assert max(sizes) == cols == 8 and rows == 8  # never more than 8 references read at once
+    assert max(sizes) == size == rows == 8 and cols == 64  # 8 references read at once
     want = memorization_report(samples, train)  # in memory, one block
     assert torch.equal(got.d1, want.d1) and torch.equal(got.d2, want.d2)
     assert torch.equal(got.nearest, want.nearest)
@@ -96,16 +95,58 @@ def test_embedding_search_over_store_matches_in_memory(digits, tmp_path):
     q = detector.embed(samples)
     sizes: list[int] = []
     spy_reads(store, sizes)
-    sims, idx = store_nearest_cosine(q, store, fp, chunk_elements=CHUNK)
-    assert max(sizes) == 8
+    sims, idx = store_nearest_cosine(q, store, fp, chunk_elements=8 * CHUNK)
+    assert max(sizes) == 64
     want_sims, want_idx = nearest_cosine(q, stored)
     assert torch.equal(sims, want_sims) and torch.equal(idx, want_idx)
     held = digits.heldout_images[200:400]
-    got = store_copy_report(samples, store, detector, heldout_images=held, chunk_elements=CHUNK)
+    got = store_copy_report(samples, store, detector, heldout_images=held,
+                            chunk_elements=8 * CHUNK)
     want = copy_report(samples, train, detector, heldout_images=held)
     assert got.threshold == want.threshold and got.rate == want.rate
     assert torch.equal(got.similarities, want.similarities)
     assert torch.equal(got.nearest, want.nearest)
+
+
+@pytest.mark.parametrize("chunk, tile", [(1 << 16, (64, 512, 1024)),
+                                         (1 << 19, (128, 4096, 4096))])
+def test_wide_tiles_match_in_memory(digits, tmp_path, chunk, tile):
+    """Slices of one and several tiles of 512 or 4096 columns: the grouped first pass, the skip
+    of samples that a slice cannot improve, the merge of the few that it can, on exact copies,
+    ties, near-duplicates and noisy queries."""
+    gen = torch.Generator().manual_seed(1)
+    train = torch.cat([digits.pool_images, digits.pool_images[:24]])  # (1024, 1, 8, 8) repeats
+    noisy = [(train + 0.05 * k * torch.randn(1024, 1, 8, 8, generator=gen)).clamp(-1, 1)
+             for k in (1, 2, 3)]
+    train = torch.cat([train, *noisy])  # (4096, 1, 8, 8): near-duplicates of every image
+    every = queries(digits, train)
+    samples = torch.cat([every[:440], every[-20:]])  # noisy, copies, 300 more copies, ties
+    store = build_store(TensorSource(train, None, "wide"), tmp_path / "s", shard_size=4096,
+                        progress=False)
+    assert store_block_shape(len(samples), 4096, chunk, 64) == tile
+    got = store_memorization_report(samples, store, chunk_elements=chunk)
+    want = memorization_report(samples, train)
+    assert torch.equal(got.d1, want.d1) and torch.equal(got.d2, want.d2)
+    assert torch.equal(got.nearest, want.nearest)
+    refs = torch.nn.functional.normalize(train.flatten(1), dim=1)  # (4096, 64) as embeddings
+    q = torch.nn.functional.normalize(samples.flatten(1), dim=1)  # (N, 64)
+    emb = build_store(TensorSource(refs.view(-1, 64, 1, 1), None, "emb"), tmp_path / "e",
+                      shard_size=4096, detector=IdentityDetector(), progress=False)
+    sims, idx = store_nearest_cosine(q, emb, IdentityDetector.fingerprint, chunk_elements=chunk)
+    stored = emb.read_embeddings(IdentityDetector.fingerprint, 0)  # (4096, 64)
+    want_sims, want_idx = nearest_cosine(q, stored)
+    assert torch.equal(sims, want_sims) and torch.equal(idx, want_idx)
+    assert (sims[120:140] > 0.9999).all()  # exact copies find themselves
+
+
+class IdentityDetector:
+    """Unit vectors stored as (E, 1, 1) images, embedded as themselves."""
+
+    name = "identity"
+    fingerprint = "identity0000000"
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(images.flatten(1).float(), dim=1)  # (n, E)
 
 
 def test_interrupted_build_resumes_to_the_same_store(digits, tmp_path):
@@ -221,14 +262,3 @@ def test_faiss_recall_against_exact(digits, tmp_path):
     assert recall_at_1(idx, exact_idx) == 1.0
     assert torch.allclose(sims, exact_sims, atol=1e-5)
     assert 0.5 < recall_at_1(index.search(q, nprobe=2)[1], exact_idx) <= 1.0
-
-
-@pytest.mark.parametrize("largest", [False, True])
-def test_grouped_top2_equals_topk(largest):
-    gen = torch.Generator().manual_seed(0)
-    for cols in (2, 3, 255, 256, 300, 1000):
-        score = torch.randn(40, cols, generator=gen)
-        score[:5] = torch.randint(0, 3, (5, cols), generator=gen).float()  # many exact ties
-        vals, idx = top2(score, largest=largest, group=64)
-        want = score.topk(2, dim=1, largest=largest).values
-        assert torch.equal(vals, want) and torch.equal(score.gather(1, idx), want)

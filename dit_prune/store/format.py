@@ -17,7 +17,10 @@ images' values in store order (chained per shard), the key a cache of anything d
 references should use, with the detector's `fingerprint` for embeddings.
 
 Reading never loads the whole store: `read_images(shard, start, stop)` reads rows of one shard
-through a memory map (only those rows are copied into memory).
+through a memory map (only those rows are copied into memory); `map_images` and
+`map_embeddings` return the rows as a copy-on-write memory map of the file (no copy at all: the
+pages are read when first touched and released when the tensor is dropped), which is what the
+search streams.
 
 Example:
     >>> store = open_store("runs/pool-store")  # doctest: +SKIP
@@ -29,10 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -128,21 +133,31 @@ class ReferenceStore:
         return self._read(self.root / embedding_shard_name(fingerprint, shard), "embeddings",
                           start, stop)
 
+    def map_images(self, shard: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of image shard `shard` (n, C, H, W) float32, memory-mapped."""
+        return self._map(self.root / image_shard_name(shard), "images", start, stop)
+
+    def map_embeddings(self, fingerprint: str, shard: int, start: int = 0,
+                       stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of the embeddings (n, E) by detector `fingerprint`, memory-mapped."""
+        self._embedding_entry(fingerprint)
+        return self._map(self.root / embedding_shard_name(fingerprint, shard), "embeddings",
+                         start, stop)
+
     def distinct_mask(self) -> list[torch.Tensor]:
         """Per shard, a bool mask (n,) of the images that are the first occurrence of their
-        values in store order (what `distinct_references` keeps). Reads only the hashes."""
-        seen: set[bytes] = set()
-        masks = []
-        for shard in range(self.num_shards):
-            hashes = self.read_hashes(shard).numpy()  # (n, 16)
-            keep = torch.zeros(len(hashes), dtype=torch.bool)  # (n,)
-            for row, digest in enumerate(hashes):
-                key = digest.tobytes()
-                if key not in seen:
-                    seen.add(key)
-                    keep[row] = True
-            masks.append(keep)
-        return masks
+        values in store order (what `distinct_references` keeps). Reads only the hashes.
+        Memory: about 40 bytes per stored image (the hashes and their sort)."""
+        hashes = torch.cat([self.read_hashes(k) for k in range(self.num_shards)])  # (M, 16)
+        keys = hashes.view(torch.int64).numpy()  # (M, 2): the 16 hash bytes as two integers
+        order = np.lexsort((keys[:, 1], keys[:, 0]))  # (M,) stable: equal keys by position
+        ranked = keys[order]  # (M, 2)
+        starts = np.ones(len(keys), dtype=bool)  # (M,) first of each run of equal keys
+        starts[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
+        keep = torch.zeros(len(keys), dtype=torch.bool)  # (M,)
+        keep[torch.from_numpy(order[starts])] = True
+        return list(keep.split(self.shard_rows))
+
 
     def _embedding_entry(self, fingerprint: str) -> dict[str, Any]:
         entry = self.manifest.get("embeddings", {}).get(fingerprint)
@@ -152,6 +167,14 @@ class ReferenceStore:
                                 f"fingerprint {fingerprint} (it has: {have}); run dit-prune "
                                 f"index --out {self.root} --copy-detector PATH to add them")
         return entry
+
+    def _map(self, file: Path, key: str, start: int, stop: int | None) -> torch.Tensor:
+        try:
+            return _map_rows(file, key, start, stop)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise DitPruneError(f"store shard {file} is unreadable ({detail}); rebuild the store "
+                                "with dit-prune index --overwrite") from None
 
     def _read(self, file: Path, key: str, start: int, stop: int | None) -> torch.Tensor:
         try:
@@ -164,6 +187,25 @@ class ReferenceStore:
             detail = " ".join(str(exc).split())[:200]
             raise DitPruneError(f"store shard {file} is unreadable ({detail}); rebuild the store "
                                 "with dit-prune index --overwrite") from None
+
+
+def _map_rows(file: Path, key: str, start: int, stop: int | None) -> torch.Tensor:
+    """Rows [start, stop) of float32 tensor `key` of a safetensors file as a copy-on-write
+    memory map: 8 bytes of header length, the JSON header, then the data (safetensors format)."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    entry = header[key]
+    if entry["dtype"] != "F32":
+        raise ValueError(f"{key} is {entry['dtype']}, not F32")
+    shape = [int(v) for v in entry["shape"]]
+    stop = shape[0] if stop is None else min(stop, shape[0])
+    width = math.prod(shape[1:])
+    if stop <= start:
+        return torch.empty(0, *shape[1:])
+    offset = 8 + size + int(entry["data_offsets"][0]) + 4 * start * width
+    mapped = np.memmap(file, dtype="<f4", mode="c", offset=offset, shape=(stop - start, *shape[1:]))
+    return torch.from_numpy(mapped)  # (n, ...) float32, shares the mapped pages
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:

@@ -2,29 +2,38 @@
 
 `store_nearest_two` is `nearest_two` (metrics/memorization.py) with the training set streamed
 from disk, and `store_nearest_cosine` is `nearest_cosine` (metrics/copydetect.py) over stored
-embeddings. The algorithm is the same: one matmul block ranks candidates
-(`|t|^2 - 2 s.t` for pixels, `q.r` for embeddings), a running top-2 is merged with a stable
-sort (earlier references win ties), and the winners' values are recomputed directly: L2
-distances as `(s - t).norm()`, similarities as `(q * r).sum()`. Recomputed values do not depend
-on the block shapes, so d1, d2 and similarities are bit-identical to the in-memory search;
-the nearest index is identical too, with ties between the two finalists broken towards the
-lower index in both. (Only when three or more references agree to float32 rounding of the
-matmul can the in-memory and the store search keep different finalists.)
+embeddings. The algorithm is the same: a matmul ranks candidates (`|t|^2 - 2 s.t` for pixels,
+`q.r` for embeddings), a running top-2 is merged with a stable sort (earlier references win
+ties), and the winners' values are recomputed directly: L2 distances as `(s - t).norm()`,
+similarities as `(q * r).sum()`. Recomputed values do not depend on the block shapes, so d1,
+d2 and similarities are bit-identical to the in-memory search; the nearest index is identical
+too, with ties between the two finalists broken towards the lower index in both. (Only when
+three or more references agree to float32 rounding of the matmul can the in-memory and the
+store search keep different finalists.)
 
-Order: the outer loop reads each slice of `cols` references once; the inner loop runs every
-block of `rows` samples against it, so the store is read once whatever N is.
+Order and speed: each slice of `slice_rows` references is read once (a memory map of one
+shard's rows, no copy); the slice is cut into tiles of `rows` samples x `cols` references whose
+score block (`rows * cols` floats, `TILE_ELEMENTS` at most) stays in the CPU cache. One matmul
+fills the tile, one pass takes the extreme of every group of 64 columns (`GROUP`), and only the
+samples whose best group beats their running second-best go on to the exact top-2 of their two
+best groups and the merge; after the first slices that is a small fraction, so the search costs
+little more than the matmul itself (benchmarks/bench_store_search.py, docs/scale.md).
 
 Memory bound (bytes, beyond the samples (N*P*4) and the outputs (16*N)), with B =
-`chunk_elements`, S the largest shard, `cols = max(2, min(S, B // P))` and
-`rows = max(1, min(N, B // cols, B // P))`:
+`chunk_elements`, S the largest shard, `slice_rows = max(2, min(S, B // P))`, T =
+min(B, TILE_ELEMENTS) and (rows, cols) the tile (`store_block_shape`):
 
-    peak_extra = 4 * (2*cols*P + cols + rows*cols + 2*rows*P) + rows*cols/16 + 32*N
-               <=  21*B + 32*N + 4*cols
+    peak_extra = 4 * (2*slice_rows*P + slice_rows + T + T/64 + 2*rows*P) + 32*N
+               <=  12*B + 32*N + 4*slice_rows
 
-(one slice read, and a copy of it when it holds duplicates; its squared norms; one score block
-and its group extremes (`top2`); the two direct recomputations; the running top-2 scores,
-indices and exact values). It does not
-grow with the store size M; `store_search_bound` evaluates it.
+(one slice mapped, and a copy of it when it holds duplicates; its squared norms; one tile of
+scores and its group extremes; the two direct recomputations; the running top-2 scores, indices
+and exact values). It does not grow with the store size M; `store_search_bound` evaluates it.
+
+Parts: `part=(i, n)` searches only the slices numbered i, i + n, ... and returns the part's
+candidates; `merge_parts` combines the candidates of all n parts into the answer of the whole
+search, identical to searching in one process (`dit_prune.store.distributed` runs the parts in
+the processes of `accelerate launch`).
 
 Example:
     >>> store = open_store("runs/pool-store")  # doctest: +SKIP
@@ -34,6 +43,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -42,20 +52,33 @@ from dit_prune.errors import DitPruneError
 from dit_prune.metrics.memorization import DEFAULT_CHUNK_ELEMENTS
 from dit_prune.store.format import ReferenceStore
 
+TILE_ELEMENTS = 1 << 19  # one score tile: 2 MiB of float32, what one core's L2 cache holds
+TILE_ROWS = 128  # samples per tile (fewer when N is smaller)
+GROUP = 64  # columns per group whose extreme the first pass takes
+RECOMPUTE_MAX_DIM = 256  # up to this depth the winners' scores are recomputed, not kept
+
 
 def store_block_shape(num_samples: int, shard_rows: int, chunk_elements: int,
-                      dim: int) -> tuple[int, int]:
-    """(rows, cols): samples per block and references per slice read from a shard.
+                      dim: int) -> tuple[int, int, int]:
+    """(rows, cols, slice_rows): samples per block, references per score tile (a multiple of
+    GROUP) and references per slice read from a shard.
 
     Example:
         >>> store_block_shape(10_000, 100_000, 1 << 25, dim=3072)
-        (3072, 10922)
+        (128, 4096, 10922)
+        >>> store_block_shape(1000, 65_536, 1 << 25, dim=64)
+        (128, 4096, 65536)
     """
     if chunk_elements < 2:
         raise DitPruneError(f"chunk_elements must be at least 2, got {chunk_elements}")
-    cols = max(2, min(shard_rows, chunk_elements // max(1, dim)))
-    rows = max(1, min(num_samples, chunk_elements // cols, chunk_elements // max(1, dim)))
-    return rows, cols
+    slice_rows = max(2, min(shard_rows, chunk_elements // max(1, dim)))
+    padded = -(-slice_rows // GROUP) * GROUP
+    first = max(1, min(num_samples, TILE_ROWS, chunk_elements // max(1, dim)))
+    tile = max(GROUP, min(chunk_elements, TILE_ELEMENTS))
+    cols = min(padded, max(GROUP, tile // first // GROUP * GROUP))
+    width = -(-slice_rows // cols) * cols  # the score buffer's columns: whole tiles
+    rows = max(1, min(first, chunk_elements // width))
+    return rows, cols, slice_rows
 
 
 def store_search_bound(num_samples: int, shard_rows: int, chunk_elements: int,
@@ -64,53 +87,31 @@ def store_search_bound(num_samples: int, shard_rows: int, chunk_elements: int,
 
     Example:
         >>> store_search_bound(1000, 256, 1 << 16, 64) // 1024
-        548
+        804
     """
-    rows, cols = store_block_shape(num_samples, shard_rows, chunk_elements, dim)
-    return (4 * (2 * cols * dim + cols + rows * cols + 2 * rows * dim) + rows * cols // 16
-            + 32 * num_samples)
+    rows, cols, slice_rows = store_block_shape(num_samples, shard_rows, chunk_elements, dim)
+    width = -(-slice_rows // cols) * cols
+    return (4 * (2 * slice_rows * dim + slice_rows) + 4 * rows * width + 8 * rows * width // GROUP
+            + 4 * rows * cols + 8 * rows * dim + 20 * 2 * GROUP * rows + 32 * num_samples)
 
 
-def _slices(store: ReferenceStore, cols: int, masks: list[torch.Tensor] | None
+def _slices(store: ReferenceStore, size: int, masks: list[torch.Tensor] | None,
+            part: tuple[int, int] | None = None
             ) -> Iterator[tuple[int, int, int, torch.Tensor | None, torch.Tensor]]:
-    """(shard, start, stop, global indices of the kept rows) of each slice, in store order."""
+    """(shard, start, stop, kept rows mask or None, global indices of the kept rows) of each
+    slice, in store order; with `part=(i, n)` only slices i, i + n, ..."""
+    number = -1
     for shard, (first, rows) in enumerate(zip(store.shard_starts, store.shard_rows, strict=True)):
-        for start in range(0, rows, cols):
-            stop = min(rows, start + cols)
+        for start in range(0, rows, size):
+            number += 1
+            if part is not None and number % part[1] != part[0]:
+                continue
+            stop = min(rows, start + size)
             keep = None if masks is None else masks[shard][start:stop]  # (c,) bool
             if keep is None or bool(keep.all()):
                 yield shard, start, stop, None, torch.arange(first + start, first + stop)
             elif bool(keep.any()):
                 yield shard, start, stop, keep, first + start + keep.nonzero().squeeze(1)
-
-
-def top2(score: torch.Tensor, largest: bool, group: int = 64
-         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two best entries (r, k) of each row of `score` (r, c) and their columns, k = min(2, c).
-
-    Same values as `score.topk(2)`, about 4x faster on wide rows: the best two entries lie in
-    the two groups (of `group` columns) with the best group extremes, so one fast `amax` pass
-    picks two groups and `topk` runs on their 2*group entries only.
-
-    Example:
-        >>> top2(torch.tensor([[3.0, 1.0, 2.0, 0.5]]), largest=False, group=2)
-        (tensor([[0.5000, 1.0000]]), tensor([[3, 1]]))
-    """
-    r, c = score.shape
-    k = min(2, c)
-    if c < 4 * group:
-        vals, idx = score.topk(k, dim=1, largest=largest)
-        return vals, idx
-    main = c - c % group
-    grouped = score[:, :main].view(r, main // group, group)  # (r, G, g)
-    extreme = grouped.amax(-1) if largest else grouped.amin(-1)  # (r, G)
-    best = extreme.topk(2, dim=1, largest=largest).indices  # (r, 2)
-    cols = (best[:, :, None] * group + torch.arange(group, device=score.device)).reshape(r, -1)
-    if main < c:  # the ragged tail joins the candidates
-        tail = torch.arange(main, c, device=score.device).expand(r, c - main)  # (r, c - main)
-        cols = torch.cat([cols, tail], 1)  # (r, 2g + tail)
-    vals, pick = score.gather(1, cols).topk(2, dim=1, largest=largest)  # (r, 2)
-    return vals, cols.gather(1, pick)
 
 
 def _merge(run: list[torch.Tensor], new: list[torch.Tensor], descending: bool
@@ -131,6 +132,200 @@ def _finalists(exact: torch.Tensor, index: torch.Tensor, descending: bool
     return exact.gather(1, order), index.gather(1, order)
 
 
+@dataclass
+class Candidates:
+    """The running top-2 of N queries: matmul scores, store indices and exact values (N, 2)."""
+
+    score: torch.Tensor
+    index: torch.Tensor
+    exact: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int, descending: bool, device: torch.device) -> Candidates:
+        worst = float("-inf") if descending else float("inf")
+        return cls(torch.full((n, 2), worst, device=device),  # (N, 2)
+                   torch.full((n, 2), -1, dtype=torch.long, device=device),  # (N, 2)
+                   torch.full((n, 2), worst, device=device))  # (N, 2)
+
+
+def merge_parts(parts: list[Candidates], descending: bool) -> Candidates:
+    """The candidates of the whole search from those of its parts (in part order): the best
+    two by matmul score, equal scores to the lower store index, as one process keeps them."""
+    score = torch.cat([p.score for p in parts], 1)  # (N, 2n)
+    index = torch.cat([p.index for p in parts], 1)  # (N, 2n)
+    exact = torch.cat([p.exact for p in parts], 1)  # (N, 2n)
+    missing = index < 0  # a part with fewer than 2 references
+    by_index = index.masked_fill(missing, torch.iinfo(torch.long).max).argsort(dim=1,
+                                                                               stable=True)
+    score, index, exact = (t.gather(1, by_index) for t in (score, index, exact))
+    key = -score if descending else score
+    order = key.argsort(dim=1, stable=True)[:, :2]  # (N, 2)
+    return Candidates(score.gather(1, order), index.gather(1, order), exact.gather(1, order))
+
+
+def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: int, cols: int,
+            masks: list[torch.Tensor] | None, l2: bool, progress: bool, desc: str,
+            part: tuple[int, int] | None) -> Candidates:
+    """The shared loop: `read(shard, start, stop)` gives a slice (c, P) of references.
+
+    For L2 both sides are augmented, `[s, 1] . [-2t, |t|^2] = |t|^2 - 2 s.t`, so one plain
+    matmul per tile ranks the candidates (an `addmm` with the norms as bias is about 30% slower
+    on a CPU); `t` is recovered exactly from `-2t` (a power of two) for the recomputation."""
+    device, n, largest = flat.device, len(flat), not l2
+    dim = flat.shape[1]
+    lhs = torch.cat([flat, torch.ones(n, 1, device=device)], 1) if l2 else flat  # (N, P[+1])
+    worst = float("-inf") if largest else float("inf")
+    run = Candidates.empty(n, largest, device)
+    tiles = -(-size // cols)
+    recompute = lhs.shape[1] <= RECOMPUTE_MAX_DIM  # keep one hot tile, not a slice of them
+    scores = torch.empty(1 if recompute else tiles, rows, cols, device=device)  # (T', r, c)
+    extremes = torch.empty(tiles, rows, cols // GROUP, device=device)  # (T, r, c/g)
+    groups = cols // GROUP
+    interleaved = groups >= GROUP  # see `_group_columns`
+    shape, axis = ((GROUP, groups), 1) if interleaved else ((groups, GROUP), 2)
+    bar = tqdm(total=len(store), desc=desc, disable=not progress)
+    for shard, start, stop, keep, index in _slices(store, size, masks, part):
+        ref = read(shard, start, stop)  # (c, P), mapped
+        ref = (ref if keep is None else ref[keep]).to(device)  # (L, P)
+        if l2:
+            mat = torch.empty(len(ref), dim + 1, device=device)  # (L, P + 1)
+            torch.mul(ref, -2.0, out=mat[:, :dim])
+            mat[:, dim] = torch.linalg.vector_norm(ref, dim=1).square()
+            ref = mat
+        index = index.to(device)  # (L,)
+        used = -(-len(ref) // cols)
+        for i in range(0, n, rows):
+            block = flat[i : i + rows]  # (r, P)
+            r = len(block)
+            for t in range(used):
+                tile = scores[0 if recompute else t, :r]  # (r, c)
+                _score_tile(lhs[i : i + r], ref, t * cols, tile, worst)
+                grouped = tile.view(r, *shape)  # (r, g, G) or (r, G, g)
+                if largest:
+                    torch.amax(grouped, axis, out=extremes[t, :r])  # (r, G)
+                else:
+                    torch.amin(grouped, axis, out=extremes[t, :r])
+            found = _block_candidates(scores[:used], extremes[:used, :r],
+                                      run.score[i : i + r, 1], largest, len(ref),
+                                      (lhs[i : i + r], ref) if recompute else None)
+            if found is None:
+                continue
+            hit, vals, local = found  # (h,), (h, 2), (h, 2) slice positions (-1: none)
+            q = block[hit]  # (h, P)
+            exact = torch.full_like(vals, worst)  # (h, 2)
+            for m in range(2):
+                valid = local[:, m] >= 0  # (h,)
+                picked = ref[local[:, m].clamp_min(0)]  # (h, P) or (h, P + 1)
+                if l2:
+                    direct = (q - picked[:, :dim] * -0.5).norm(dim=1)  # (h,) -2t -> t exactly
+                else:
+                    direct = (q * picked).sum(dim=1)  # (h,)
+                exact[:, m] = torch.where(valid, direct, exact[:, m])
+            found_index = torch.where(local >= 0, index[local.clamp_min(0)], -1)  # (h, 2)
+            at = i + hit  # (h,) query rows
+            merged = _merge([run.score[at], run.index[at], run.exact[at]],
+                            [vals, found_index, exact], descending=largest)
+            run.score[at], run.index[at], run.exact[at] = merged
+        bar.update(stop - start)
+    bar.close()
+    return run
+
+
+def _score_tile(block: torch.Tensor, ref: torch.Tensor, first: int, out: torch.Tensor,
+                worst: float) -> None:
+    """Scores `block . ref[first : first + c]` (r, c) of `block` (r, K) into `out` (r, c);
+    columns past the slice's end are set to `worst`."""
+    tile = ref[first : first + out.shape[1]]  # (c', K)
+    if len(tile) == out.shape[1]:
+        torch.mm(block, tile.T, out=out)  # (r, c)
+        return
+    out[:, : len(tile)] = block @ tile.T  # (r, c') the slice's ragged last tile
+    out[:, len(tile) :] = worst
+
+
+def _group_columns(group: torch.Tensor, groups: int) -> torch.Tensor:
+    """The columns (..., GROUP) of a tile's groups `group` (...): runs of GROUP adjacent
+    columns, or, in tiles of at least GROUP groups, every `groups`-th column from `group` on
+    (interleaved: the extremes are then taken across GROUP contiguous rows of `groups` values,
+    the fastest pass on a CPU).
+
+    Example:
+        >>> _group_columns(torch.tensor([1]), 4).tolist()[0][:3]
+        [64, 65, 66]
+        >>> _group_columns(torch.tensor([1]), 64).tolist()[0][:3]
+        [1, 65, 129]
+    """
+    member = torch.arange(GROUP, device=group.device)  # (g,)
+    if groups >= GROUP:
+        return group[..., None] + groups * member
+    return group[..., None] * GROUP + member
+
+
+def _block_candidates(scores: torch.Tensor, extremes: torch.Tensor, second: torch.Tensor,
+                      largest: bool, count: int,
+                      source: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(rows, values (h, 2), slice positions (h, 2)) of the top-2 of a block against a slice,
+    from its score tiles, the first r rows of each tile of `scores` (T, rows, c), and their
+    group extremes `extremes` (T, r, G), for
+    the rows whose best score beats their running second-best `second` (r,); None when no row
+    does (a row whose best only equals its second-best would lose the stable merge). Positions
+    past the slice's `count` references (a slice of one) are -1 with the worst value.
+
+    With `source` = (block (r, K), slice (L, K)) the candidates' scores are recomputed as dot
+    products instead of read from `scores` (then only the last tile is kept: writing every
+    tile of a slice to memory costs a 64-deep matmul about 40% more than the recomputation)."""
+    height, cols = scores.shape[1:]
+    tiles, r, groups = extremes.shape
+    ext = extremes.permute(1, 0, 2).reshape(r, tiles * groups)  # (r, T*G)
+    best = ext.amax(1) if largest else ext.amin(1)  # (r,)
+    rows = (best > second if largest else best < second).nonzero().squeeze(1)  # (h,)
+    if len(rows) == 0:
+        return None
+    k = min(2, tiles * groups)
+    two = ext[rows].topk(k, dim=1, largest=largest).indices  # (h, k) best groups
+    column = _group_columns(two % groups, groups)  # (h, k, g) within the tile
+    tile = (two // groups)[:, :, None]  # (h, k, 1)
+    positions = (tile * cols + column).reshape(len(rows), -1)  # (h, kg) in the slice
+    if source is None:
+        flat = ((tile * height + rows[:, None, None]) * cols + column).reshape(len(rows), -1)
+        values = scores.view(-1)[flat]  # (h, kg)
+    else:
+        block, ref = source
+        members = ref.index_select(0, positions.clamp_max(count - 1).flatten()).view(
+            *positions.shape, ref.shape[1])  # (h, kg, K)
+        values = torch.bmm(members, block[rows][:, :, None]).squeeze(2)  # (h, kg)
+        values = values.masked_fill(positions >= count, float("-inf" if largest else "inf"))
+    vals, pick = values.topk(2, dim=1, largest=largest)  # (h, 2)
+    local = positions.gather(1, pick)  # (h, 2)
+    return rows, vals, torch.where(local < count, local, -1)
+
+
+def store_candidates_two(samples: torch.Tensor, store: ReferenceStore,
+                         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS, progress: bool = False,
+                         distinct: bool = True, part: tuple[int, int] | None = None
+                         ) -> Candidates:
+    """The running top-2 (`Candidates`) of the ratio-test search of `samples` (N, C, H, W) over
+    the store (or over its slices of `part`); `store_nearest_two` finishes it."""
+    if tuple(samples.shape[1:]) != store.shape:
+        raise DitPruneError(f"samples are {tuple(samples.shape[1:])} but the store holds "
+                            f"{store.shape} images: compare on the same scale and shape")
+    masks = store.distinct_mask() if distinct else None
+    distinct_count = len(store) if masks is None else int(sum(int(m.sum()) for m in masks))
+    if distinct_count < 2:
+        raise DitPruneError(f"the ratio test needs at least 2 training images, got "
+                            f"{distinct_count} distinct in the store {store.root}")
+    flat = samples.reshape(len(samples), -1).float()  # (N, P)
+    rows, cols, size = store_block_shape(len(flat), max(store.shard_rows), chunk_elements,
+                                         flat.shape[1])
+
+    def read(shard: int, start: int, stop: int) -> torch.Tensor:
+        return store.map_images(shard, start, stop).reshape(stop - start, -1)  # (c, P)
+
+    return _search(flat, store, read, size, rows, cols, masks, True, progress,
+                   "nearest neighbours (store)", part)
+
+
 def store_nearest_two(
     samples: torch.Tensor,
     store: ReferenceStore,
@@ -144,42 +339,33 @@ def store_nearest_two(
     distance to the second-nearest *distinct* image and `nearest` the first occurrence.
     Equal to `nearest_two(samples, distinct_references(train))` mapped back to store indices.
     """
-    if tuple(samples.shape[1:]) != store.shape:
-        raise DitPruneError(f"samples are {tuple(samples.shape[1:])} but the store holds "
-                            f"{store.shape} images: compare on the same scale and shape")
-    masks = store.distinct_mask() if distinct else None
-    distinct_count = len(store) if masks is None else int(sum(int(m.sum()) for m in masks))
-    if distinct_count < 2:
-        raise DitPruneError(f"the ratio test needs at least 2 training images, got "
-                            f"{distinct_count} distinct in the store {store.root}")
-    device = samples.device
-    flat_s = samples.reshape(len(samples), -1).float()  # (N, P)
-    n, dim = flat_s.shape
-    rows, cols = store_block_shape(n, max(store.shard_rows), chunk_elements, dim)
-    run_s = torch.full((n, 2), float("inf"), device=device)  # (N, 2) matmul scores
-    run_i = torch.zeros((n, 2), dtype=torch.long, device=device)  # (N, 2) store indices
-    run_e = torch.full((n, 2), float("inf"), device=device)  # (N, 2) direct distances
-    bar = tqdm(total=len(store), desc="nearest neighbours (store)", disable=not progress)
-    for shard, start, stop, keep, index in _slices(store, cols, masks):
-        ref = store.read_images(shard, start, stop).reshape(stop - start, -1)  # (c, P)
-        ref = (ref if keep is None else ref[keep]).to(device)  # (c', P)
-        index = index.to(device)  # (c',)
-        ref_sq = torch.linalg.vector_norm(ref, dim=1).square()  # (c',)
-        k = min(2, len(ref))
-        for i in range(0, n, rows):
-            block = flat_s[i : i + rows]  # (r, P)
-            score = torch.addmm(ref_sq, block, ref.T, alpha=-2.0)  # (r, c')
-            vals, idx = top2(score, largest=False)  # (r, k)
-            del score  # one block at a time
-            exact = torch.stack([(block - ref[idx[:, j]]).norm(dim=1) for j in range(k)], 1)
-            new = [vals, index[idx], exact]  # (r, k) each
-            run = [run_s[i : i + rows], run_i[i : i + rows], run_e[i : i + rows]]
-            run_s[i : i + rows], run_i[i : i + rows], run_e[i : i + rows] = _merge(
-                run, new, descending=False)
-        bar.update(stop - start)
-    bar.close()
-    dist, nearest = _finalists(run_e, run_i, descending=False)  # (N, 2), (N, 2)
+    run = store_candidates_two(samples, store, chunk_elements, progress, distinct)
+    return finish_two(run)
+
+
+def finish_two(run: Candidates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d1, d2, nearest (N,) on the CPU from the ratio-test search's candidates."""
+    dist, nearest = _finalists(run.exact, run.index, descending=False)  # (N, 2), (N, 2)
     return dist[:, 0].cpu(), dist[:, 1].cpu(), nearest[:, 0].cpu()
+
+
+def store_candidates_cosine(queries: torch.Tensor, store: ReferenceStore, fingerprint: str,
+                            chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+                            progress: bool = False, part: tuple[int, int] | None = None
+                            ) -> Candidates:
+    """The running top-2 of the cosine search (see `store_nearest_cosine`), or of one part."""
+    dim = store.embedding_dim(fingerprint)
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise DitPruneError(f"queries are {tuple(queries.shape)}, expected (N, {dim}) "
+                            f"embeddings of detector {fingerprint}")
+    q = queries.float()  # (N, E)
+    rows, cols, size = store_block_shape(len(q), max(store.shard_rows), chunk_elements, dim)
+
+    def read(shard: int, start: int, stop: int) -> torch.Tensor:
+        return store.map_embeddings(fingerprint, shard, start, stop)  # (c, E)
+
+    return _search(q, store, read, size, rows, cols, None, False, progress,
+                   "nearest embeddings (store)", part)
 
 
 def store_nearest_cosine(
@@ -193,30 +379,11 @@ def store_nearest_cosine(
     embeddings by detector `fingerprint`, and its store index (N,); equal to
     `nearest_cosine(queries, all_embeddings)`. Memory: the module formula with P = E.
     """
-    dim = store.embedding_dim(fingerprint)
-    if queries.ndim != 2 or queries.shape[1] != dim:
-        raise DitPruneError(f"queries are {tuple(queries.shape)}, expected (N, {dim}) "
-                            f"embeddings of detector {fingerprint}")
-    device = queries.device
-    q = queries.float()  # (N, E)
-    n = len(q)
-    rows, cols = store_block_shape(n, max(store.shard_rows), chunk_elements, dim)
-    run_s = torch.full((n, 2), float("-inf"), device=device)  # (N, 2) matmul scores
-    run_i = torch.zeros((n, 2), dtype=torch.long, device=device)  # (N, 2)
-    run_e = torch.full((n, 2), float("-inf"), device=device)  # (N, 2) direct similarities
-    bar = tqdm(total=len(store), desc="nearest embeddings (store)", disable=not progress)
-    for shard, start, stop, _, index in _slices(store, cols, None):
-        ref = store.read_embeddings(fingerprint, shard, start, stop).float().to(device)  # (c, E)
-        index = index.to(device)  # (c,)
-        k = min(2, len(ref))
-        for i in range(0, n, rows):
-            block = q[i : i + rows]  # (r, E)
-            vals, idx = top2(block @ ref.T, largest=True)  # (r, k)
-            exact = torch.stack([(block * ref[idx[:, j]]).sum(dim=1) for j in range(k)], 1)
-            run = [run_s[i : i + rows], run_i[i : i + rows], run_e[i : i + rows]]
-            run_s[i : i + rows], run_i[i : i + rows], run_e[i : i + rows] = _merge(
-                run, [vals, index[idx], exact], descending=True)
-        bar.update(stop - start)
-    bar.close()
-    sims, nearest = _finalists(run_e, run_i, descending=True)  # (N, 2), (N, 2)
+    return finish_cosine(store_candidates_cosine(queries, store, fingerprint, chunk_elements,
+                                                 progress))
+
+
+def finish_cosine(run: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarity and nearest store index (N,) on the CPU from the cosine search's candidates."""
+    sims, nearest = _finalists(run.exact, run.index, descending=True)  # (N, 2), (N, 2)
     return sims[:, 0].cpu(), nearest[:, 0].cpu()
