@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -66,9 +67,11 @@ def generate_decoded(
     `conditions` are class labels for a DiTPipeline and prompts for a text-to-image pipeline.
     Guided class-conditional calls use the model's own null class (`dit_null_class`).
     `sampler="ddim"` swaps in a DDIM scheduler built from the pipeline's noise schedule for the
-    call (deterministic given the seeds); `"pipeline"` keeps the pipeline's own scheduler (note
+    call (deterministic given the seeds); a flow-matching scheduler is kept (a fresh copy, its
+    Euler steps are deterministic). `"pipeline"` keeps the pipeline's own scheduler (note
     that DiTPipeline draws stochastic step noise from the global RNG, not from the generators).
-    Extra keyword arguments go to the pipeline call.
+    Text-to-image calls get `text_call_defaults`; extra keyword arguments go to the pipeline
+    call and override them.
     """
     kind = pipeline_kind(pipe)
     items = _conditions(pipe, kind, conditions)
@@ -127,9 +130,27 @@ def _call(
     if kind == "class":
         return pipe(class_labels=chunk, guidance_scale=guidance_scale, generator=gens,
                     num_inference_steps=steps, output_type="pt", **call_kwargs).images
-    options = {"clean_caption": False, "use_resolution_binning": False, **call_kwargs}
+    options = {**text_call_defaults(pipe), **call_kwargs}
     return pipe(prompt=chunk, guidance_scale=guidance_scale, generator=gens,
                 num_inference_steps=steps, output_type="pt", **options).images
+
+
+def text_call_defaults(pipe: Any) -> dict[str, Any]:
+    """Keyword arguments a text-to-image call gets unless the caller sets them, each only when
+    the pipeline's `__call__` takes it: no caption cleaning and no resolution binning (PixArt,
+    Sana), the model's own image side as height and width (Sana defaults to 1024 whatever the
+    model), and the caption length `CaptionCache` encodes with (the tokenizer's when shorter).
+    """
+    from dit_prune.pipelines.text_encoding import _default_length, text_family
+
+    params = inspect.signature(pipe.__call__).parameters
+    options: dict[str, Any] = {"clean_caption": False, "use_resolution_binning": False}
+    side = getattr(pipe.transformer.config, "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if isinstance(side, int) and isinstance(scale, int):
+        options["height"] = options["width"] = side * scale
+    options["max_sequence_length"] = _default_length(pipe, text_family(pipe))
+    return {k: v for k, v in options.items() if k in params}
 
 
 @contextmanager

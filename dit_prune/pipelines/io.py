@@ -85,6 +85,9 @@ def load_pruned_pipeline(
             transformer = transformer.to(dtype)
         sync_structure_config(transformer)  # keep the structure in the config for the next save
         components["transformer"] = transformer
+    for name, entry in index.items():  # components saved as absent (SD3 without T5): None
+        if isinstance(entry, list) and entry[:1] == [None] and name not in from_pretrained:
+            components.setdefault(name, None)
     try:
         with _quiet_identity_vae(index):
             pipe = cls.from_pretrained(str(root), **components, **from_pretrained)

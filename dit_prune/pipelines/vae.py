@@ -77,6 +77,11 @@ class _EncoderOutput:
         self.latent_dist = dist
 
 
+def vae_shift_factor(pipe: Any) -> float:
+    """The VAE's latent shift (SD3 / Flux VAEs; 0.0 when it has none)."""
+    return float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
+
+
 def vae_scaling_factor(pipe: Any) -> float:
     """The pipeline VAE's latent scaling factor (1.0 for `IdentityVAE`)."""
     vae = getattr(pipe, "vae", None)
@@ -87,10 +92,13 @@ def vae_scaling_factor(pipe: Any) -> float:
 
 @torch.no_grad()
 def encode_images(pipe: Any, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Images in [-1, 1] (N, C, H, W) -> the transformer's input space (latents x scaling factor).
+    """Images in [-1, 1] (N, C, H, W) -> the transformer's input space:
+    (latents - shift factor) x scaling factor, as the pipelines decode them back.
 
-    Deterministic: uses the mode of the VAE's latent distribution. For an `IdentityVAE` this is
-    the images themselves. Use it to turn training/held-out images into scoring data.
+    Deterministic: uses the mode of the VAE's latent distribution (`AutoencoderKL`), or the
+    latent itself for VAEs without one (Sana's `AutoencoderDC` returns `.latent`). For an
+    `IdentityVAE` this is the images themselves. Use it to turn training/held-out images into
+    scoring data.
 
     Example:
         >>> from dit_prune.pipelines import pixel_dit_pipeline
@@ -103,7 +111,7 @@ def encode_images(pipe: Any, images: torch.Tensor, batch_size: int = 64) -> torc
     if images.ndim != 4:
         raise DitPruneError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
     vae = pipe.vae
-    scale = vae_scaling_factor(pipe)
+    scale, shift = vae_scaling_factor(pipe), vae_shift_factor(pipe)
     param = next(iter(pipe.transformer.parameters()))
     expected = getattr(vae.config, "in_channels", None)
     if expected is not None and images.shape[1] != expected:
@@ -111,6 +119,9 @@ def encode_images(pipe: Any, images: torch.Tensor, batch_size: int = 64) -> torc
     out: list[torch.Tensor] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size].to(vae.device, vae.dtype)  # (B, C, H, W)
-        latents = vae.encode(chunk).latent_dist.mode() * scale  # (B, c, h, w)
+        encoded = vae.encode(chunk)
+        dist = getattr(encoded, "latent_dist", None)
+        latents = dist.mode() if dist is not None else encoded.latent  # (B, c, h, w)
+        latents = (latents - shift) * scale  # (B, c, h, w)
         out.append(latents.to(param.device, param.dtype))
     return torch.cat(out) if out else images.new_zeros((0, *images.shape[1:]))
