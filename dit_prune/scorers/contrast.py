@@ -18,6 +18,13 @@ noised to `contrast_t` and denoised from there; the memorized statistic is then 
 same steps (t <= contrast_t) so both groups cover the same noise levels. `reference` forces
 one or the other ('samples' / 'heldout'); 'auto' chooses as above.
 
+With `match_classes=True` (samples reference only) the difference is taken within each class
+and averaged with the memorized samples' class counts as weights:
+sum_c n_c (mean_c(memorized) - mean_c(reference)) / std_c(reference) / sum_c n_c. A model that
+copies some classes' images more often than others would otherwise rank the units that tell
+those classes apart as "memorization" units, and removing them costs quality and class
+agreement rather than copies. Classes with fewer than 2 reference samples are skipped.
+
 Example:
     >>> from dit_prune.scorers import get_scorer
     >>> scorer = get_scorer("activation-contrast", num_samples=40, reference="heldout")
@@ -72,6 +79,7 @@ class ActivationContrast(Scorer, SamplingOptions):
     reference: str = "auto"
     contrast_t: int = 500
     min_reference: int = 16
+    match_classes: bool = False
 
     def __post_init__(self) -> None:
         self._check_sampling()
@@ -79,6 +87,11 @@ class ActivationContrast(Scorer, SamplingOptions):
             raise DitPruneError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if not isinstance(self.contrast_t, int) or self.contrast_t < 0:
             raise DitPruneError(f"contrast_t must be a non-negative integer, got {self.contrast_t}")
+        if not isinstance(self.match_classes, bool):
+            raise DitPruneError(f"match_classes must be true or false, got {self.match_classes!r}")
+        if self.match_classes and self.reference == "heldout":
+            raise DitPruneError("match_classes needs the samples reference (reference=samples "
+                                "or auto), not reference=heldout")
 
     def raw_scores(self, ctx: ScoringContext, units: list[Unit]) -> torch.Tensor:
         labels, seeds = sample_plan(ctx.data.train_labels, ctx.null_label, self.num_samples,
@@ -96,7 +109,13 @@ class ActivationContrast(Scorer, SamplingOptions):
             self.reference == "auto" and int((~memorized).sum()) < self.min_reference)
         if not use_heldout:
             values = stats.per_unit(late_only=False)  # (N, U)
+            if self.match_classes:
+                return class_matched_difference(values, memorized, labels)
             return standardized_difference(values[memorized], values[~memorized])
+        if self.match_classes:
+            raise DitPruneError(
+                f"match_classes: only {int((~memorized).sum())} of {len(seeds)} samples are not "
+                f"memorized (need {self.min_reference}); raise num_samples")
         images, ref_labels = heldout_subset(ctx.data.heldout_images, ctx.data.heldout_labels,
                                             ctx.null_label, self.num_samples, ctx.options.seed)
         ref_seeds = [s + 500_000 for s in seeds[: len(images)]]
@@ -112,6 +131,33 @@ def standardized_difference(group: torch.Tensor, reference: torch.Tensor) -> tor
         raise DitPruneError(f"the reference group has {len(reference)} samples; need at least 2")
     spread = reference.std(0).clamp_min(1e-12)  # (U,)
     return (group.mean(0) - reference.mean(0)) / spread  # (U,)
+
+
+def class_matched_difference(values: torch.Tensor, memorized: torch.Tensor,
+                             labels: torch.Tensor) -> torch.Tensor:
+    """Per-class standardized difference, memorized vs not, weighted by memorized counts: (U,).
+
+    values: (N, U) per-sample statistic; memorized: (N,) bool; labels: (N,) class of each sample.
+
+    Example:
+        >>> v = torch.tensor([[1.0], [0.0], [2.0], [5.0], [4.0], [6.0]])
+        >>> m = torch.tensor([True, False, False, True, False, False])
+        >>> class_matched_difference(v, m, torch.tensor([0, 0, 0, 1, 1, 1]))
+        tensor([0.])
+    """
+    total = torch.zeros(values.shape[1], dtype=values.dtype)  # (U,)
+    weight = 0
+    for c in torch.unique(labels[memorized]):
+        in_class = labels == c  # (N,)
+        group, reference = values[in_class & memorized], values[in_class & ~memorized]
+        if len(reference) < 2:
+            continue
+        total += len(group) * standardized_difference(group, reference)
+        weight += len(group)
+    if weight == 0:
+        raise DitPruneError("match_classes: no class has both memorized samples and 2 or more "
+                            "reference samples; raise num_samples")
+    return total / weight  # (U,)
 
 
 class _TrajectoryStats:
