@@ -41,6 +41,10 @@ from dit_prune.metrics.guards import class_agreement, noise_control_images
 from dit_prune.metrics.memorization import MemorizationReport, memorization_report
 from dit_prune.metrics.precision_recall import DEFAULT_K, precision_recall
 from dit_prune.metrics.subsets import subset_metrics
+from dit_prune.store.format import ReferenceStore
+from dit_prune.store.reports import store_copy_report, store_memorization_report
+from dit_prune.store.reuse import check_store
+from dit_prune.store.search import store_nearest_cosine
 
 METRIC_KEYS = ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval", "fd",
                "fd_interval", "precision", "recall", "class_agreement", "num_samples")
@@ -70,6 +74,27 @@ class EvalContext:
     device: torch.device = torch.device("cpu")
     # named subsets of the training set (indices into train_images), each reported on its own
     subsets: dict[str, torch.Tensor] = field(default_factory=dict)
+    # a reference store holding train_images and their embeddings (`dit-prune index`): the
+    # ratio test and the copy rate search it instead of the tensors (same numbers)
+    train_store: ReferenceStore | None = None
+
+    def memorization(self, x: torch.Tensor, seed: int = 0,
+                     progress: bool = False) -> MemorizationReport:
+        """Ratio test of `x` (N, C, H, W) in [-1, 1] against the training images."""
+        if self.train_store is not None:
+            return store_memorization_report(x.to(self.device), self.train_store, seed=seed,
+                                             progress=progress)
+        return memorization_report(x.to(self.device), self.train_images, seed=seed,
+                                   progress=progress)
+
+    def copies(self, x: torch.Tensor, seed: int = 0) -> CopyReport:
+        """Copy rate of `x` (N, C, H, W) in [-1, 1] at the context's tau."""
+        if self.train_store is not None:
+            return store_copy_report(x, self.train_store, self.copy_detector,
+                                     threshold=self.copy_threshold, seed=seed)
+        return copy_report(x, self.train_images, self.copy_detector,
+                           threshold=self.copy_threshold, seed=seed,
+                           train_embeddings=self.train_embeddings)
 
     @property
     def heldout_false_copy_rate(self) -> float:
@@ -88,6 +113,7 @@ class EvalContext:
             "num_train_images": len(self.train_images),
             "num_heldout_images": len(self.heldout_images),
             "reference_key": self.reference.key,
+            **({"train_store": str(self.train_store.root)} if self.train_store else {}),
         }
 
 
@@ -101,13 +127,16 @@ def build_context(
     device: str | torch.device = "cpu",
     progress: bool = False,
     subsets: dict[str, Any] | None = None,
+    train_store: ReferenceStore | None = None,
 ) -> EvalContext:
     """Check the image sets, compute held-out statistics (cached) and calibrate tau.
 
     `classifier="features"` uses the feature network's `predict` when it has one (digitsnet).
     `subsets` names sets of training indices (e.g. the duplicated images) whose copy and
     memorization rates are reported on their own, with tau calibrated on the whole training set
-    (`metrics.subsets`).
+    (`metrics.subsets`). `train_store`, a reference store of exactly `train_images` with
+    embeddings by `copy_detector` (else a one-line DitPruneError, `store.reuse.check_store`),
+    is searched instead of the tensors: same numbers, training set not re-embedded.
 
     Example:
         >>> ctx = build_context(train, heldout, extractor, detector)  # doctest: +SKIP
@@ -119,8 +148,16 @@ def build_context(
                             f"{len(train_images)}")
     device = torch.device(device)
     reference = reference_stats(heldout_images, features, cache_dir, progress)
-    train_emb = copy_detector.embed(train_images)  # (M, E)
-    held_sims, _ = nearest_cosine(copy_detector.embed(heldout_images), train_emb)  # (K,)
+    if train_store is not None:  # the store's embeddings: no re-embedding, a bounded search
+        check_store(train_store, train_images, copy_detector)
+        fp = copy_detector.fingerprint
+        train_emb = torch.cat([train_store.read_embeddings(fp, k)
+                               for k in range(train_store.num_shards)])  # (M, E)
+        held_sims, _ = store_nearest_cosine(copy_detector.embed(heldout_images), train_store,
+                                            fp)  # (K,)
+    else:
+        train_emb = copy_detector.embed(train_images)  # (M, E)
+        held_sims, _ = nearest_cosine(copy_detector.embed(heldout_images), train_emb)  # (K,)
     if classifier == "features":
         classifier = features if hasattr(features, "predict") else None
     return EvalContext(
@@ -135,6 +172,7 @@ def build_context(
         classifier=classifier,
         device=device,
         subsets=_check_subsets(subsets or {}, len(train_images)),
+        train_store=train_store,
     )
 
 
@@ -222,11 +260,8 @@ def evaluate_samples(
     if labels is not None and len(labels) != len(x):
         raise DitPruneError(f"{len(x)} samples but {len(labels)} labels")
     notes: list[str] = []
-    mem = memorization_report(x.to(context.device), context.train_images, seed=seed,
-                              progress=progress)
-    copy = copy_report(x, context.train_images, context.copy_detector,
-                       threshold=context.copy_threshold, seed=seed,
-                       train_embeddings=context.train_embeddings)
+    mem = context.memorization(x, seed=seed, progress=progress)
+    copy = context.copies(x, seed=seed)
     feats = context.features.features(x)  # (N, D)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -280,10 +315,8 @@ def evaluate_noise_control(
     """
     control = noise_control_images(before, after, seed, per_image, (0.0, 1.0))
     x = to_model_scale(control.images)  # (N, C, H, W)
-    mem = memorization_report(x.to(context.device), context.train_images, seed=seed)
-    copy = copy_report(x, context.train_images, context.copy_detector,
-                       threshold=context.copy_threshold, seed=seed,
-                       train_embeddings=context.train_embeddings)
+    mem = context.memorization(x, seed=seed)
+    copy = context.copies(x, seed=seed)
     return {
         "memorization_rate": mem.rate,
         "memorization_interval": list(mem.interval),

@@ -262,3 +262,54 @@ def test_faiss_recall_against_exact(digits, tmp_path):
     assert recall_at_1(idx, exact_idx) == 1.0
     assert torch.allclose(sims, exact_sims, atol=1e-5)
     assert 0.5 < recall_at_1(index.search(q, nprobe=2)[1], exact_idx) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import diffusers
+
+    from dit_prune.checkpoint import save_checkpoint
+    from dit_prune.models import new_dit
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(new_dit("tiny", 10, 8, 1).eval(),
+                    diffusers.DDPMScheduler(num_train_timesteps=1000), path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:20 generated samples")
+def test_eval_with_a_train_store_gives_the_same_numbers(tiny_checkpoint, digits, tmp_path,
+                                                         capsys):
+    import numpy as np
+
+    det = str(CHECKPOINTS / "digits-copydetect")
+    store, other = tmp_path / "pool-store", tmp_path / "heldout-store"
+    assert cli_main(["index", "--images", "digits-pool", "--out", str(store), "--shard-size",
+                     "300", "--copy-detector", det, "--no-progress"]) == 0
+    assert cli_main(["index", "--images", "digits-heldout", "--out", str(other),
+                     "--no-progress"]) == 0
+    base = ["eval", str(tiny_checkpoint), "--per-class", "2", "--steps", "2", "--device", "cpu",
+            "--train", "digits-pool", "--stats-cache", str(tmp_path / "cache")]
+    assert cli_main([*base, "--out", str(tmp_path / "mem")]) == 0
+    assert cli_main([*base, "--out", str(tmp_path / "st"), "--train-store", str(store)]) == 0
+    docs = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("mem", "st")]
+    for key in ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval",
+                "copy_threshold", "heldout_false_copy_rate", "most_replicated", "most_copied"):
+        assert docs[0][key] == docs[1][key], key
+    assert docs[1]["train_store"] == str(store) and "train_store" not in docs[0]
+    arrays = [np.load(tmp_path / d / "per_sample.npz") for d in ("mem", "st")]
+    for key in ("d1", "d2", "nearest", "copy_similarities", "copy_nearest"):
+        assert np.array_equal(arrays[0][key], arrays[1][key]), key
+    capsys.readouterr()
+    detector = load_copy_detector(det)
+    flipped = build_store(TensorSource(digits.pool_images.flip(0), None, "flipped"),
+                          tmp_path / "flipped", 300, detector, progress=False)
+    no_emb = build_store(open_source("digits-pool"), tmp_path / "no-emb", 300, progress=False)
+    bad = {"built over other images": flipped.root, "holds 797 images": other,
+           "built with another copy detector": no_emb.root,
+           "reference store not found": tmp_path / "none"}
+    for message, root in bad.items():
+        code, line = run_cli([*base, "--out", str(tmp_path / "bad"), "--train-store", str(root)],
+                             capsys)
+        assert code == 2 and line.startswith("dit-prune eval: error:") and message in line, line

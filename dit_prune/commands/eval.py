@@ -52,6 +52,7 @@ from dit_prune.sampling import (
     parse_seeds,
     sample_images,
 )
+from dit_prune.store.format import open_store
 
 TRAIN_FROM_CHECKPOINT = "digits-from-checkpoint"
 TRAIN_POOL = "digits-pool"
@@ -80,6 +81,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train", default=TRAIN_FROM_CHECKPOINT,
                    help=f"training images: {TRAIN_FROM_CHECKPOINT} (the pool indices recorded in "
                         f"the checkpoint), {TRAIN_POOL}, or an image folder")
+    p.add_argument("--train-store", default=None,
+                   help="a reference store of the same training images (dit-prune index --images "
+                        "... --copy-detector ...): the ratio test and the copy rate search it "
+                        "instead of memory (same numbers; the training set is not re-embedded)")
     p.add_argument("--heldout", default=HELDOUT_DIGITS,
                    help=f"held-out real images: {HELDOUT_DIGITS} or an image folder")
     p.add_argument("--features", default=None,
@@ -182,12 +187,13 @@ def validate(args: argparse.Namespace) -> tuple[Path, Path | None]:
               "--train": _folder_input(args.train, (TRAIN_FROM_CHECKPOINT, TRAIN_POOL)),
               "--heldout": _folder_input(args.heldout, (HELDOUT_DIGITS,)),
               "--features": args.features, "--copy-detector": args.copy_detector,
-              "--stats-cache": cache}
+              "--stats-cache": cache, "--train-store": args.train_store}
     return claim_out(args.out, "eval", inputs, args.overwrite), cache
 
 
 def run(args: argparse.Namespace) -> int:
     run_dir, cache = validate(args)
+    store = open_store(args.train_store) if args.train_store else None
     device = pick_device(args.device)
     model, scheduler, meta = load_dit(args.checkpoint, device)
     if meta.pipeline_dir is not None:
@@ -208,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     duplicated = _duplicated_positions(args.train, meta.extra, len(train))
     context = build_context(train, heldout, features, detector, classifier, cache, device,
                             progress=True,
-                            subsets={"duplicated": duplicated} if duplicated else None)
+                            subsets={"duplicated": duplicated} if duplicated else None,
+                            train_store=store)
     samples = sample_images(model, scheduler, labels, seeds, steps=args.steps,
                             guidance_scale=args.guidance_scale, sampler=args.sampler,
                             batch_size=args.batch_size, progress=True)  # (N, C, H, W) in [0, 1]

@@ -110,6 +110,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout", help="held-out image folder (default: held-out digits)")
     p.add_argument("--features", help="feature network for FD (default: digits-features)")
     p.add_argument("--copy-detector", help="copy-detection model (default: digits-copydetect)")
+    p.add_argument("--train-store",
+                   help="reference store of the same training images with the copy detector's "
+                        "embeddings (dit-prune index): the ratio test and the copy rate search "
+                        "it (same numbers; the training set is not re-embedded)")
     p.add_argument("--device", default=DEFAULTS["device"])
     p.add_argument("--shard-size", type=int, default=DEFAULTS["shard_size"],
                    help="images per sample shard (the unit of resuming and of multi-process work)")
@@ -132,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         recover_options=parse_key_values(args.recover_option, "--recover-option"),
         seed=args.seed,
         train=args.train, heldout=args.heldout, features=args.features,
-        copy_detector=args.copy_detector, device=args.device,
+        copy_detector=args.copy_detector, train_store=args.train_store, device=args.device,
         shard_size=args.shard_size, random_seeds=_random_seeds(args.random_seeds),
         random_budgets=parse_budgets(args.random_budgets) if args.random_budgets else None,
         target=args.target, retrigger_targets=args.retrigger_targets,
@@ -154,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = claim_out(cfg.out, "run", {
         "checkpoint": cfg.checkpoint, "--train": cfg.train, "--heldout": cfg.heldout,
         "--features": cfg.features, "--copy-detector": cfg.copy_detector,
-        "--recover-data": recover_folder}, args.overwrite, resume=True)
+        "--recover-data": recover_folder, "--train-store": cfg.train_store}, args.overwrite,
+        resume=True)
     inputs = prepare_inputs(cfg)  # loads and checks everything before long work
     check_loaded(cfg, inputs.loaded)
     state = PartialState()

@@ -57,6 +57,9 @@ class RunConfig:
     heldout: str | None = None  # image folder; default: the digits held-out set
     features: str | None = None  # feature network for FD (TorchScript file or our directory)
     copy_detector: str | None = None
+    # a reference store of the training images (`dit-prune index`) searched by the ratio test
+    # and the copy rate instead of memory; same numbers
+    train_store: str | None = None
     device: str = "auto"
     batch_size: int = 250
     shard_size: int = 250

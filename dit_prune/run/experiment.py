@@ -61,6 +61,8 @@ from dit_prune.scorers import (
     save_scores,
     scoring_code_fingerprint,
 )
+from dit_prune.store.format import ReferenceStore, open_store
+from dit_prune.store.reuse import check_store
 from dit_prune.units import HEAD, NEURON, enumerate_units
 
 
@@ -89,6 +91,7 @@ class RunInputs:
     recovery_labels: torch.Tensor | None = None
     # text-to-image runs: a dit_prune.run.text.TextRun (labels are then caption labels)
     text: Any = None
+    train_store: ReferenceStore | None = None  # --train-store, opened, its images checked
 
 
 def prepare_inputs(cfg: RunConfig) -> RunInputs:
@@ -129,8 +132,11 @@ def prepare_inputs(cfg: RunConfig) -> RunInputs:
         raise DitPruneError(f"recovery images ({cfg.recover_data}) are "
                             f"{tuple(recovery.shape[1:])} but the training images are "
                             f"{tuple(train_images.shape[1:])}")
+    store = open_store(cfg.train_store) if cfg.train_store else None
+    if store is not None:  # its images now; the copy detector's embeddings in build_context
+        check_store(store, train_images)
     return RunInputs(loaded, train_images, train_labels, heldout_images, heldout_labels,
-                     pick_device(cfg.device), recovery, recovery_labels)
+                     pick_device(cfg.device), recovery, recovery_labels, train_store=store)
 
 
 def _recovery_data(cfg: RunConfig, extra: dict[str, Any], train_images: torch.Tensor,
@@ -166,7 +172,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
     target = target_subset(cfg, meta.extra, len(inputs.train_images))
     context = build_context(inputs.train_images, inputs.heldout_images, *evaluation_nets(cfg),
                             cache_dir=run_dir / "cache", device=inputs.device,
-                            subsets={target[0]: target[1]} if target else None)
+                            subsets={target[0]: target[1]} if target else None,
+                            train_store=inputs.train_store)
     sampler = Sampler(cfg, scheduler, store, labels, seeds, progress, condition)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), classes, context)
     kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds

@@ -1,0 +1,65 @@
+"""Use a reference store in place of the in-memory training set: check that it holds exactly
+those images and the copy detector's embeddings, then search it.
+
+`dit-prune eval --train-store DIR` and `dit-prune run --train-store DIR` load their training
+images as before (the scorers, recovery and figures need them) and call `check_store` before
+any sampling: the store must hold the same images in the same order (its `content_hash`,
+recomputed from the images with the store's shard size) and embeddings by the same detector
+weights (its fingerprint). The ratio test and the copy rate then search the store
+(`store_memorization_report`, `store_copy_report`): the same numbers as the in-memory search
+(tests/test_store.py), without re-embedding the training set and with the search's memory
+bounded by `store_search_bound`.
+
+Example:
+    >>> store = check_store(open_store("runs/pool-store"), train, detector)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from dit_prune.errors import DitPruneError
+from dit_prune.store.format import ReferenceStore
+
+
+def images_content_hash(images: torch.Tensor, shard_size: int) -> str:
+    """The `content_hash` a store of `images` (M, C, H, W) with `shard_size` gets: SHA-256 over
+    the shape and the SHA-256 of every shard's float32 bytes, in order.
+
+    Example:
+        >>> len(images_content_hash(torch.zeros(3, 1, 2, 2), 2))
+        64
+    """
+    digest = hashlib.sha256(json.dumps(list(images.shape[1:])).encode())
+    flat = images.float().contiguous()  # (M, C, H, W)
+    for start in range(0, len(flat), shard_size):
+        part = flat[start : start + shard_size].numpy()  # (n, C, H, W)
+        digest.update(hashlib.sha256(part.tobytes()).hexdigest().encode())
+    return digest.hexdigest()
+
+
+def check_store(store: ReferenceStore, train_images: torch.Tensor, detector: Any = None,
+                option: str = "--train-store") -> ReferenceStore:
+    """`store` when it holds exactly `train_images` (M, C, H, W) and embeddings of `detector`
+    (anything with `.name` and `.fingerprint`; None: not checked); else a one-line
+    DitPruneError naming `option` and how to rebuild the store."""
+    if tuple(train_images.shape[1:]) != store.shape or len(train_images) != len(store):
+        raise DitPruneError(f"{option} {store.root} holds {len(store)} images of {store.shape}, "
+                            f"but the training images are {len(train_images)} of "
+                            f"{tuple(train_images.shape[1:])}: index them with dit-prune index")
+    shard_size = int(store.manifest["shard_size"])
+    if images_content_hash(train_images, shard_size) != store.content_hash:
+        raise DitPruneError(f"{option} {store.root} was built over other images than the "
+                            f"training images (content hash {store.content_hash[:12]}... "
+                            "differs): index the training images with dit-prune index")
+    if detector is not None and detector.fingerprint not in store.embedding_fingerprints():
+        have = ", ".join(store.embedding_fingerprints()) or "none"
+        raise DitPruneError(f"{option} {store.root} was built with another copy detector "
+                            f"(embeddings: {have}), not {detector.name} (fingerprint "
+                            f"{detector.fingerprint}): run dit-prune index --out {store.root} "
+                            "--copy-detector PATH with the evaluation's detector")
+    return store
