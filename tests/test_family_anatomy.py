@@ -7,7 +7,9 @@ original numbering; grouped-query refusals; gates and capture on every site of a
 from __future__ import annotations
 
 import copy
+import json
 import random
+import re
 
 import diffusers
 import pytest
@@ -438,3 +440,51 @@ def test_balance_kv_groups_gives_the_largest_removable_subset():
             assert len(kept) == best
     data = batch_inputs(model)
     prune_and_compare(model, "lumina2", balance_kv_groups(model, heads[:1] + heads[2:]), data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_prune_cli_on_a_flux_pipeline_directory(tmp_path, capsys):
+    """`dit-prune prune` on a Flux pipeline directory (model_index.json + transformer/ +
+    scheduler/) removes the top-scored units of every kind; Lumina2's unbalanced selections
+    exit 2 with one line naming the block."""
+    from safetensors.torch import save_file
+
+    from dit_prune.cli import main
+
+    def pipeline_dir(family, name):
+        cls = getattr(diffusers, PIPELINES[family])
+        absent = {n: None for n in cls._get_signature_keys(cls)[0]
+                  if n not in ("transformer", "scheduler")}
+        model = build(family, 0)
+        cls(transformer=model, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            **absent).save_pretrained(tmp_path / name, safe_serialization=True)
+        units = enumerate_units(model)
+        scores = tmp_path / f"{name}-scores"
+        scores.mkdir()
+        values = torch.linspace(1.0, 0.0, len(units), dtype=torch.float64)  # (U,)
+        save_file({"scores": values}, str(scores / "scores.safetensors"))
+        (scores / "scores.json").write_text(json.dumps(
+            {"units": [u.to_json() for u in units], "scorer": "handwritten"}))
+        return model, scores
+
+    base, scores = pipeline_dir("flux", "flux")
+    out = tmp_path / "flux-pruned"
+    code = main(["prune", str(tmp_path / "flux"), "--scores", str(scores), "--budget", "1",
+                 "--budget-mode", "both", "--out", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["model_class"] == "FluxTransformer2DModel"
+    assert plan["counts"] == {k: 1 for k in adapter_for(base).kinds}
+    removed = [Unit.from_json(u) for u in plan["removed"]]
+    data = batch_inputs(base)
+    with ablate(base, removed):
+        torch.testing.assert_close(forward(load_dit(out).model, data), forward(base, data),
+                                   atol=1e-4, rtol=0)
+
+    _, scores = pipeline_dir("lumina2", "lumina2")
+    code = main(["prune", str(tmp_path / "lumina2"), "--scores", str(scores), "--budget", "4",
+                 "--budget-mode", "heads", "--out", str(tmp_path / "l-out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and re.match(r"dit-prune prune: error: block \d+: Lumina2", err[-1])
+    assert "unbalanced" in err[-1] and not any("Traceback" in line for line in err)

@@ -114,8 +114,12 @@ def prune_units(model: nn.Module, units: Iterable[Unit], progress: bool = False)
                 f"{adapter.count(blocks[b], kind)}): a block must keep at least one"
             )
     params_before = count_parameters(model)
-    expected = sum(adapter.removal_cost(blocks[b], kind, pos)  # refuses unbalanced GQA sets
-                   for (b, kind), pos in grouped.items())
+    expected = 0
+    for (b, kind), positions in sorted(grouped.items()):
+        try:
+            expected += adapter.removal_cost(blocks[b], kind, positions)
+        except DitPruneError as exc:  # an unbalanced grouped-query removal
+            raise DitPruneError(f"block {b}: {exc}") from None
     if grouped:
         _prune_checked(model, adapter, units, grouped, expected, progress)
     params_after = count_parameters(model)
