@@ -17,6 +17,7 @@ Usage (the commands behind docs/results.md are listed there):
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         help="which units the budgets count (as dit-prune run --budget-mode)")
     parser.add_argument("--retrigger-targets", type=int, default=10,
                         help="re-trigger attack targets per arm; 0 turns the attack off")
+    parser.add_argument("--from-reports", action="store_true",
+                        help="only tabulate the stored reports (whatever scoring code made them; "
+                             "each row names its digest), run nothing")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     budgets = parse_budgets(args.budgets)
     random_budgets = parse_budgets(args.random_budgets) if args.random_budgets else None
-    rows, summary = [], []
+    rows, summary, codes = [], [], set()
     for checkpoint in parse_list(args.checkpoints):
         folder = out / Path(checkpoint).name
         for spec in parse_list(args.scorers):
@@ -85,10 +89,17 @@ def main(argv: list[str] | None = None) -> int:
                                 budget_mode=args.budget_mode,
                                 retrigger_targets=args.retrigger_targets)
                 done = timed(f"{folder.name} {spec} seed {seed}")
-                reports.append(rejudge(run_cached(cfg, folder / "reports" /
-                                                  f"{spec}-s{seed}.json")))
+                path = folder / "reports" / f"{spec}-s{seed}.json"
+                if args.from_reports:
+                    if not path.is_file():
+                        raise SystemExit(f"{path}: no stored report (run without --from-reports)")
+                    report = json.loads(path.read_text())
+                else:
+                    report = run_cached(cfg, path)
+                reports.append(rejudge(report))
                 done()
             rows += table_rows(folder.name, spec, reports)
+            codes.update(str(r.get("scoring_code")) for r in reports)
             summary.append({"checkpoint": checkpoint, "scorer": spec, "reports": [
                 {"seed": s, "budgets": r["budgets"], "before": r["before"],
                  "target": r["target"]} for s, r in zip(parse_list(args.pruning_seeds, int),
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
               "FD change (paired)", "random at same FD", "copy cut vs random",
               "beats random", "mitigated"]
     write_table(out / "regimes.md", header, rows)
+    with open(out / "regimes.md", "a") as table:
+        table.write(f"\nScoring code of these reports: {', '.join(sorted(codes))}\n")
     write_json(out / "regimes.json", summary)
     print((out / "regimes.md").read_text())
     return 0

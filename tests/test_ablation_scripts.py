@@ -131,3 +131,13 @@ def test_regimes_smoke(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "regimes.json").read_text())
     entry = data[0]["reports"][0]["budgets"][0]
     assert len(entry["equal_quality"]["per_seed"]) == 2  # the smoke run's two random seeds
+    # --from-reports tabulates the stored reports again without running anything
+    (tmp_path / "regimes.md").unlink()
+    again = load_script("regimes").main(["--smoke", "--out", str(tmp_path), "--checkpoints",
+                                         "checkpoints/digits-memorized", "--scorers",
+                                         "taylor-gap", "--from-reports"])
+    assert again == 0 and (tmp_path / "regimes.md").read_text().startswith(table.rstrip("\n")[:200])
+    with pytest.raises(SystemExit, match="no stored report"):
+        load_script("regimes").main(["--smoke", "--out", str(tmp_path), "--checkpoints",
+                                     "checkpoints/digits-memorized", "--scorers", "cond-gap",
+                                     "--from-reports"])
