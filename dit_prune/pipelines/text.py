@@ -34,6 +34,7 @@ from dit_prune.legacy import family_name
 from dit_prune.pipelines.vae import encode_images
 
 SPLITS = ("train", "heldout")
+TEXT_MASK_FAMILIES = ("PixArtTransformer2DModel", "SanaTransformer2DModel")
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,17 @@ def text_conditioning(model: nn.Module, data: TextCalibrationData) -> Iterator[N
     caption. Calls that pass `encoder_hidden_states` themselves are left alone. No hook stays
     behind on exit, even on error.
     """
-    if family_name(model) != "PixArtTransformer2DModel":
-        raise DitPruneError(f"text conditioning needs a PixArt transformer, got "
-                            f"{type(model).__name__}")
+    if family_name(model) not in TEXT_MASK_FAMILIES:
+        raise DitPruneError(f"text conditioning needs a PixArt or Sana transformer, got "
+                            f"{type(model).__name__} (others: dit_prune.pipelines."
+                            "caption_labels)")
     param = next(model.parameters())
     table = data.caption_table()
     embeds = table.embeds.to(param.device, param.dtype)  # (R, L, D_txt)
     mask = table.mask.to(param.device)  # (R, L)
+    pixart = family_name(model) == "PixArtTransformer2DModel"
     handle = model.register_forward_pre_hook(
-        _caption_hook(data, embeds, mask, null_label(model)), with_kwargs=True)
+        _caption_hook(data, embeds, mask, null_label(model), pixart), with_kwargs=True)
     try:
         yield
     finally:
@@ -159,7 +162,7 @@ def text_conditioning(model: nn.Module, data: TextCalibrationData) -> Iterator[N
 
 
 def _caption_hook(data: TextCalibrationData, embeds: torch.Tensor, mask: torch.Tensor,
-                  null: int):
+                  null: int, pixart: bool):
     last = len(embeds) - 1  # the empty caption's row
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -174,7 +177,8 @@ def _caption_hook(data: TextCalibrationData, embeds: torch.Tensor, mask: torch.T
         new = {k: v for k, v in kwargs.items() if k != "class_labels"}
         new["encoder_hidden_states"] = embeds[rows]  # (B, L, D_txt)
         new["encoder_attention_mask"] = mask[rows]  # (B, L)
-        new["added_cond_kwargs"] = data.micro_conditions(len(rows), embeds)
+        if pixart:
+            new["added_cond_kwargs"] = data.micro_conditions(len(rows), embeds)
         return args, new
 
     return hook
@@ -186,20 +190,25 @@ def encode_captions(
 ) -> EncodedCaptions:
     """Tokenize and encode `captions` with the pipeline's tokenizer and text encoder.
 
-    Same padding and truncation as the pipeline itself (`encode_prompt`, no caption cleaning).
+    Same padding and truncation as the pipeline itself (its own `encode_prompt`, no caption
+    cleaning; PixArt and Sana, whose transformers take embeddings and a mask).
     """
+    from dit_prune.pipelines.text_encoding import PIXART, SANA, CaptionCache, text_family
+
     if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
         raise DitPruneError("captions must be a list of strings")
     if not captions:
         raise DitPruneError("no captions to encode")
     if getattr(pipe, "text_encoder", None) is None or not hasattr(pipe, "encode_prompt"):
         raise DitPruneError(f"{type(pipe).__name__} has no text encoder to encode captions with")
-    embeds, mask, _, _ = pipe.encode_prompt(
-        list(captions), do_classifier_free_guidance=False, device=pipe.text_encoder.device,
-        clean_caption=False, max_sequence_length=max_sequence_length,
-    )  # (N, L, D_txt), (N, L)
-    dtype = pipe.transformer.dtype
-    return EncodedCaptions(embeds.to(dtype), mask, tuple(captions))
+    if text_family(pipe) not in (PIXART, SANA):
+        raise DitPruneError(f"{type(pipe).__name__} also takes pooled projections: use "
+                            "dit_prune.pipelines.caption_labels (CaptionLabels, "
+                            "caption_conditioning) for it")
+    cache = CaptionCache.build(pipe, list(captions), max_sequence_length)
+    kwargs = cache.model_kwargs(cache.rows(list(captions)))
+    return EncodedCaptions(kwargs["encoder_hidden_states"],  # (N, L, D_txt)
+                           kwargs["encoder_attention_mask"], tuple(captions))  # (N, L)
 
 
 def text_calibration_data(
