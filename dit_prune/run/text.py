@@ -8,8 +8,10 @@ controls) works on labels. A text-to-image run gives every distinct caption a la
 * Training rows: `--train FOLDER` (images + `metadata.jsonl`, `dit_prune.text_data`), or for the
   embedded model the digits rows its `dit_prune.json` records. A file listed on several rows is
   one training image with copies.
-* Seeds: seed s samples the caption of training row s mod R (R rows): seeds 0..R-1 give one
-  sample per training row (so a caption repeated with its image k times gets k samples).
+* Seeds: seed s samples the caption of training row π(s mod R), R rows, π a fixed seeded
+  permutation (`row_order`): seeds 0..R-1 give one sample per training row (so a caption
+  repeated with its image k times gets k samples), and any run of consecutive seeds, such as
+  the default 0-999, draws rows evenly from the whole training set.
 * Copies are counted against the distinct training images; for the embedded model the
   memorized-prompt images are the run's duplicated target (as `--duplicate` digits are).
 * Class agreement is measured only when each row's class is known (the embedded digits).
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +46,7 @@ from dit_prune.text_data import (
 )
 
 MODEL_INDEX = "model_index.json"
+ROW_ORDER_SEED = 0
 
 
 def is_text_checkpoint(path: str | Path) -> bool:
@@ -74,8 +78,9 @@ class TextRun:
     memorized_captions: tuple[str, ...] = ()
 
     def seed_rows(self, seeds: Sequence[int]) -> torch.Tensor:
-        """Training row of each seed (N,): s mod R."""
-        return torch.tensor([int(s) % len(self.rows) for s in seeds], dtype=torch.long)
+        """Training row of each seed (N,): π(s mod R) (module docstring)."""
+        order = row_order(len(self.rows))  # (R,)
+        return order[torch.tensor([int(s) % len(self.rows) for s in seeds], dtype=torch.long)]
 
     def seed_labels(self, seeds: Sequence[int]) -> torch.Tensor:
         """Caption label of each seed's prompt (N,)."""
@@ -89,7 +94,7 @@ class TextRun:
         return self.row_classes[self.seed_rows(seeds)]
 
     def prompt_of_seed(self, seed: int) -> str:
-        return self.rows.captions[int(seed) % len(self.rows)]
+        return self.rows.captions[int(self.seed_rows([seed])[0])]
 
     def condition(self, model: nn.Module) -> AbstractContextManager[None]:
         """Context in which `model(x, timestep=t, class_labels=y)` runs on caption labels."""
@@ -100,6 +105,16 @@ class TextRun:
         components = dict(self.pipe.components)
         components["transformer"] = model
         return type(self.pipe)(**components)
+
+
+def row_order(count: int, seed: int = ROW_ORDER_SEED) -> torch.Tensor:
+    """The fixed permutation π of `count` training rows that seeds walk through, (R,) long.
+
+    Example:
+        >>> sorted(row_order(5).tolist())
+        [0, 1, 2, 3, 4]
+    """
+    return torch.from_numpy(np.random.default_rng([seed, count]).permutation(count)).long()
 
 
 def text_run_inputs(cfg: Any, loaded: Any) -> Any:
