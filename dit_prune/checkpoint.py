@@ -99,7 +99,7 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
         ("DiT", "PixArt")) else ("in_channels",)  # Flux and Qwen-Image take packed tokens
     sizes = {key: _config_int(config, key, config_file) for key in keys}
     try:
-        model = build_transformer(config)
+        model = build_transformer(config, empty=True)  # no random init, no second copy
     except DitPruneError as exc:
         raise DitPruneError(f"{config_file}: {exc}") from None
     weights_file = transformer_dir / WEIGHTS_NAME
@@ -111,6 +111,8 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
             f"{weights_file} does not match its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in state.values()):
+        nn.Module.to(model, torch.float32)  # float32 as every model of ours (values exact)
     try:
         model.to(target).eval()
     except (RuntimeError, AssertionError) as exc:  # e.g. out of device memory
@@ -132,8 +134,12 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     return LoadedDiT(model, scheduler, meta)
 
 
-def build_transformer(config: dict[str, Any]) -> nn.Module:
+def build_transformer(config: dict[str, Any], empty: bool = False) -> nn.Module:
     """Instantiate the transformer a config describes (pruned widths included), weights random.
+
+    With `empty`, parameters are created on the meta device (buffers are computed as usual),
+    to be replaced by `load_state_dict(..., assign=True)`: no random initialisation and no
+    second copy of the weights, which matters for multi-billion-parameter models.
 
     Example:
         >>> build_transformer({"_class_name": "DiTTransformer2DModel", STRUCTURE_KEY: "x"})
@@ -159,7 +165,13 @@ def build_transformer(config: dict[str, Any]) -> nn.Module:
     if legacy:
         clean = accepted_keys(clean, cls)
     try:
-        model = cls.from_config(clean)
+        if empty:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                model = cls.from_config(clean)
+        else:
+            model = cls.from_config(clean)
     except (TypeError, ValueError) as exc:
         name = config["_class_name"]
         raise DitPruneError(f"cannot build {name} from its config: {exc}") from None
@@ -390,7 +402,7 @@ def _load_state(
     model: nn.Module, state: dict[str, torch.Tensor], path: Path
 ) -> tuple[list[str], list[str]]:
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
         raise DitPruneError(f"{path} does not match its config: {detail}") from None
