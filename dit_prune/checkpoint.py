@@ -16,7 +16,7 @@ A pruned model records its per-block widths in the transformer config under
 
 Example:
     >>> loaded = load_dit("checkpoints/digits-memorized")  # doctest: +SKIP
-    >>> model, scheduler, meta = loaded
+    >>> model, scheduler, meta = loaded  # doctest: +SKIP
     >>> meta.image_size, meta.num_classes, meta.null_class  # doctest: +SKIP
     (8, 10, 10)
 """
