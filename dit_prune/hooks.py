@@ -287,7 +287,8 @@ def gates(model: nn.Module, units: Sequence[Unit], batch: int | None = None) -> 
 @contextmanager
 def ablate_each(model: nn.Module, units: Sequence[Unit], scale: float = 0.0) -> Iterator[None]:
     """Batched single-unit ablation: the batch is ``len(units)`` stacked replicas of B examples,
-    and replica r has only ``units[r]`` multiplied by `scale`.
+    and replica r has only ``units[r]`` multiplied by `scale` (as `ablate` would, norms across
+    heads included).
 
     Example:
         >>> import torch
@@ -315,10 +316,42 @@ def ablate_each(model: nn.Module, units: Sequence[Unit], scale: float = 0.0) -> 
                     cols = slot.columns[slot.units.index(unit)]
                     mask[r, cols.start : cols.stop] = scale
             handles.append(slot.layer.register_forward_pre_hook(_scale_replicas(mask, slot.dim)))
+        if scale == 0:  # norms across heads renormalise over the kept heads, per replica
+            for norm, (masks, factors) in _replica_rescalers(model, units).items():
+                handles.append(norm.register_forward_pre_hook(_scale_replicas(masks, -1)))
+                handles.append(norm.register_forward_hook(_divide_replicas(factors)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _replica_rescalers(
+    model: nn.Module, units: list[Unit]
+) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Per norm spanning every head: (R, N) input masks times sqrt(N / N_kept), and (R,)
+    output divisors, ones for the replicas whose unit does not touch it."""
+    found: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    for r, unit in enumerate(units):
+        for norm, keep in _norm_rescalers(model, [unit]):
+            if norm not in found:
+                found[norm] = (torch.ones(len(units), keep.numel()), torch.ones(len(units)))
+            factor = float(keep.numel() / keep.sum()) ** 0.5
+            found[norm][0][r] = keep * factor
+            found[norm][1][r] = factor
+    return found
+
+
+def _divide_replicas(factors: torch.Tensor):
+    def hook(module: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        shaped = out.reshape(len(factors), -1, *out.shape[1:])  # (R, B, ..., N)
+        view = factors.to(out).reshape(len(factors), *([1] * (shaped.ndim - 1)))
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            return ((shaped - bias) / view + bias).reshape(out.shape)
+        return (shaped / view).reshape(out.shape)
+
+    return hook
 
 
 def _scale_replicas(mask: torch.Tensor, dim: int = -1):

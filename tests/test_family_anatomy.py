@@ -488,3 +488,26 @@ def test_prune_cli_on_a_flux_pipeline_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and re.match(r"dit-prune prune: error: block \d+: Lumina2", err[-1])
     assert "unbalanced" in err[-1] and not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("family", ["sana", "flux"])
+def test_ablate_each_is_ablate_per_replica(family):
+    """Batched single-unit ablation equals `ablate` of each unit alone, on every kind (conv
+    sites, two down sites, norms across heads included)."""
+    from dit_prune.hooks import ablate_each
+
+    model = build(family, 6)
+    kinds = adapter_for(model).kinds
+    units = [next(u for u in enumerate_units(model, kinds) if u.kind == k) for k in kinds]
+    data = example_inputs(model, batch=1, seed=3)
+    replicas = len(units)
+    stacked = {k: v.repeat(replicas, *([1] * (v.ndim - 1))) if torch.is_tensor(v)
+               and v.ndim and v.shape[0] == 1 else v for k, v in data.items()}
+    if "img_shapes" in stacked:
+        stacked["img_shapes"] = data["img_shapes"] * replicas
+    with ablate_each(model, units):
+        together = forward(model, stacked)  # (R, ...)
+    for r, unit in enumerate(units):
+        with ablate(model, [unit]):
+            torch.testing.assert_close(together[r : r + 1], forward(model, data), atol=1e-5,
+                                       rtol=0, msg=str(unit))
