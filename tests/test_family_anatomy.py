@@ -49,6 +49,10 @@ FAMILIES = {
         patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4,
         num_attention_heads=4, text_embed_dim=8, time_embed_dim=8, condition_dim=4,
         pos_embed_max_size=16, sample_size=8, rope_axes_dim=(2, 2)),
+    "cogview3plus": lambda: diffusers.CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4,
+        num_attention_heads=4, text_embed_dim=8, time_embed_dim=8, condition_dim=4,
+        pos_embed_max_size=16, sample_size=8),
     "lumina2": lambda: diffusers.Lumina2Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2,
         num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=16,
@@ -90,6 +94,8 @@ SITES = {
     "hunyuan": (["blocks"], {"head": heads_of("attn1"), "cross_head": heads_of("attn2"),
                              "neuron": ff_of("ff")}),
     "cogview4": (["transformer_blocks"], {"head": heads_of("attn1"), "neuron": ff_of("ff")}),
+    "cogview3plus": (["transformer_blocks"], {"head": heads_of("attn1"),
+                                              "neuron": ff_of("ff")}),
     "lumina2": (["noise_refiner", "context_refiner", "layers"], {
         "head": [("attn.to_q", "q"), ("attn.to_out.0", "down"), ("attn.to_k", "kv"),
                  ("attn.to_v", "kv")],
@@ -370,6 +376,7 @@ def test_save_and_load_are_bit_exact_in_bfloat16(tmp_path):
 PIPELINES = {"sd3.5": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
              "qwenimage": "QwenImagePipeline", "sana": "SanaPipeline",
              "hunyuan": "HunyuanDiTPipeline", "cogview4": "CogView4Pipeline",
+             "cogview3plus": "CogView3PlusPipeline",
              "lumina2": "Lumina2Pipeline"}
 
 

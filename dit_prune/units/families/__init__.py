@@ -2,7 +2,7 @@
 
 Example:
     >>> sorted(ANATOMIES)[:3]
-    ['CogView4Transformer2DModel', 'DiTTransformer2DModel', 'FluxTransformer2DModel']
+    ['CogView3PlusTransformer2DModel', 'CogView4Transformer2DModel', 'DiTTransformer2DModel']
     >>> ANATOMIES["FluxTransformer2DModel"].kinds
     ('joint_head', 'neuron', 'context_neuron', 'single_head', 'single_neuron')
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dit_prune.units.anatomy import Anatomy
 from dit_prune.units.families import (
+    cogview3plus,
     cogview4,
     dit,
     flux,
@@ -24,5 +25,6 @@ from dit_prune.units.families import (
 
 ANATOMIES: dict[str, Anatomy] = {
     module.ANATOMY.family: module.ANATOMY
-    for module in (dit, pixart, sd3, flux, qwenimage, sana, hunyuan, cogview4, lumina2)
+    for module in (dit, pixart, sd3, flux, qwenimage, sana, hunyuan, cogview3plus, cogview4,
+                   lumina2)
 }
