@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 from dit_prune.checkpoint import load_dit
 from dit_prune.cli import main
