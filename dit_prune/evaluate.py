@@ -41,6 +41,7 @@ from dit_prune.metrics.guards import class_agreement, noise_control_images
 from dit_prune.metrics.memorization import MemorizationReport, memorization_report
 from dit_prune.metrics.precision_recall import DEFAULT_K, precision_recall
 from dit_prune.metrics.subsets import subset_metrics
+from dit_prune.store.distributed import Processes, current_processes
 from dit_prune.store.format import ReferenceStore
 from dit_prune.store.reports import store_copy_report, store_memorization_report
 from dit_prune.store.reuse import check_store
@@ -77,13 +78,16 @@ class EvalContext:
     # a reference store holding train_images and their embeddings (`dit-prune index`): the
     # ratio test and the copy rate search it instead of the tensors (same numbers)
     train_store: ReferenceStore | None = None
+    # with a store under `accelerate launch`: the processes that split each search (all of
+    # them evaluate the same samples in the same order, as `dit-prune run` does)
+    processes: Processes | None = None
 
     def memorization(self, x: torch.Tensor, seed: int = 0,
                      progress: bool = False) -> MemorizationReport:
         """Ratio test of `x` (N, C, H, W) in [-1, 1] against the training images."""
         if self.train_store is not None:
             return store_memorization_report(x.to(self.device), self.train_store, seed=seed,
-                                             progress=progress)
+                                             progress=progress, processes=self.processes)
         return memorization_report(x.to(self.device), self.train_images, seed=seed,
                                    progress=progress)
 
@@ -91,7 +95,8 @@ class EvalContext:
         """Copy rate of `x` (N, C, H, W) in [-1, 1] at the context's tau."""
         if self.train_store is not None:
             return store_copy_report(x, self.train_store, self.copy_detector,
-                                     threshold=self.copy_threshold, seed=seed)
+                                     threshold=self.copy_threshold, seed=seed,
+                                     processes=self.processes)
         return copy_report(x, self.train_images, self.copy_detector,
                            threshold=self.copy_threshold, seed=seed,
                            train_embeddings=self.train_embeddings)
@@ -148,13 +153,15 @@ def build_context(
                             f"{len(train_images)}")
     device = torch.device(device)
     reference = reference_stats(heldout_images, features, cache_dir, progress)
+    processes = None
     if train_store is not None:  # the store's embeddings: no re-embedding, a bounded search
         check_store(train_store, train_images, copy_detector)
+        processes = current_processes()
         fp = copy_detector.fingerprint
         train_emb = torch.cat([train_store.read_embeddings(fp, k)
                                for k in range(train_store.num_shards)])  # (M, E)
         held_sims, _ = store_nearest_cosine(copy_detector.embed(heldout_images), train_store,
-                                            fp)  # (K,)
+                                            fp, processes=processes)  # (K,)
     else:
         train_emb = copy_detector.embed(train_images)  # (M, E)
         held_sims, _ = nearest_cosine(copy_detector.embed(heldout_images), train_emb)  # (K,)
@@ -173,6 +180,7 @@ def build_context(
         device=device,
         subsets=_check_subsets(subsets or {}, len(train_images)),
         train_store=train_store,
+        processes=processes,
     )
 
 

@@ -5,6 +5,8 @@ with `--copy-detector`, their embeddings keyed by the detector's weights fingerp
 manifest keyed by the images' content hash (see dit_prune/store/format.py). Finished shards
 are kept when the command is interrupted or fails: the same command resumes, and running it
 again with another `--copy-detector` adds that detector's embeddings to a finished store.
+Under `accelerate launch --num_processes N` every process writes and embeds every N-th shard
+(dit_prune/store/distributed.py); the store is the same as one process writes.
 
 Example:
     $ dit-prune index --images digits-pool --out runs/pool-store \\
@@ -19,6 +21,7 @@ import json
 import shutil
 
 from dit_prune.commands.common import (
+    check_out_path,
     check_positive,
     claim_out,
     dump_resolved_config,
@@ -27,6 +30,7 @@ from dit_prune.commands.common import (
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.store.build import build_store
+from dit_prune.store.distributed import current_processes
 from dit_prune.store.sources import DIGITS_SOURCES, open_source
 
 DEFAULT_SHARD_SIZE = 4096
@@ -53,9 +57,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_positive(args.shard_size, "--shard-size")
+    processes = current_processes()
     inputs = {"--images": None if args.images in DIGITS_SOURCES else args.images,
               "--copy-detector": args.copy_detector}
-    out = claim_out(args.out, "index", inputs, args.overwrite, resume=True)
+    if processes.is_main:  # the others wait for it below (it may empty --out first)
+        out = claim_out(args.out, "index", inputs, args.overwrite, resume=True)
+    else:
+        out = check_out_path(args.out, inputs)
     device = pick_device(args.device)
     source = open_source(args.images)
     detector = None
@@ -66,11 +74,16 @@ def run(args: argparse.Namespace) -> int:
         if detector.input_shape is not None and detector.input_shape != source.shape:
             raise DitPruneError(f"copy detector {detector.name} takes {detector.input_shape} "
                                 f"images, but --images {args.images} holds {source.shape}")
-    if args.overwrite and out.is_dir():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_marker(out, "index")
-    store = build_store(source, out, args.shard_size, detector, progress=not args.no_progress)
+    if processes.is_main:
+        if args.overwrite and out.is_dir():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "index")
+    processes.barrier()
+    store = build_store(source, out, args.shard_size, detector, progress=not args.no_progress,
+                        processes=processes)
+    if not processes.is_main:
+        return 0
     dump_resolved_config(out, args, device=str(device), count=len(store),
                          content_hash=store.content_hash)
     print(json.dumps({"store": str(out), "images": len(store), "shape": list(store.shape),

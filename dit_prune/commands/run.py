@@ -37,6 +37,7 @@ from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
 from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
 from dit_prune.sampling import parse_seeds
+from dit_prune.store.distributed import partial_state
 
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # one source for the CLI's defaults
 
@@ -146,8 +147,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from dit_prune.pruning import save_pruned
     from dit_prune.run.experiment import prepare_inputs, run_experiment
     from dit_prune.run.report import summary_lines, write_outputs
@@ -162,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         resume=True)
     inputs = prepare_inputs(cfg)  # loads and checks everything before long work
     check_loaded(cfg, inputs.loaded)
-    state = PartialState()
+    state = partial_state()  # CPU processes under torchrun too (a bare PartialState: one each)
     lock = None
     if state.is_main_process:
         lock = _claim_run_dir(run_dir, cfg, args.overwrite)

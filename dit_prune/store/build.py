@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dit_prune.checkpoint import atomic_write_text, atomic_write_with
 from dit_prune.data import check_images
 from dit_prune.errors import DitPruneError
+from dit_prune.store.distributed import Processes
 from dit_prune.store.format import (
     MANIFEST_NAME,
     STORE_FORMAT,
@@ -71,16 +72,22 @@ def build_store(
     detector: Embedder | None = None,
     progress: bool = True,
     on_shard: Callable[[str, int], None] | None = None,
+    processes: Processes | None = None,
 ) -> ReferenceStore:
     """Write (or finish) the store of `source` in directory `out`; returns it opened.
 
     `on_shard(kind, index)` is called after each shard is written ("images" or "embeddings").
     A directory holding a store of another input, or of another shard size, is refused.
+    `processes` (`distributed.current_processes()`): each process writes and embeds every n-th
+    shard, the main process writes the manifest; the store is the same as one process's.
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise DitPruneError(f"--shard-size must be a positive integer, got {shard_size}")
+    procs = processes or Processes(0, 1, lambda: None)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_partial_files(out)
+    if procs.is_main:
+        _remove_partial_files(out)
+    procs.barrier()
     old = read_manifest(out)
     if old is not None and (old["source_key"] != source.key or
                             int(old["shard_size"]) != shard_size):
@@ -92,21 +99,27 @@ def build_store(
             raise DitPruneError(f"--out {out} holds an unfinished store of another input; pass "
                                 "--overwrite to replace it")
     num_shards = math.ceil(source.count / shard_size)
-    shard_hashes, has_labels = [], False
-    bar = tqdm(total=source.count, desc="indexing images", unit="img", disable=not progress)
+    bar = tqdm(total=source.count, desc="indexing images", unit="img",
+               disable=not (progress and procs.is_main))
+    expected = []
     for k in range(num_shards):
         start, stop = k * shard_size, min(source.count, (k + 1) * shard_size)
+        expected.append({"source_key": source.key, "start": str(start),
+                         "rows": str(stop - start)})
         file = out / image_shard_name(k)
-        meta = _kept_metadata(file, {"source_key": source.key, "start": str(start),
-                                     "rows": str(stop - start)})
-        if meta is None:
-            meta = _write_image_shard(source, file, start, stop)
+        if procs.mine(k) and _kept_metadata(file, expected[k]) is None:
+            _write_image_shard(source, file, start, stop)
             if on_shard is not None:
                 on_shard("images", k)
-        shard_hashes.append(meta["shard_sha256"])
-        has_labels = meta.get("labels") == "1"
         bar.update(stop - start)
     bar.close()
+    procs.barrier()  # every shard is written: read the hashes of all of them
+    metas = [_kept_metadata(out / image_shard_name(k), expected[k]) for k in range(num_shards)]
+    if any(meta is None for meta in metas):
+        raise DitPruneError(f"--out {out}: an image shard is missing after indexing; run the "
+                            "same command again")
+    shard_hashes = [meta["shard_sha256"] for meta in metas]
+    has_labels = metas[-1].get("labels") == "1"
     content = hashlib.sha256(json.dumps(list(source.shape)).encode())
     for digest in shard_hashes:
         content.update(digest.encode())
@@ -114,7 +127,7 @@ def build_store(
     if detector is not None:
         rows = [min(shard_size, source.count - k * shard_size) for k in range(num_shards)]
         embeddings[detector.fingerprint] = _write_embeddings(out, detector, shard_hashes,
-                                                              rows, progress, on_shard)
+                                                              rows, progress, on_shard, procs)
     manifest: dict[str, Any] = {
         "format": STORE_FORMAT, "version": STORE_VERSION, "source": _describe(source),
         "source_key": source.key, "count": source.count, "shape": list(source.shape),
@@ -125,8 +138,10 @@ def build_store(
                    for k, h in enumerate(shard_hashes)],
         "embeddings": embeddings,
     }
-    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-    (out / MANIFEST_NAME).chmod(0o644)
+    if procs.is_main:
+        atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        (out / MANIFEST_NAME).chmod(0o644)
+    procs.barrier()
     return ReferenceStore(out, manifest)
 
 
@@ -146,16 +161,15 @@ def _write_image_shard(source: ImageSource, file: Path, start: int,
 
 
 def _write_embeddings(out: Path, detector: Embedder, shard_hashes: list[str], rows: list[int],
-                      progress: bool,
-                      on_shard: Callable[[str, int], None] | None) -> dict[str, Any]:
+                      progress: bool, on_shard: Callable[[str, int], None] | None,
+                      procs: Processes) -> dict[str, Any]:
     bar = tqdm(total=sum(rows), desc=f"embedding ({detector.name})", unit="img",
-               disable=not progress)
-    dim = None
+               disable=not (progress and procs.is_main))
     for k, digest in enumerate(shard_hashes):
         file = out / embedding_shard_name(detector.fingerprint, k)
         meta = _kept_metadata(file, {"fingerprint": detector.fingerprint,
                                      "image_sha256": digest})
-        if meta is None:
+        if meta is None and procs.mine(k):
             with safe_open(str(out / image_shard_name(k)), framework="pt") as handle:
                 images = handle.get_tensor("images")  # (n, C, H, W)
             emb = detector.embed(images).float().contiguous()  # (n, E)
@@ -164,10 +178,15 @@ def _write_embeddings(out: Path, detector: Embedder, shard_hashes: list[str], ro
             atomic_write_with(file, lambda tmp, e=emb, m=meta: _save({"embeddings": e}, tmp, m))
             if on_shard is not None:
                 on_shard("embeddings", k)
-        dim = int(meta["dim"])
         bar.update(rows[k])
     bar.close()
-    return {"detector": detector.name, "dim": dim,
+    procs.barrier()
+    first = _kept_metadata(out / embedding_shard_name(detector.fingerprint, 0),
+                           {"fingerprint": detector.fingerprint, "image_sha256": shard_hashes[0]})
+    if first is None:
+        raise DitPruneError(f"--out {out}: an embedding shard is missing after indexing; run "
+                            "the same command again")
+    return {"detector": detector.name, "dim": int(first["dim"]),
             "files": [embedding_shard_name(detector.fingerprint, k)
                       for k in range(len(shard_hashes))]}
 

@@ -28,6 +28,7 @@ from dit_prune.metrics.memorization import (
     MemorizationReport,
     report_from_distances,
 )
+from dit_prune.store.distributed import Processes
 from dit_prune.store.format import ReferenceStore
 from dit_prune.store.search import store_nearest_cosine, store_nearest_two
 
@@ -40,11 +41,14 @@ def store_memorization_report(
     seed: int = 0,
     progress: bool = False,
     value_range: tuple[float, float] | None = PIXEL_RANGE,
+    processes: Processes | None = None,
 ) -> MemorizationReport:
     """Ratio-test memorization of `samples` (N, C, H, W) against the store's images; equal to
-    `memorization_report(samples, all_store_images)` (repeated images count once)."""
+    `memorization_report(samples, all_store_images)` (repeated images count once).
+    `processes`: the search split across processes (`dit_prune.store.distributed`)."""
     check_images(samples, "samples", store.shape, value_range=value_range)
-    d1, d2, nearest = store_nearest_two(samples, store, chunk_elements, progress)
+    d1, d2, nearest = store_nearest_two(samples, store, chunk_elements, progress,
+                                        processes=processes)
     return report_from_distances(d1, d2, nearest, threshold, seed)
 
 
@@ -56,6 +60,7 @@ def store_copy_report(
     threshold: float | None = None,
     seed: int = 0,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    processes: Processes | None = None,
 ) -> CopyReport:
     """Copy rate of `samples` against the store's embeddings by `detector` (its weights
     fingerprint must match the one the store was indexed with); tau as in `copy_report`."""
@@ -69,9 +74,10 @@ def store_copy_report(
         raise DitPruneError("store_copy_report needs heldout_images (to calibrate tau against "
                             "these training images) or an explicit threshold")
     fp = detector.fingerprint
-    sims, nearest = store_nearest_cosine(detector.embed(samples), store, fp, chunk_elements)
+    sims, nearest = store_nearest_cosine(detector.embed(samples), store, fp, chunk_elements,
+                                         processes=processes)
     held_sims = None
     if heldout_images is not None:
         held_sims, _ = store_nearest_cosine(detector.embed(heldout_images), store, fp,
-                                            chunk_elements)  # (K,)
+                                            chunk_elements, processes=processes)  # (K,)
     return report_from_similarities(sims, nearest, held_sims, threshold, seed)

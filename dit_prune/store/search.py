@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from dit_prune.errors import DitPruneError
 from dit_prune.metrics.memorization import DEFAULT_CHUNK_ELEMENTS
+from dit_prune.store.distributed import Processes, split_search
 from dit_prune.store.format import ReferenceStore
 
 TILE_ELEMENTS = 1 << 19  # one score tile: 2 MiB of float32, what one core's L2 cache holds
@@ -332,14 +333,19 @@ def store_nearest_two(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     progress: bool = False,
     distinct: bool = True,
+    processes: Processes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d1 (N,), d2 (N,) and the nearest's store index (N,) of `samples` (N, C, H, W), on the CPU.
 
     With `distinct` (what `memorization_report` does), repeated images count once: d2 is the
     distance to the second-nearest *distinct* image and `nearest` the first occurrence.
     Equal to `nearest_two(samples, distinct_references(train))` mapped back to store indices.
+    `processes` (`distributed.current_processes()`): every process scans its share of the
+    slices and all get the merged, identical answer.
     """
-    run = store_candidates_two(samples, store, chunk_elements, progress, distinct)
+    run = split_search(lambda part: store_candidates_two(samples, store, chunk_elements,
+                                                         progress, distinct, part),
+                       descending=False, processes=processes)
     return finish_two(run)
 
 
@@ -374,13 +380,17 @@ def store_nearest_cosine(
     fingerprint: str,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     progress: bool = False,
+    processes: Processes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Highest cosine similarity (N,) of unit vectors `queries` (N, E) to the store's
     embeddings by detector `fingerprint`, and its store index (N,); equal to
     `nearest_cosine(queries, all_embeddings)`. Memory: the module formula with P = E.
+    `processes`: split across processes as in `store_nearest_two`.
     """
-    return finish_cosine(store_candidates_cosine(queries, store, fingerprint, chunk_elements,
-                                                 progress))
+    run = split_search(lambda part: store_candidates_cosine(queries, store, fingerprint,
+                                                            chunk_elements, progress, part),
+                       descending=True, processes=processes)
+    return finish_cosine(run)
 
 
 def finish_cosine(run: Candidates) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,96 @@
+"""Reference-store work split across processes (`torchrun`, or `accelerate launch` on GPUs).
+
+Each process takes every n-th piece of the work, in a fixed order (process i of n: pieces i,
+i + n, ...): `dit-prune index` writes and embeds every n-th shard, and a store search scans
+every n-th slice. A search's parts are gathered (`accelerate.utils.gather_object`) and merged
+by `merge_parts`, which keeps what one process keeps (the best two by matmul score, equal
+scores to the lower store index), so the answer is identical to a single process's. On one
+process nothing changes. Every process must make the same calls in the same order (as
+`dit-prune run` does); a search run by the main process alone must not ask for parts.
+
+Launching: on GPUs `accelerate launch --multi_gpu --num_processes N -m dit_prune.cli ...`; on
+CPUs `torchrun --nproc_per_node N -m dit_prune.cli ...` (gloo). `accelerate launch --cpu
+--num_processes N` starts N processes only through MPI (`--mpirun_hostfile`); without it, it
+starts one.
+
+Example (2 CPU processes):
+    $ torchrun --nproc_per_node 2 -m dit_prune.cli index --images digits-pool \\
+        --out runs/pool-store --copy-detector checkpoints/digits-copydetect --shard-size 256
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dit_prune.store.search import Candidates
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's index and the number of processes; `barrier` waits for all of them."""
+
+    index: int
+    count: int
+    barrier: Callable[[], None]
+
+    @property
+    def part(self) -> tuple[int, int] | None:
+        """(index, count) of this process's share, None when it is alone."""
+        return (self.index, self.count) if self.count > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def mine(self, piece: int) -> bool:
+        """Whether piece number `piece` is this process's."""
+        return piece % self.count == self.index
+
+
+def partial_state() -> Any:
+    """accelerate's `PartialState`, told to use CPU processes (gloo) when there is no GPU or
+    `ACCELERATE_USE_CPU` is set: a bare `PartialState()` treats CPU processes started by
+    `torchrun` as unrelated single processes. The state is shared: the first call decides."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=not torch.cuda.is_available()
+                        or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def current_processes() -> Processes:
+    """The processes of this launch (`torchrun` / `accelerate launch`), or one process.
+
+    Example:
+        >>> current_processes().count
+        1
+    """
+    state = partial_state()
+    return Processes(state.process_index, state.num_processes, state.wait_for_everyone)
+
+
+def gather_candidates(run: Candidates, processes: Processes, descending: bool) -> Candidates:
+    """The whole search's candidates (N, 2) from every process's part, in process order."""
+    if processes.count == 1:
+        return run
+    from accelerate.utils import gather_object
+
+    from dit_prune.store.search import Candidates, merge_parts
+
+    device = run.score.device
+    mine = [(run.score.cpu(), run.index.cpu(), run.exact.cpu())]
+    parts = [Candidates(*(t.to(device) for t in part)) for part in gather_object(mine)]
+    return merge_parts(parts, descending)
+
+
+def split_search(search: Callable[[tuple[int, int] | None], Candidates], descending: bool,
+                 processes: Processes | None) -> Candidates:
+    """`search(part)` on this process's part, gathered and merged (or the whole search when
+    `processes` is None or a single process)."""
+    if processes is None or processes.count == 1:
+        return search(None)
+    return gather_candidates(search(processes.part), processes, descending)

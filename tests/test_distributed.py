@@ -1,0 +1,89 @@
+"""Store work split across 2 CPU processes (`torchrun`, the launcher `accelerate launch` uses for
+several devices; on CPUs accelerate itself needs MPI): `dit-prune index` writes and embeds every
+other shard, and a store search scans every other slice; the store and the search results are
+identical to one process's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dit_prune.metrics.copydetect import load_copy_detector
+from dit_prune.store import build_store, open_source, open_store
+from dit_prune.store.distributed import Processes
+from dit_prune.store.search import Candidates, merge_parts, store_nearest_cosine, store_nearest_two
+
+from .conftest import CHECKPOINTS
+
+SCRIPT = """
+import sys, torch
+from dit_prune.cli import main
+from dit_prune.store import open_store
+from dit_prune.store.distributed import current_processes
+from dit_prune.store.search import store_nearest_cosine, store_nearest_two
+out, det = sys.argv[1], sys.argv[2]
+code = main(["index", "--images", "digits-pool", "--out", out + "/store", "--shard-size", "128",
+             "--copy-detector", det, "--no-progress"])
+assert code == 0
+procs = current_processes()
+store = open_store(out + "/store")
+samples, queries = torch.load(out + "/queries.pt")
+two = store_nearest_two(samples, store, chunk_elements=1 << 12, processes=procs)
+cos = store_nearest_cosine(queries, store, store.embedding_fingerprints()[0],
+                           chunk_elements=1 << 12, processes=procs)
+if procs.is_main:
+    torch.save({"two": two, "cos": cos, "count": procs.count}, out + "/result.pt")
+"""
+
+
+def test_two_processes_index_and_search_like_one(digits, tmp_path):
+    det = CHECKPOINTS / "digits-copydetect"
+    detector = load_copy_detector(det)
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.cat([digits.pool_images[::7], (digits.heldout_images[:100] + 0.2 * torch.randn(
+        100, 1, 8, 8, generator=gen)).clamp(-1, 1)])  # (243, 1, 8, 8) copies and noisy digits
+    queries = detector.embed(samples)  # (243, 64)
+    torch.save((samples, queries), tmp_path / "queries.pt")
+    (tmp_path / "split.py").write_text(SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2",
+               str(tmp_path / "split.py"), str(tmp_path), str(det)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "result.pt")
+    assert got["count"] == 2
+    one = build_store(open_source("digits-pool"), tmp_path / "one", 128, detector,
+                      progress=False)
+    two = open_store(tmp_path / "store")
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text()) == one.manifest
+    fp = detector.fingerprint
+    for k in range(one.num_shards):
+        assert torch.equal(two.read_images(k), one.read_images(k))
+        assert torch.equal(two.read_embeddings(fp, k), one.read_embeddings(fp, k))
+    want_two = store_nearest_two(samples, one, chunk_elements=1 << 12)
+    want_cos = store_nearest_cosine(queries, one, fp, chunk_elements=1 << 12)
+    assert all(torch.equal(a, b) for a, b in zip(got["two"], want_two, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(got["cos"], want_cos, strict=True))
+    assert (got["two"][0][:143] == 0).all()  # the pool copies are found exactly
+
+
+def test_parts_merge_to_the_whole_search(digits, tmp_path):
+    """The same, in one process: three parts of a search, merged, equal the whole search."""
+    from dit_prune.store.search import store_candidates_two
+
+    store = build_store(open_source("digits-pool"), tmp_path / "s", 100, progress=False)
+    samples = torch.cat([digits.pool_images[:50], digits.heldout_images[:50]])
+    whole = store_candidates_two(samples, store, chunk_elements=1 << 12)
+    parts = [store_candidates_two(samples, store, chunk_elements=1 << 12, part=(i, 3))
+             for i in range(3)]
+    merged = merge_parts(parts, descending=False)
+    for name in ("score", "index", "exact"):
+        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
+    alone = Processes(0, 1, lambda: None)
+    assert alone.part is None and alone.mine(5) and isinstance(whole, Candidates)
