@@ -54,6 +54,21 @@ def test_novel_filter_keeps_only_samples_below_tau(digits, detector):
         novel_filter(copies, labels[:4], train_emb, detector, tau)
 
 
+def test_train_multiset_repeats_the_duplicated_images_as_in_training(digits):
+    from dit_prune.pruning.recovery_data import recovery_images
+
+    extra = load_dit(CHECKPOINTS / "digits-duplicated").meta.extra
+    once, once_labels, _ = recovery_images(extra, "train")
+    multi, multi_labels, info = recovery_images(extra, "train-multiset")
+    assert len(once) == 1000 and len(multi) == info["num_images"] == 1490  # the model card's
+    assert info["distinct_images"] == 1000 and torch.equal(multi[:1000], once)
+    flat = multi.flatten(1)  # (1490, 64)
+    for position in extra["data"]["duplicated"]["train_positions"]:
+        assert int((flat == once[position].flatten()).all(1).sum()) >= 50
+        assert bool((multi_labels[(flat == once[position].flatten()).all(1)]
+                     == once_labels[position]).all())
+
+
 def _exit_code(argv: list[str]) -> int:
     """main's return code, or argparse's exit code for a refused choice."""
     try:

@@ -63,7 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recover", default=DEFAULTS["recover"], choices=RECOVERIES)
     p.add_argument("--recover-steps", type=int, default=DEFAULTS["recover_steps"])
     p.add_argument("--recover-data", default=DEFAULTS["recover_data"],
-                   help="images recovery trains on: train (the checkpoint's training images), "
+                   help="images recovery trains on: train (the checkpoint's training images, "
+                   "each once), train-multiset (with the duplicated ones repeated as in training), "
                    "unused (digits pool images it never saw), heldout (contaminates FD, which is "
                    "measured against them), generated-novel (samples of the unpruned model that "
                    "the copy detector calls novel) or an image folder")

@@ -1,7 +1,10 @@
 """Images for recovery, found from a checkpoint's metadata (`dit_prune.json` -> "data").
 
 Sources:
-  * ``train``   — the images the base model was trained on;
+  * ``train``   — the images the base model was trained on, each once;
+  * ``train-multiset`` — the training multiset itself: for a `--duplicate` checkpoint, the
+    duplicated images repeated as often as in training (Ye et al. 2025 fine-tune on the data the
+    model was trained on); otherwise the same as ``train``;
   * ``unused``  — digits-pool images the base model never saw (digits checkpoints only);
   * ``heldout`` — the held-out digits (note: evaluation compares FD against these);
   * ``generated-novel`` — images the unpruned teacher generates from fixed seeds, keeping only
@@ -33,7 +36,8 @@ from dit_prune.data import digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 
 GENERATED_NOVEL = "generated-novel"
-RECOVERY_SOURCES = ("train", "unused", "heldout", GENERATED_NOVEL)
+TRAIN_MULTISET = "train-multiset"
+RECOVERY_SOURCES = ("train", TRAIN_MULTISET, "unused", "heldout", GENERATED_NOVEL)
 # seeds of the teacher's samples for generated-novel: GENERATED_SEED_BASE + i, disjoint from
 # evaluation seeds such as 0-999
 GENERATED_SEED_BASE = 1_000_000
@@ -56,6 +60,8 @@ def recovery_images(
             f"the checkpoint does not record its training data; pass an image folder instead "
             f"of {which!r}"
         )
+    if which == TRAIN_MULTISET:
+        return _train_multiset(extra, data)
     if data["source"] != "digits":
         if which != "train":
             raise DitPruneError(f"{which!r} images exist only for digits checkpoints")
@@ -73,6 +79,26 @@ def recovery_images(
             raise DitPruneError("no unused pool images: the base model was trained on all of them")
         images, labels = split.pool_images[idx], split.pool_labels[idx]
     return images, labels, {"source": which, "num_images": len(images)}
+
+
+def _train_multiset(extra: dict[str, Any], data: dict[str, Any]
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """The training images with the recorded duplicated ones repeated `copies` times in all."""
+    from dit_prune.duplication import expand_with_duplicates
+
+    images, labels, _ = recovery_images(extra, "train")
+    duplicated = data.get("duplicated")
+    if not isinstance(duplicated, dict) or not duplicated.get("train_positions"):
+        return images, labels, {"source": TRAIN_MULTISET, "num_images": len(images)}
+    positions = np.asarray(duplicated["train_positions"], dtype=np.int64)
+    copies = int(duplicated.get("copies", 1))
+    if copies < 1 or positions.min() < 0 or positions.max() >= len(images):
+        raise DitPruneError("the checkpoint's duplicated positions or copy count are invalid")
+    images = expand_with_duplicates(images, positions, copies)  # (N + D (c - 1), C, H, W)
+    if labels is not None:
+        labels = expand_with_duplicates(labels, positions, copies)  # (N + D (c - 1),)
+    return images, labels, {"source": TRAIN_MULTISET, "num_images": len(images),
+                            "distinct_images": len(images) - len(positions) * (copies - 1)}
 
 
 @dataclass(frozen=True)
