@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"{GENERATED_NOVEL}: samples drawn (DDIM 50 steps) before the copies "
                         "are dropped (default: %(default)s)")
     p.add_argument("--recover-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="adversarial recovery option, e.g. inner_steps=2, margin=0.1, weight=1 "
+                   help="adversarial recovery option, e.g. inner_steps=2, margin=0.05, weight=1 "
                         "(repeatable; see dit_prune.pruning.adversarial.AdversarialConfig)")
     p.add_argument("--copy-detector", default=None,
                    help=f"{GENERATED_NOVEL}: copy-detection model (default: digits-copydetect)")

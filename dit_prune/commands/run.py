@@ -77,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="generated-novel: samples drawn from the unpruned model before the "
                         "copies are dropped (default: %(default)s)")
     p.add_argument("--recover-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="adversarial recovery option, e.g. inner_steps=2, margin=0.1, "
+                   help="adversarial recovery option, e.g. inner_steps=2, margin=0.05, "
                         "weight=1, restart_every=20, ddim_steps=8, lr=1e-4 (repeatable)")
     p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
                    help="scoring, noise-control and re-trigger attack seed")
