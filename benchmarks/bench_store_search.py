@@ -1,12 +1,18 @@
 """Benchmark: exact search over a reference store vs the machine's matmul rate, peak memory vs
 the stated bound, and faiss (approximate) recall@1 and speed.
 
-For each size M the script builds a store on the fly (seeded, clustered unit vectors in 64-d:
-K = M/100 cluster centres, each reference a centre plus noise, renormalised; stored both as
-(64, 1, 1) "images" and as embeddings of an identity detector), then times, in the same run,
-  * the exact embedding search `store_nearest_cosine` (2*N*M*E flops) and the ratio-test search
-    `store_nearest_two` on the same vectors as pixels (P = 64), and optionally 3x32x32 pixels;
-  * a plain float32 GEMM of the search block's shape (rows, P) x (P, cols), best of 3;
+For each size M the script builds a store on the fly (seeded, clustered unit vectors in E
+dimensions: K = M/100 cluster centres, each reference a centre plus noise, renormalised; stored
+both as (E, 1, 1) "images" and as embeddings of an identity detector), then measures, in turns
+(matmul, search, matmul; 3 turns, 1 for products above 3e11 flops), on this possibly shared
+machine:
+  * the exact embedding search `store_nearest_cosine` (2*N*M*E flops) and, for E = 64 and
+    M <= 10^5, the ratio-test search `store_nearest_two` on the same vectors as pixels;
+    optionally pixel stores (`--pixels`, uniform random CxHxW images);
+  * the plain float32 matmul of the same (N, P) x (P, M) product into one preallocated block,
+    references in memory, in the search's tile shape and in the in-memory search's block shape
+    (the faster one is the reference): the machine's matmul rate for this product;
+  * ratio = median over the turns of (mean matmul time around the turn) / (search time);
   * peak extra resident memory during the search (sampled every 2 ms) next to
     `store_search_bound` (inputs, i.e. the queries, excluded);
   * faiss IVF-Flat (nlist = sqrt(M), k-means on 32*nlist rows): build time, search time and
@@ -14,8 +20,9 @@ K = M/100 cluster centres, each reference a centre plus noise, renormalised; sto
 Queries: N/2 noisy copies of random references (the copies a memorization test looks for) and
 N/2 fresh points from the same clusters.
 
-Usage (one thread, as in docs/evaluator.md):
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_store_search.py --threads 1
+Usage (one thread; results in docs/scale.md):
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_store_search.py --threads 1 \\
+        --dims 64,512 --pixels 3x32x32:10000,3x32x32:100000
     .venv/bin/python benchmarks/bench_store_search.py --sizes 10000 --pixels 3x32x32:10000
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -146,27 +154,36 @@ def gemm_seconds(n: int, m: int, dim: int, rows: int, cols: int, span: int) -> f
 
 def timed_search(fn, dim: int, num: int, shard: int, chunk: int, count: int, flops: float,
                  repeats: int = 3):
-    """Best-of-`repeats` seconds of `fn` and of the plain matmul of the same product, measured
-    alternately (the machine is shared: both see the same load). The matmul runs in the
-    search's tile shape and in the in-memory search's block shape (`chunk_shape`); the faster
-    one is the machine's matmul rate here."""
+    """The search `fn` and the plain matmul of the same product, measured in turns (matmul,
+    search, matmul) `repeats` times on this shared machine: ratio = median over the turns of
+    (mean of the two matmul times) / (search time), so slow drifts in the load cancel. The
+    matmul runs in the search's tile shape and in the in-memory search's block shape
+    (`chunk_shape`); the faster of the two (picked in the first turn) is the reference."""
     rows, cols, span = store_block_shape(num, shard, chunk, dim)
     block_rows, block_cols = chunk_shape(num, shard, chunk, dim)
-    best, gemm, peak_extra = float("inf"), float("inf"), 0.0
-    for _ in range(repeats):
-        gemm = min(gemm, gemm_seconds(num, count, dim, rows, cols, span),
-                   gemm_seconds(num, count, dim, block_rows, block_cols, span))
+    shapes = [(rows, cols), (block_rows, block_cols)]
+
+    def gemm() -> float:
+        times = [gemm_seconds(num, count, dim, r, c, span) for r, c in shapes]
+        shapes[:] = [shapes[times.index(min(times))]]  # keep the faster shape
+        return min(times)
+
+    ratios, searches, peak_extra, result = [], [], 0.0, None
+    for _ in range(repeats if flops < 3e11 else 1):  # the largest cases: one turn
+        before = gemm()
         base = rss_bytes()
         with PeakRss() as peak:
             start = time.perf_counter()
             result = fn()
-            best = min(best, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
         peak_extra = max(peak_extra, peak.peak - base)
-        del result
-    result = fn()
+        after = gemm()
+        ratios.append((before + after) / 2 / seconds)
+        searches.append(seconds)
+    ratio, seconds = statistics.median(ratios), statistics.median(searches)
     return result, {
-        "block": f"{rows}x{cols}", "s": best, "search_gf": flops / best / 1e9,
-        "gemm_gf": flops / gemm / 1e9, "ratio": gemm / best,
+        "block": f"{rows}x{cols}", "s": seconds, "search_gf": flops / seconds / 1e9,
+        "gemm_gf": ratio * flops / seconds / 1e9, "ratio": ratio,
         "peak_mib": peak_extra / MIB,
         "bound_mib": store_search_bound(num, shard, chunk, dim) / MIB,
     }
