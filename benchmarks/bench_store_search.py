@@ -183,7 +183,7 @@ def timed_search(fn, dim: int, num: int, shard: int, chunk: int, count: int, flo
     ratio, seconds = statistics.median(ratios), statistics.median(searches)
     return result, {
         "block": f"{rows}x{cols}", "s": seconds, "search_gf": flops / seconds / 1e9,
-        "gemm_gf": ratio * flops / seconds / 1e9, "ratio": ratio,
+        "gemm_gf": flops / seconds / ratio / 1e9, "ratio": ratio,
         "peak_mib": peak_extra / MIB,
         "bound_mib": store_search_bound(num, shard, chunk, dim) / MIB,
     }
