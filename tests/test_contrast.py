@@ -49,3 +49,27 @@ def test_class_matched_difference_needs_a_usable_class() -> None:
 def test_match_classes_options_are_validated(options: dict, message: str) -> None:
     with pytest.raises(DitPruneError, match=message):
         get_scorer("activation-contrast", **options)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"window": "middle"}, "window must be one of"),
+    ({"window": "early", "reference": "heldout"}, "needs the samples reference"),
+])
+def test_window_options_are_validated(options: dict, message: str) -> None:
+    with pytest.raises(DitPruneError, match=message):
+        get_scorer("activation-contrast", **options)
+
+
+def test_windows_split_the_steps() -> None:
+    from dit_prune.scorers.contrast import _TrajectoryStats
+
+    stats = _TrajectoryStats.__new__(_TrajectoryStats)
+    stats.cutoff, stats.seen = 500, {100, 300, 700, 900, 950}  # 2 late, 3 early steps
+    stats.units = ["a", "b"]
+    stats.slots = [type("Slot", (), {"units": ["a", "b"]})()]
+    stats.sums = [torch.tensor([[10.0, 4.0]], dtype=torch.float64)]  # (N, U) over all steps
+    stats.late = [torch.tensor([[4.0, 4.0]], dtype=torch.float64)]  # over the late steps
+    ms = {w: stats.per_unit(w).pow(2) for w in ("all", "early", "late")}  # (N, U) mean squares
+    assert torch.allclose(ms["late"], torch.tensor([[2.0, 2.0]], dtype=torch.float64))
+    assert torch.allclose(ms["early"], torch.tensor([[2.0, 0.0]], dtype=torch.float64))
+    assert torch.allclose(5 * ms["all"], 3 * ms["early"] + 2 * ms["late"])

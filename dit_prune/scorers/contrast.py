@@ -25,6 +25,11 @@ copies some classes' images more often than others would otherwise rank the unit
 those classes apart as "memorization" units, and removing them costs quality and class
 agreement rather than copies. Classes with fewer than 2 reference samples are skipped.
 
+`window` picks the sampling steps the statistic of the samples reference is taken over: 'all',
+'early' (t > contrast_t: where the sample's layout, and so whether it will be a copy, is
+decided) or 'late' (t <= contrast_t: where its details are drawn). The held-out reference
+always uses the late steps (it starts at contrast_t).
+
 Example:
     >>> from dit_prune.scorers import get_scorer
     >>> scorer = get_scorer("activation-contrast", num_samples=40, reference="heldout")
@@ -52,6 +57,7 @@ from dit_prune.scorers.trajectories import (
 from dit_prune.units import Unit
 
 REFERENCES = ("auto", "samples", "heldout")
+WINDOWS = ("all", "early", "late")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class ActivationContrast(Scorer, SamplingOptions):
     contrast_t: int = 500
     min_reference: int = 16
     match_classes: bool = False
+    window: str = "all"
 
     def __post_init__(self) -> None:
         self._check_sampling()
@@ -89,6 +96,11 @@ class ActivationContrast(Scorer, SamplingOptions):
             raise DitPruneError(f"contrast_t must be a non-negative integer, got {self.contrast_t}")
         if not isinstance(self.match_classes, bool):
             raise DitPruneError(f"match_classes must be true or false, got {self.match_classes!r}")
+        if self.window not in WINDOWS:
+            raise DitPruneError(f"window must be one of {WINDOWS}, got {self.window!r}")
+        if self.window != "all" and self.reference == "heldout":
+            raise DitPruneError(f"window={self.window} needs the samples reference (reference="
+                                "samples or auto), not reference=heldout")
         if self.match_classes and self.reference == "heldout":
             raise DitPruneError("match_classes needs the samples reference (reference=samples "
                                 "or auto), not reference=heldout")
@@ -108,21 +120,21 @@ class ActivationContrast(Scorer, SamplingOptions):
         use_heldout = self.reference == "heldout" or (
             self.reference == "auto" and int((~memorized).sum()) < self.min_reference)
         if not use_heldout:
-            values = stats.per_unit(late_only=False)  # (N, U)
+            values = stats.per_unit(self.window)  # (N, U)
             if self.match_classes:
                 return class_matched_difference(values, memorized, labels)
             return standardized_difference(values[memorized], values[~memorized])
-        if self.match_classes:
+        if self.match_classes or self.window != "all":
             raise DitPruneError(
-                f"match_classes: only {int((~memorized).sum())} of {len(seeds)} samples are not "
-                f"memorized (need {self.min_reference}); raise num_samples")
+                f"match_classes / window: only {int((~memorized).sum())} of {len(seeds)} "
+                f"samples are not memorized (need {self.min_reference}); raise num_samples")
         images, ref_labels = heldout_subset(ctx.data.heldout_images, ctx.data.heldout_labels,
                                             ctx.null_label, self.num_samples, ctx.options.seed)
         ref_seeds = [s + 500_000 for s in seeds[: len(images)]]
         ref = _TrajectoryStats(ctx, units, len(images), self.contrast_t)
         ref.run(ref_labels, ref_seeds, self.sampling_steps, self.guidance_scale, images)
-        values = stats.per_unit(late_only=True)[memorized]  # (N_mem, U)
-        return standardized_difference(values, ref.per_unit(late_only=True))
+        values = stats.per_unit("late")[memorized]  # (N_mem, U)
+        return standardized_difference(values, ref.per_unit("late"))
 
 
 def standardized_difference(group: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -186,16 +198,22 @@ class _TrajectoryStats:
                 self.ctx.options.batch_size, before_step=self._before,
                 start_images=start_images, start_t=start_t, progress=self.ctx.options.progress)
 
-    def per_unit(self, late_only: bool) -> torch.Tensor:
-        """(N, U) RMS of each unit's output contribution over tokens and (late) steps."""
-        steps = len([t for t in self.seen if t <= self.cutoff]) if late_only else len(self.seen)
+    def per_unit(self, window: str) -> torch.Tensor:
+        """(N, U) RMS of each unit's output contribution over tokens and the window's steps
+        ('all', 'late': t <= cutoff, 'early': t > cutoff)."""
+        late = len([t for t in self.seen if t <= self.cutoff])
+        steps = {"all": len(self.seen), "late": late, "early": len(self.seen) - late}[window]
         if steps == 0:
-            raise DitPruneError(f"no sampling step at or below t = {self.cutoff}")
+            side = "at or below" if window == "late" else "above"
+            raise DitPruneError(f"no sampling step {side} t = {self.cutoff}")
         flat: dict[Unit, int] = {}
         for slot in self.slots:
             flat.update((unit, len(flat)) for unit in slot.units)
         gather = torch.tensor([flat[u] for u in self.units], dtype=torch.long)  # (U,)
-        sums = torch.cat(self.late if late_only else self.sums, 1)  # (N, sum U_s)
+        if window == "early":
+            sums = torch.cat([a - b for a, b in zip(self.sums, self.late, strict=True)], 1)
+        else:
+            sums = torch.cat(self.late if window == "late" else self.sums, 1)  # (N, sum U_s)
         return (sums[:, gather] / steps).sqrt()  # (N, U)
 
     def _before(self, rows: torch.Tensor, step: int, t: int) -> None:
