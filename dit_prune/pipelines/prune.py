@@ -33,7 +33,7 @@ from dit_prune.checkpoint import STRUCTURE_KEY
 from dit_prune.errors import DitPruneError
 from dit_prune.models import disable_block_label_dropout
 from dit_prune.structure import is_uniform, read_structure
-from dit_prune.units import HEAD, NEURON, Unit, adapter_for, enumerate_units
+from dit_prune.units import Unit, adapter_for, enumerate_units
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,15 @@ def score_and_prune_pipeline(
     scorer: Any,
     budget: float,
     data: Any,
-    kinds: Sequence[str] = (HEAD, NEURON),
+    kinds: Sequence[str] | None = None,
     inplace: bool = False,
     **select_options: Any,
 ) -> PipelinePruneResult:
     """Score every unit of `kinds` with `scorer` on `data`, select `budget`, prune.
+
+    `kinds` defaults to the family's own prunable kinds (`adapter_for(model).default_kinds`:
+    head and neuron for DiT and PixArt, joint_head ... single_neuron for Flux; docs/families.md);
+    a kind the family lacks is a one-line DitPruneError naming the family's kinds.
 
     `scorer` is a name for `dit_prune.get_scorer` or an object with
     `score(model, units, data) -> Tensor`. `data` is what the scorer consumes, with images in
@@ -117,7 +121,7 @@ def score_and_prune_pipeline(
         scorer = get_scorer(scorer)
     if not hasattr(scorer, "score"):
         raise DitPruneError(f"scorer must be a name or have .score(), got {type(scorer).__name__}")
-    candidates = enumerate_units(model, kinds)
+    candidates = enumerate_units(model, kinds)  # kinds None: the family's default kinds
     scores = score_units(pipe, scorer, candidates, data)  # (U,)
     select_options.setdefault("model", model)
     select_options.setdefault("mode", "both")

@@ -16,6 +16,18 @@ smallest one that does. Every block keeps at least one unit of each kind
 (a unit that would empty its block is skipped and the next-best is taken). Ties are broken by
 the order of `units`, so the result is deterministic.
 
+Grouped-query attention (Lumina2, docs/families.md): a block's query heads share key/value
+heads in G groups of n, and a removal is valid only when every group that keeps heads keeps the
+same number (the same count from every group, whole groups, or both). With `model` given,
+selection walks the candidates in score order as usual, but in such a block a head counts only
+once it belongs to the largest removable subset of the block's chosen heads
+(`dit_prune.units.gqa.balance_kv_groups`: k whole groups plus the m best chosen heads of every
+other group); a head whose addition would carry the total past the budget is skipped and the
+walk goes on. So these kinds remove *at most* the budget (possibly a little less: removals come
+in steps of one head per group or a whole group), and a budget too small for any removal is
+refused, naming the smallest one. Without `model` groups are unknown and `prune_units` refuses
+an unbalanced set.
+
 Example:
     >>> import torch
     >>> from dit_prune.units import Unit
@@ -38,6 +50,7 @@ from torch import nn
 
 from dit_prune.errors import DitPruneError
 from dit_prune.units import CROSS_HEAD, HEAD, NEURON, Unit, adapter_for
+from dit_prune.units.gqa import balance_kv_groups, grouped_blocks, smallest_removal
 
 BUDGET_MODES = ("heads", "neurons", "both", "params", "cross_heads")
 DEFAULT_BUDGET_MODE = "heads"  # the default of select_units, `dit-prune prune` and `run`
@@ -140,9 +153,14 @@ def select_units(
         raise DitPruneError("units contain duplicates; each unit needs exactly one score")
     order = np.argsort(-values, kind="stable")  # highest first; ties keep the order of units
     sizes = _block_sizes(units, model)
+    grouped = grouped_blocks(model, units) if model is not None else set()
+    rank = {int(i): r for r, i in enumerate(order)}
+    position = {u: i for i, u in enumerate(units)}
     if mode == "params":
         check_budget_for(budget, mode, {})
-        return _select_params(units, order, budget, sizes, _unit_costs(units, model, mode))
+        costs = _unit_costs(units, model, mode)
+        chosen = _select_params(units, order, budget, sizes, costs, model, grouped)
+        return sorted(chosen, key=lambda u: rank[position[u]])
     kinds = MODE_KINDS.get(mode) or tuple(dict.fromkeys(u.kind for u in units))
     chosen: list[Unit] = []
     for kind in kinds:
@@ -150,9 +168,10 @@ def select_units(
         if not candidates:
             raise DitPruneError(f"no {kind} units were scored; cannot apply a {mode} budget")
         target = units_to_remove(budget, len(candidates), kind)
-        chosen.extend(_take(units, candidates, target, sizes))
-    rank = {int(i): r for r, i in enumerate(order)}
-    position = {u: i for i, u in enumerate(units)}
+        taken = _take(units, candidates, target, sizes, [1] * len(units), model, grouped)
+        if not taken and any(k == kind for _, k in grouped):
+            _refuse_grouped(model, grouped, kind, f"budget {budget} ({target} of the {kind}s)")
+        chosen.extend(taken)
     return sorted(chosen, key=lambda u: rank[position[u]])
 
 
@@ -184,18 +203,52 @@ def _block_sizes(units: list[Unit], model: nn.Module | None) -> Counter:
     return sizes
 
 
-def _take(units: list[Unit], candidates: list[int], target: int, sizes: Counter) -> list[Unit]:
-    taken: list[Unit] = []
+def _take(units: list[Unit], candidates: list[int], limit: float, sizes: Counter,
+          weights: Sequence[float], model: nn.Module | None,
+          grouped: set[tuple[int, str]]) -> list[Unit]:
+    """Walk `candidates` (best first), taking each unit whose weight still fits in `limit`;
+    every block keeps one unit of each kind; in a grouped-query block (`grouped`) the taken
+    heads are the largest removable subset of those chosen so far (module docstring)."""
+    taken: list[Unit] = []  # units of blocks without key/value groups
     removed: Counter = Counter()
+    pending: dict[tuple[int, str], list[Unit]] = {}  # grouped blocks: heads chosen so far
+    balanced: dict[tuple[int, str], list[Unit]] = {}  # ... and their removable subset
+    weight = {units[i]: weights[i] for i in candidates}
+    total = 0.0
     for i in candidates:
-        if len(taken) >= target:
+        if total >= limit:
             break
-        key = (units[i].block, units[i].kind)
-        if removed[key] + 1 >= sizes[key]:
-            continue  # keep at least one unit of this kind in the block
+        unit = units[i]
+        key = (unit.block, unit.kind)
+        if key in grouped:
+            trial = balance_kv_groups(model, [*pending.get(key, []), unit])
+            change = sum(weight[u] for u in trial) - sum(weight[u] for u in balanced.get(key, []))
+            if total + change > limit:
+                continue
+            pending[key] = [*pending.get(key, []), unit]
+            balanced[key] = trial
+            total += change
+            continue
+        if total + weights[i] > limit or removed[key] + 1 >= sizes[key]:
+            continue  # over budget, or would empty the block
         removed[key] += 1
-        taken.append(units[i])
-    return taken
+        total += weights[i]
+        taken.append(unit)
+    return taken + [u for key in sorted(balanced) for u in balanced[key]]
+
+
+def _refuse_grouped(model: nn.Module | None, grouped: set[tuple[int, str]], kind: str,
+                    what: str) -> None:
+    """One-line error for a budget that grouped-query blocks leave without any removal."""
+    sizes = [(smallest_removal(model, b, k), b) for b, k in sorted(grouped) if k == kind]
+    sizes = [(n, b) for n, b in sizes if n is not None]
+    if not sizes:
+        raise DitPruneError(f"{what} removes no unit")
+    smallest, block = min(sizes)
+    raise DitPruneError(
+        f"{what} removes none: {adapter_for(model).family} {kind}s share key/value heads in "
+        f"groups, and a block's removal must be whole groups or the same number from every "
+        f"group, at least {smallest} {kind}s (block {block}); give a larger budget")
 
 
 def _unit_costs(units: list[Unit], model: nn.Module | None, mode: str) -> list[int]:
@@ -213,22 +266,18 @@ def _unit_costs(units: list[Unit], model: nn.Module | None, mode: str) -> list[i
 
 
 def _select_params(
-    units: list[Unit], order: np.ndarray, budget: float, sizes: Counter, costs: list[int]
+    units: list[Unit], order: np.ndarray, budget: float, sizes: Counter, costs: list[int],
+    model: nn.Module | None, grouped: set[tuple[int, str]],
 ) -> list[Unit]:
-    """Greedy by score: take each unit whose parameters still fit in the budget."""
+    """Greedy by score: take each unit whose parameters still fit in the budget (a grouped-
+    query head's key/value rows are not counted: `BlockAdapter.unit_cost`)."""
     target = budget * sum(costs)
     if costs and min(costs) > target:
         smallest = math.ceil(min(costs) / sum(costs) * 1000) / 1000
         raise DitPruneError(f"budget {budget} of the units' {sum(costs)} parameters removes no "
                             f"unit; the smallest that removes one is {smallest:g}")
-    total = 0
-    removed: Counter = Counter()
-    taken: list[Unit] = []
-    for i in (int(j) for j in order):
-        key = (units[i].block, units[i].kind)
-        if total + costs[i] > target or removed[key] + 1 >= sizes[key]:
-            continue
-        total += costs[i]
-        removed[key] += 1
-        taken.append(units[i])
+    taken = _take(units, [int(j) for j in order], target, sizes, costs, model, grouped)
+    if not taken and grouped:
+        _refuse_grouped(model, grouped, min(k for _, k in grouped),
+                        f"budget {budget} of {sum(costs)} parameters")
     return taken

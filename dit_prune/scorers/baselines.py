@@ -25,11 +25,16 @@ import torch
 
 from dit_prune.scorers.base import Scorer, ScoringContext
 from dit_prune.units import Unit, adapter_for, group_units
+from dit_prune.units.slices import unit_squared_norms
 
 
 @dataclass(frozen=True)
 class Magnitude(Scorer):
-    """-(L2 norm of the unit's weights: up-projection rows, biases and down-projection columns)."""
+    """-(L2 norm of the unit's weights over every site of its kind: the rows of each
+    up-projection with their biases (both halves of a GLU; conv kernels whole) and the columns
+    of each down-projection (a joint head's image and text streams both);
+    `dit_prune.units.slices`). Norms across heads and grouped-query key/value rows, shared or
+    mere scales, are left out."""
 
     name: ClassVar[str] = "magnitude"
 
@@ -38,21 +43,12 @@ class Magnitude(Scorer):
         blocks = adapter.blocks(ctx.model)
         grouped = group_units(ctx.model, units)
         norms: dict[Unit, float] = {}
-        with torch.no_grad():
-            for (b, kind), positions in grouped.items():
-                block = blocks[b]
-                width = adapter.width(block, kind)
-                count = adapter.count(block, kind)
-                down = adapter.down_proj(block, kind).weight  # (D_out, count * width)
-                sq = down.float().pow(2).sum(0).view(count, width).sum(1)  # (count,)
-                for up in adapter.up_proj(block, kind):
-                    rows = up.weight.float().pow(2).sum(1)  # (count * width,)
-                    if up.bias is not None:
-                        rows = rows + up.bias.float().pow(2)
-                    sq = sq + rows.view(count, width).sum(1)  # (count,)
-                kept = adapter.kept(block, kind)
-                for p in positions:
-                    norms[Unit(kind, b, kept[p])] = float(sq[p].sqrt())
+        for (b, kind), positions in grouped.items():
+            block = blocks[b]
+            sq = unit_squared_norms(adapter, block, kind)  # (count,)
+            kept = adapter.kept(block, kind)
+            for p in positions:
+                norms[Unit(kind, b, kept[p])] = float(sq[p].sqrt())
         return -torch.tensor([norms[u] for u in units], dtype=torch.float64)  # (U,)
 
 

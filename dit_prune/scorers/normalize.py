@@ -95,19 +95,27 @@ def _average_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 def unit_parameter_counts(model: nn.Module, units: Sequence[Unit]) -> torch.Tensor:
-    """(U,) float64: parameters each unit owns (its up-projection rows + biases, and its
-    down-projection columns)."""
+    """(U,) float64: parameters each unit owns, over every site of its kind
+    (`BlockAdapter.unit_cost`: up-projection rows and biases, both GLU halves, kernels whole;
+    down-projection columns of every stream; entries of norms across heads). Summed over a
+    removal, this is its exact parameter drop, except that a grouped-query attention's
+    key/value rows go (and are counted by `prune_units`) only with a whole group.
+
+    Example:
+        >>> from dit_prune.models import new_dit
+        >>> model = new_dit("tiny", 10, 8, 1)  # hidden 128, head dim 32, MLP 512
+        >>> unit_parameter_counts(model, [Unit("head", 0, 0), Unit("neuron", 0, 0)]).tolist()
+        [16480.0, 257.0]
+    """
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
-    counts = []
+    cache: dict[tuple[int, str], int] = {}
     for unit in units:
-        if unit.block >= len(blocks):
-            raise DitPruneError(f"{unit} does not exist in the model ({len(blocks)} blocks)")
-        block = blocks[unit.block]
-        width = adapter.width(block, unit.kind)
-        down = adapter.down_proj(block, unit.kind)
-        total = width * down.out_features
-        for up in adapter.up_proj(block, unit.kind):
-            total += width * (up.in_features + (1 if up.bias is not None else 0))
-        counts.append(total)
-    return torch.tensor(counts, dtype=torch.float64)
+        key = (unit.block, unit.kind)
+        if key in cache:
+            continue
+        if unit.block >= len(blocks) or adapter.spec(blocks[unit.block], unit.kind) is None:
+            raise DitPruneError(f"{unit} does not exist in the model ({len(blocks)} blocks, "
+                                f"{adapter.family})")
+        cache[key] = adapter.unit_cost(blocks[unit.block], unit.kind)
+    return torch.tensor([cache[(u.block, u.kind)] for u in units], dtype=torch.float64)  # (U,)

@@ -49,7 +49,8 @@ def enumerate_units(model: nn.Module, kinds: Sequence[str] | None = None) -> lis
     kinds = adapter.default_kinds if kinds is None else tuple(kinds)
     for kind in kinds:
         if kind not in adapter.kinds:
-            raise DitPruneError(f"{adapter.family} has no units of kind {kind!r}")
+            raise DitPruneError(f"{adapter.family} has no units of kind {kind!r}; its kinds: "
+                                f"{', '.join(adapter.kinds)}")
     units: list[Unit] = []
     for b, block in enumerate(adapter.blocks(model)):
         for kind in kinds:

@@ -6,6 +6,8 @@ refuses anything else). `balance_kv_groups` turns any selection (highest priorit
 the largest removable subset of it, per block: k whole groups (all of whose heads were chosen)
 plus the m highest-priority chosen heads of every other group, with k·n + (G - k)·m as large as
 the selection allows. Units of other kinds, and heads of attentions without groups, pass through.
+`select_units` uses it (with `grouped_blocks` and `smallest_removal`) so that budgets on such
+heads select removable sets (docs/pruning.md, Selection and budgets).
 
 Example:
     >>> import diffusers
@@ -27,6 +29,37 @@ from torch import nn
 
 from dit_prune.units.adapters import adapter_for, out_channels
 from dit_prune.units.unit import Unit
+
+
+def grouped_blocks(model: nn.Module, units: Iterable[Unit]) -> set[tuple[int, str]]:
+    """The (block, kind) pairs among `units` whose heads share key/value heads in groups."""
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    found: set[tuple[int, str]] = set()
+    for b, kind in {(u.block, u.kind) for u in units}:
+        spec = adapter.spec(blocks[b], kind) if b < len(blocks) else None
+        if spec is not None and spec.kv_ups:
+            found.add((b, kind))
+    return found
+
+
+def smallest_removal(model: nn.Module, block: int, kind: str) -> int | None:
+    """Fewest heads of `kind` one removal can take from grouped-query `block`: one from every
+    group (G heads, when groups hold n >= 2) or a whole group (n heads, when G >= 2); None
+    when no removal leaves a head."""
+    groups, n = kv_group_shape(model, block, kind)
+    options = ([groups] if n >= 2 else []) + ([n] if groups >= 2 else [])
+    return min(options) if options else None
+
+
+def kv_group_shape(model: nn.Module, block: int, kind: str) -> tuple[int, int]:
+    """(G key/value groups, n query heads per group) of `kind` in `block`, current widths."""
+    adapter = adapter_for(model)
+    module = adapter.blocks(model)[block]
+    spec = adapter.require(module, kind)
+    width = adapter.width(module, kind)
+    groups = out_channels(adapter.modules(module, spec.kv_ups)[0][1]) // width
+    return groups, adapter.count(module, kind) // groups
 
 
 def balance_kv_groups(model: nn.Module, units: Iterable[Unit]) -> list[Unit]:
