@@ -184,6 +184,8 @@ def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: in
     groups = cols // GROUP
     interleaved = groups >= GROUP  # see `_group_columns`
     shape, axis = ((GROUP, groups), 1) if interleaved else ((groups, GROUP), 2)
+    reduce = torch.amax if largest else torch.amin
+    views: dict[int, tuple[list[torch.Tensor], ...]] = {}
     bar = tqdm(total=len(store), desc=desc, disable=not progress)
     for shard, start, stop, keep, index in _slices(store, size, masks, part):
         ref = read(shard, start, stop)  # (c, P), mapped
@@ -195,17 +197,23 @@ def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: in
             ref = mat
         index = index.to(device)  # (L,)
         used = -(-len(ref) // cols)
+        tile_refs = [ref[first : first + cols].T for first in range(0, len(ref), cols)]
         for i in range(0, n, rows):
             block = flat[i : i + rows]  # (r, P)
             r = len(block)
-            for t in range(used):
-                tile = scores[0 if recompute else t, :r]  # (r, c)
-                _score_tile(lhs[i : i + r], ref, t * cols, tile, worst)
-                grouped = tile.view(r, *shape)  # (r, g, G) or (r, G, g)
-                if largest:
-                    torch.amax(grouped, axis, out=extremes[t, :r])  # (r, G)
-                else:
-                    torch.amin(grouped, axis, out=extremes[t, :r])
+            if r not in views:  # per block height, made once: the loop below only computes
+                outs = [scores[0 if recompute else t, :r] for t in range(tiles)]  # (r, c) each
+                views[r] = (outs, [o.view(r, *shape) for o in outs],
+                            [extremes[t, :r] for t in range(tiles)])
+            outs, grouped, ext = views[r]
+            left = lhs[i : i + r]  # (r, K)
+            for t, tile_ref in enumerate(tile_refs):  # (K, c) each
+                if tile_ref.shape[1] == cols:
+                    torch.mm(left, tile_ref, out=outs[t])  # (r, c)
+                else:  # the slice's ragged last tile
+                    outs[t][:, : tile_ref.shape[1]] = left @ tile_ref
+                    outs[t][:, tile_ref.shape[1] :] = worst
+                reduce(grouped[t], axis, out=ext[t])  # (r, G) group extremes
             found = _block_candidates(scores[:used], extremes[:used, :r],
                                       run.score[i : i + r, 1], largest, len(ref),
                                       (lhs[i : i + r], ref) if recompute else None)
@@ -230,18 +238,6 @@ def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: in
         bar.update(stop - start)
     bar.close()
     return run
-
-
-def _score_tile(block: torch.Tensor, ref: torch.Tensor, first: int, out: torch.Tensor,
-                worst: float) -> None:
-    """Scores `block . ref[first : first + c]` (r, c) of `block` (r, K) into `out` (r, c);
-    columns past the slice's end are set to `worst`."""
-    tile = ref[first : first + out.shape[1]]  # (c', K)
-    if len(tile) == out.shape[1]:
-        torch.mm(block, tile.T, out=out)  # (r, c)
-        return
-    out[:, : len(tile)] = block @ tile.T  # (r, c') the slice's ragged last tile
-    out[:, len(tile) :] = worst
 
 
 def _group_columns(group: torch.Tensor, groups: int) -> torch.Tensor:
