@@ -241,6 +241,7 @@ def test_run_with_adversarial_recovery_on_generated_novel_reports_its_control(du
     text = (out / "report.md").read_text()
     assert "control: unpruned + same recovery" in text
     assert f"{data['num_images']} of 30 kept" in text
+    assert "class embedding searched too (lr 0.05)" in text
 
 
 def test_prune_with_adversarial_recovery_on_generated_novel(dup_checkpoint, tmp_path, capsys):

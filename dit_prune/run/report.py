@@ -320,6 +320,8 @@ def recovery_sentence(report: dict[str, Any]) -> str:
                  f"{len(targets.get('positions', []))} copied training images "
                  f"({targets.get('source')}), hinge weight {options.get('weight')} to pixel MSE "
                  f"margin {options.get('margin')}")
+        if options.get("embedding_lr"):
+            text += f", class embedding searched too (lr {options['embedding_lr']:g})"
     return (text + ". The control column is the unpruned model given the same recovery, on "
             "the same seeds.")
 
