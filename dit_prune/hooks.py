@@ -147,6 +147,7 @@ class Capture:
 
     slots: list[LayerSlot]
     inputs: list[list[torch.Tensor]] = field(default_factory=list)  # [slot][call] (B, T, D_in)
+    # or (B, D_in, H, W) at a conv site (LayerSlot.dim == 1)
     grads: list[list[torch.Tensor]] = field(default_factory=list)  # same layout
 
     def _find(self, unit: Unit) -> list[tuple[int, range]]:
@@ -199,7 +200,7 @@ def capture(
 
 def _recorder(store: list[torch.Tensor], grad_store: list | None, detach: bool):
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0]  # (B, T, D_in)
+        x = args[0]  # (B, T, D_in), or (B, D_in, H, W) at a conv site
         store.append(x.detach() if detach else x)
         if grad_store is not None and x.requires_grad:
             slot_index = len(grad_store)
@@ -377,7 +378,9 @@ def observe(
 ) -> Iterator[list[LayerSlot]]:
     """Call ``callback(slot_index, slot, x)`` with each hooked down-projection's input
     x (B, T, D_in) on every forward, so statistics can be reduced on the fly without storing
-    activations. Yields the slots (layer, units, columns) in callback order.
+    activations. Yields the slots (layer, units, columns) in callback order. At a conv site
+    (Sana's GLUMBConv `conv_point`, `slot.dim == 1`) x is (B, D_in, H, W): callbacks must read
+    channels along `slot.dim`. A unit with several down sites is seen once per site.
 
     Example:
         >>> import torch
@@ -403,6 +406,6 @@ def observe(
 
 def _observer(index: int, slot: LayerSlot, callback: Callable):
     def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        callback(index, slot, args[0].detach())  # (B, T, D_in)
+        callback(index, slot, args[0].detach())  # (B, T, D_in) or conv (B, D_in, H, W)
 
     return hook

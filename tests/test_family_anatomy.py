@@ -452,8 +452,9 @@ def test_balance_kv_groups_gives_the_largest_removable_subset():
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_prune_cli_on_a_flux_pipeline_directory(tmp_path, capsys):
     """`dit-prune prune` on a Flux pipeline directory (model_index.json + transformer/ +
-    scheduler/) removes the top-scored units of every kind; Lumina2's unbalanced selections
-    exit 2 with one line naming the block."""
+    scheduler/) removes the top-scored units of every kind; Lumina2's head selections
+    are kept balanced by selection, and a budget too small for any balanced removal exits 2
+    with one line."""
     from safetensors.torch import save_file
 
     from dit_prune.cli import main
@@ -489,12 +490,23 @@ def test_prune_cli_on_a_flux_pipeline_directory(tmp_path, capsys):
         torch.testing.assert_close(forward(load_dit(out).model, data), forward(base, data),
                                    atol=1e-4, rtol=0)
 
-    _, scores = pipeline_dir("lumina2", "lumina2")
+    lumina, scores = pipeline_dir("lumina2", "lumina2")
     code = main(["prune", str(tmp_path / "lumina2"), "--scores", str(scores), "--budget", "4",
                  "--budget-mode", "heads", "--out", str(tmp_path / "l-out"), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err  # selection keeps key/value groups balanced
+    capsys.readouterr()
+    removed = [Unit.from_json(u) for u in
+               json.loads((tmp_path / "l-out" / "plan.json").read_text())["removed"]]
+    assert 0 < len(removed) <= 4 and {u.kind for u in removed} == {"head"}
+    data = batch_inputs(lumina)
+    with ablate(lumina, removed):
+        torch.testing.assert_close(forward(load_dit(tmp_path / "l-out").model, data),
+                                   forward(lumina, data), atol=1e-4, rtol=0)
+    code = main(["prune", str(tmp_path / "lumina2"), "--scores", str(scores), "--budget", "1",
+                 "--budget-mode", "heads", "--out", str(tmp_path / "l-one"), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and re.match(r"dit-prune prune: error: block \d+: Lumina2", err[-1])
-    assert "unbalanced" in err[-1] and not any("Traceback" in line for line in err)
+    assert code == 2 and re.match(r"dit-prune prune: error: .*removes none: Lumina2", err[-1])
+    assert "at least 2 heads" in err[-1] and not any("Traceback" in line for line in err)
 
 
 @pytest.mark.parametrize("family", ["sana", "flux"])

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from dit_prune.scorers.base import Scorer, ScoringContext
-from dit_prune.units import Unit, adapter_for, group_units
+from dit_prune.units import UNIT_KINDS, Unit, adapter_for, group_units
 from dit_prune.units.slices import unit_squared_norms
 
 
@@ -37,6 +37,7 @@ class Magnitude(Scorer):
     mere scales, are left out."""
 
     name: ClassVar[str] = "magnitude"
+    kinds: ClassVar[tuple[str, ...]] = UNIT_KINDS  # every family's kinds (docs/families.md)
 
     def raw_scores(self, ctx: ScoringContext, units: list[Unit]) -> torch.Tensor:
         adapter = adapter_for(ctx.model)
@@ -57,6 +58,7 @@ class Random(Scorer):
     """Uniform [0, 1) scores from a hash of (seed, unit): a seeded random order."""
 
     name: ClassVar[str] = "random"
+    kinds: ClassVar[tuple[str, ...]] = UNIT_KINDS
 
     def raw_scores(self, ctx: ScoringContext, units: list[Unit]) -> torch.Tensor:
         return self.raw_scores_for(units, self.options.seed)

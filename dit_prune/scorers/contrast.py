@@ -54,7 +54,7 @@ from dit_prune.scorers.trajectories import (
     run_trajectories,
     sample_plan,
 )
-from dit_prune.units import Unit
+from dit_prune.units import Unit, adapter_for
 
 REFERENCES = ("auto", "samples", "heldout")
 WINDOWS = ("all", "early", "late")
@@ -175,13 +175,18 @@ def class_matched_difference(values: torch.Tensor, memorized: torch.Tensor,
 class _TrajectoryStats:
     """Per-sample mean square of each unit's output contribution (its channels times its
     down-projection columns) accumulated along trajectories, over all steps and over the steps
-    with t <= `cutoff`."""
+    with t <= `cutoff`. A unit with several down sites (a joint head's image and text streams)
+    sums the mean squares of its sites; a conv down site (channel dimension 1, e.g. Sana's
+    GLUMBConv `conv_point`) counts its H·W positions as tokens and must be 1x1 (anything wider
+    is refused with one line)."""
 
     def __init__(self, ctx: ScoringContext, units: list[Unit], count: int, cutoff: int) -> None:
         self.ctx = ctx
         self.units = units
         self.cutoff = cutoff
         self.slots = unit_slots(ctx.model, units)
+        for slot in self.slots:
+            _check_pointwise(ctx.model, slot)
         self.index = [slot_column_index(slot) for slot in self.slots]  # [(U_s, width)]
         sizes = [len(slot.units) for slot in self.slots]
         self.sums = [torch.zeros(count, n, dtype=torch.float64) for n in sizes]  # [(N, U_s)]
@@ -206,15 +211,16 @@ class _TrajectoryStats:
         if steps == 0:
             side = "at or below" if window == "late" else "above"
             raise DitPruneError(f"no sampling step {side} t = {self.cutoff}")
-        flat: dict[Unit, int] = {}
-        for slot in self.slots:
-            flat.update((unit, len(flat)) for unit in slot.units)
+        flat = {unit: i for i, unit in enumerate(dict.fromkeys(self.units))}
+        owner = torch.tensor([flat[u] for slot in self.slots for u in slot.units],
+                             dtype=torch.long)  # (sum U_s,) the unit of each slot column
         gather = torch.tensor([flat[u] for u in self.units], dtype=torch.long)  # (U,)
         if window == "early":
             sums = torch.cat([a - b for a, b in zip(self.sums, self.late, strict=True)], 1)
         else:
             sums = torch.cat(self.late if window == "late" else self.sums, 1)  # (N, sum U_s)
-        return (sums[:, gather] / steps).sqrt()  # (N, U)
+        per_unit = sums.new_zeros(len(sums), len(flat)).index_add_(1, owner, sums)  # (N, U')
+        return (per_unit[:, gather] / steps).sqrt()  # (N, U)
 
     def _before(self, rows: torch.Tensor, step: int, t: int) -> None:
         self.current = (rows, t)
@@ -223,9 +229,11 @@ class _TrajectoryStats:
     @torch.no_grad()
     def _record(self, s: int, slot: LayerSlot, x: torch.Tensor) -> None:
         rows, t = self.current
-        x = x[: len(rows)].float()  # (B, T, D_in), conditional half
+        x = x[: len(rows)].float()  # (B, T, D_in), conditional half; conv: (B, D_in, H, W)
+        if slot.dim == 1:
+            x = x.flatten(2).transpose(1, 2)  # (B, H·W, D_in): positions as tokens
         index = self.index[s].to(x.device)  # (U_s, width)
-        weight = slot.layer.weight.float()[:, index]  # (D_out, U_s, width)
+        weight = slot.layer.weight.float().flatten(1)[:, index]  # (D_out, U_s, width)
         if index.shape[1] == 1:  # neurons: rank one, |a| * ||w||
             ms = x.pow(2).mean(1)[:, index[:, 0]] * weight[..., 0].pow(2).mean(0)  # (B, U_s)
         else:
@@ -235,3 +243,13 @@ class _TrajectoryStats:
         self.sums[s][rows] += ms
         if t <= self.cutoff:
             self.late[s][rows] += ms
+
+
+def _check_pointwise(model: torch.nn.Module, slot: LayerSlot) -> None:
+    """Refuse a conv down site wider than 1x1: its output is no per-token matmul."""
+    kernel = getattr(slot.layer, "kernel_size", (1, 1))
+    if slot.dim == 1 and tuple(kernel) != (1,) * len(tuple(kernel)):
+        raise DitPruneError(
+            f"activation-contrast: {adapter_for(model).family} {slot.units[0].kind} units write "
+            f"through a {'x'.join(map(str, kernel))} convolution; only 1x1 (pointwise) conv "
+            "down-projections are supported")
