@@ -38,7 +38,7 @@ from dit_prune.scorers import (
     get_scorer,
     save_scores,
 )
-from dit_prune.units import UNIT_KINDS, enumerate_units
+from dit_prune.units import UNIT_KINDS, adapter_for, enumerate_units
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -84,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
                                             "--heldout-data": args.heldout_data}, args.overwrite)
     loaded = load_dit(args.checkpoint)
     check_scorer_timesteps(scorer, loaded.scheduler)
+    if args.kinds is None:  # the scorer's kinds that this model's family has
+        adapter = adapter_for(loaded.model)
+        kinds = tuple(k for k in kinds if k in adapter.default_kinds)
+        if not kinds:
+            raise DitPruneError(f"scorer {scorer.name!r} scores {', '.join(scorer.kinds)} units; "
+                                f"{adapter.family} has {', '.join(adapter.kinds)}")
     units = enumerate_units(loaded.model, kinds)
     data, data_meta = calibration_data(args, loaded.meta.extra, loaded.model)
     started = time.perf_counter()
