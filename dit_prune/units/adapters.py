@@ -157,15 +157,6 @@ class BlockAdapter:
         recorded[kind] = [int(i) for i in indices]
         setattr(block, KEPT_ATTRIBUTE, recorded)
 
-    # -- compatibility views used by scorers: the first down site, every up site -------------
-    def down_proj(self, block: nn.Module, kind: str) -> nn.Module:
-        """The first down-projection of `kind` (the image stream's for joint heads)."""
-        return self.modules(block, self.require(block, kind).downs)[0][1]
-
-    def up_proj(self, block: nn.Module, kind: str) -> list[nn.Module]:
-        """Every up-projection of `kind` present in `block`."""
-        return [m for _, m in self.modules(block, self.require(block, kind).ups)]
-
     # -- channels -----------------------------------------------------------------------------
     def unit_channels(self, block: nn.Module, kind: str, positions: list[int]) -> list[int]:
         """Channels `[p·w, (p+1)·w)` of the units at current `positions`, sorted."""
