@@ -140,7 +140,7 @@ def gemm_seconds(n: int, m: int, dim: int, rows: int, cols: int, span: int) -> f
     no top-2, no merging."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, dim, generator=gen)  # (N, P)
-    b = torch.randn(min(m, span), dim, generator=gen)  # (S, P)
+    b = torch.randn(-(-min(m, span) // cols) * cols, dim, generator=gen)  # (S', P) whole tiles
     out = torch.empty(rows * cols)
     start = time.perf_counter()
     for j in range(0, m, cols):

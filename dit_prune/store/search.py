@@ -235,6 +235,7 @@ def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: in
             merged = _merge([run.score[at], run.index[at], run.exact[at]],
                             [vals, found_index, exact], descending=largest)
             run.score[at], run.index[at], run.exact[at] = merged
+        del ref, tile_refs  # this slice is freed before the next one is read
         bar.update(stop - start)
     bar.close()
     return run
