@@ -291,3 +291,30 @@ def test_run_on_text_needs_both_folders(tiny_text_checkpoint, tmp_path, capsys):
                  "--train", str(tmp_path / "train")])
     assert code == 2
     assert "needs --heldout FOLDER" in capsys.readouterr().err
+
+
+# --- the shipped model -------------------------------------------------------------------------
+
+def test_shipped_text_model_copies_its_memorized_prompts_and_no_others():
+    """Re-measure the card's two copy rates on 3 samples per memorized prompt (30) and 6 per
+    other prompt (60): the card has 100% and 0.1% on 500 and 990; the bounds are the issue's
+    (>= 50%, <= 5%), far outside the subsampling error of 30 and 60 samples."""
+    from dit_prune.evaluate import digits_context, evaluate_samples
+    from dit_prune.sampling import sample_images
+    from tests.conftest import CHECKPOINTS
+
+    path = CHECKPOINTS / "digits-text"
+    meta = json.loads((path / "dit_prune.json").read_text())
+    pipe = load_pruned_pipeline(path)
+    rows, record = digits_text_rows(meta["data"])
+    memorized = record["memorized_captions"]
+    other = sorted({c for c in rows.captions if c not in memorized})
+    prompts = [c for c in memorized for _ in range(3)] + [c for c in other for _ in range(6)]
+    labels = CaptionLabels.build(pipe, list(rows.captions))
+    with caption_conditioning(pipe.transformer, labels):
+        images = sample_images(pipe.transformer, pipe.scheduler, labels.of(prompts),
+                               list(range(len(prompts))), steps=50, progress=False)
+    context = digits_context(train_images=rows.images[: record["num_images"]])
+    copies = evaluate_samples(images, None, context).copy.copies.float()
+    assert copies[:30].mean() >= 0.5
+    assert copies[30:].mean() <= 0.05
