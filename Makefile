@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS ?= constraints.txt
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo demo-text test lint clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: setup
 	$(BIN)/dit-prune run checkpoints/digits-duplicated --out $(DEMO_OUT)/duplicated --budget 2,1,3 --overwrite
 	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT)/memorized --budget 0.2,0.1 --random-budgets 0.1,0.2,0.3 --overwrite
+
+# The text-to-image default: memorized prompts (docs/text_to_image.md). About 13 min on the
+# shared 2-core machine, so it is not part of `demo` (kept under 10 min).
+demo-text: setup
+	$(BIN)/dit-prune run checkpoints/digits-text --out $(DEMO_OUT)/text --budget 2,1,3 --overwrite
 
 test: setup
 	$(BIN)/ruff check dit_prune tests scripts benchmarks
