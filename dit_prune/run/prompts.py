@@ -77,6 +77,9 @@ def _file_of(text: Any, position: int) -> str | None:
 def render_prompts(section: dict[str, Any]) -> str:
     """The report.md section of `prompt_section`."""
     lines = ["", "## Prompts (text-to-image)", "",
+             "In this run a sample's class (and a re-trigger target's) is its caption: seed s "
+             "samples the caption of training row π(s mod R), a fixed permutation of the R rows "
+             "(docs/text_to_image.md).", "",
              "Copy rate of the samples of each prompt group (copy detector; *own image*: the "
              "copy is of the training image the prompt was trained with):", "",
              "| prompts | samples | before | after | random (seed 0) |", "|---|---|---|---|---|"]
