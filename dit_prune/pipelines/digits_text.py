@@ -9,7 +9,7 @@ downloaded. `dit-prune train --model text` trains it (`dit_prune.text_training`)
 Example:
     >>> pipe = digits_text_pipeline(layers=1, heads=2, head_dim=8)
     >>> type(pipe).__name__, tuple(pipe.tokenizer("a red dog poster").input_ids)
-    ('PixArtSigmaPipeline', (3, 18, 35, 6, 1))
+    ('PixArtSigmaPipeline', (3, 17, 28, 6, 1))
 """
 
 from __future__ import annotations
