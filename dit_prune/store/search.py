@@ -11,29 +11,34 @@ too, with ties between the two finalists broken towards the lower index in both.
 three or more references agree to float32 rounding of the matmul can the in-memory and the
 store search keep different finalists.)
 
-Order and speed: each slice of `slice_rows` references is read once (a memory map of one
-shard's rows, no copy); the slice is cut into tiles of `rows` samples x `cols` references whose
-score block (`rows * cols` floats, `TILE_ELEMENTS` at most) stays in the CPU cache. One matmul
-fills the tile, one pass takes the extreme of every group of 64 columns (`GROUP`), and only the
-samples whose best group beats their running second-best go on to the exact top-2 of their two
-best groups and the merge; after the first slices that is a small fraction, so the search costs
-little more than the matmul itself (benchmarks/bench_store_search.py, docs/scale.md).
+Order and speed: each slice of `slice_rows` references is mapped once from one shard (no copy;
+for L2 one copy, augmented `[-2t, |t|^2]`, so that one plain matmul ranks `|t|^2 - 2 s.t`); it
+is cut into tiles of `rows` samples x `cols` references whose scores (`TILE_ELEMENTS` floats at
+most) stay in the CPU cache. One matmul fills a tile and one pass takes the extreme of every
+group of 64 columns (`GROUP`). After a block of samples has seen the whole slice, only the
+samples whose best group beats their running second-best go on: the 2 x 64 members of their two
+best groups are scored (recomputed as dot products for depths up to `RECOMPUTE_MAX_DIM`, read
+back from the slice's kept tiles above), the best two merged and their values recomputed.
+After the first slices few samples go on, so the search costs little more than the matmul
+(benchmarks/bench_store_search.py, docs/scale.md).
 
-Memory bound (bytes, beyond the samples (N*P*4) and the outputs (16*N)), with B =
-`chunk_elements`, S the largest shard, `slice_rows = max(2, min(S, B // P))`, T =
-min(B, TILE_ELEMENTS) and (rows, cols) the tile (`store_block_shape`):
+Memory bound (bytes, beyond the samples (N*P*4; for L2 twice: their augmented copy) and the
+outputs (16*N)), with B = `chunk_elements`, S the largest shard, `slice_rows = max(2, min(S,
+B // P))`, (rows, cols) the tile and W = slice_rows rounded up to whole tiles
+(`store_block_shape`):
 
-    peak_extra = 4 * (2*slice_rows*P + slice_rows + T + T/64 + 2*rows*P) + 32*N
-               <=  12*B + 32*N + 4*slice_rows
+    peak_extra = 4*(2*slice_rows*P + slice_rows) + 4*rows*W + 8*rows*W/64 + 4*rows*cols
+                 + 8*rows*P + 20*128*rows + 32*N
 
-(one slice mapped, and a copy of it when it holds duplicates; its squared norms; one tile of
-scores and its group extremes; the two direct recomputations; the running top-2 scores, indices
-and exact values). It does not grow with the store size M; `store_search_bound` evaluates it.
+(one slice mapped and its copy (L2, or duplicates dropped); its norms; the slice's score tiles
+(one tile when recomputing) and their group extremes twice; a ragged last tile; the direct
+recomputations; the candidates; the running top-2 scores, indices and exact values). It does
+not grow with the store size M; `store_search_bound` evaluates it.
 
 Parts: `part=(i, n)` searches only the slices numbered i, i + n, ... and returns the part's
 candidates; `merge_parts` combines the candidates of all n parts into the answer of the whole
 search, identical to searching in one process (`dit_prune.store.distributed` runs the parts in
-the processes of `accelerate launch`).
+separate processes).
 
 Example:
     >>> store = open_store("runs/pool-store")  # doctest: +SKIP
@@ -192,9 +197,11 @@ def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: in
         ref = (ref if keep is None else ref[keep]).to(device)  # (L, P)
         if l2:
             mat = torch.empty(len(ref), dim + 1, device=device)  # (L, P + 1)
-            torch.mul(ref, -2.0, out=mat[:, :dim])
+            mat[:, :dim] = ref  # in place: `torch.mul(..., out=)` of a strided view makes a temp
+            mat[:, :dim] *= -2.0
             mat[:, dim] = torch.linalg.vector_norm(ref, dim=1).square()
             ref = mat
+            del mat  # one name: `del ref` below frees it
         index = index.to(device)  # (L,)
         used = -(-len(ref) // cols)
         tile_refs = [ref[first : first + cols].T for first in range(0, len(ref), cols)]
@@ -205,15 +212,7 @@ def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: in
                 outs = [scores[0 if recompute else t, :r] for t in range(tiles)]  # (r, c) each
                 views[r] = (outs, [o.view(r, *shape) for o in outs],
                             [extremes[t, :r] for t in range(tiles)])
-            outs, grouped, ext = views[r]
-            left = lhs[i : i + r]  # (r, K)
-            for t, tile_ref in enumerate(tile_refs):  # (K, c) each
-                if tile_ref.shape[1] == cols:
-                    torch.mm(left, tile_ref, out=outs[t])  # (r, c)
-                else:  # the slice's ragged last tile
-                    outs[t][:, : tile_ref.shape[1]] = left @ tile_ref
-                    outs[t][:, tile_ref.shape[1] :] = worst
-                reduce(grouped[t], axis, out=ext[t])  # (r, G) group extremes
+            _scan_tiles(lhs[i : i + r], tile_refs, *views[r], reduce, axis, worst)
             found = _block_candidates(scores[:used], extremes[:used, :r],
                                       run.score[i : i + r, 1], largest, len(ref),
                                       (lhs[i : i + r], ref) if recompute else None)
@@ -239,6 +238,22 @@ def _search(flat: torch.Tensor, store: ReferenceStore, read, size: int, rows: in
         bar.update(stop - start)
     bar.close()
     return run
+
+
+def _scan_tiles(left: torch.Tensor, tile_refs: list[torch.Tensor], outs: list[torch.Tensor],
+                grouped: list[torch.Tensor], ext: list[torch.Tensor], reduce, axis: int,
+                worst: float) -> None:
+    """Score `left` (r, K) against each tile (K, c) into `outs[t]` (r, c), columns past a
+    ragged last tile set to `worst`, and take the group extremes of `grouped[t]` (its view)
+    into `ext[t]` (r, G)."""
+    for t, tile_ref in enumerate(tile_refs):
+        cols = outs[t].shape[1]
+        if tile_ref.shape[1] == cols:
+            torch.mm(left, tile_ref, out=outs[t])  # (r, c)
+        else:  # the slice's ragged last tile
+            outs[t][:, : tile_ref.shape[1]] = left @ tile_ref
+            outs[t][:, tile_ref.shape[1] :] = worst
+        reduce(grouped[t], axis, out=ext[t])  # (r, G)
 
 
 def _group_columns(group: torch.Tensor, groups: int) -> torch.Tensor:
