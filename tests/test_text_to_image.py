@@ -278,9 +278,11 @@ def test_run_with_caption_folders(tiny_text_checkpoint, tmp_path):
     code = main(["run", str(tiny_text_checkpoint), "--out", str(out), "--seeds", "0-19",
                  "--steps", "2", "--budget", "1", "--random-seeds", "0",
                  "--retrigger-targets", "0", "--scorer-option", "batches=1",
+                 "--budget-mode", "cross_heads",
                  "--train", str(tmp_path / "train"), "--heldout", str(tmp_path / "held")])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["units_removed"] == {"cross_head": 1}
     assert report["before"]["class_agreement"] is None  # classes unknown in a folder
     assert set(report["prompts"]["groups"]) == {"other"}
 
@@ -318,3 +320,13 @@ def test_shipped_text_model_copies_its_memorized_prompts_and_no_others():
     copies = evaluate_samples(images, None, context).copy.copies.float()
     assert copies[:30].mean() >= 0.5
     assert copies[30:].mean() <= 0.05
+
+
+def test_cross_heads_mode_on_a_class_conditional_model_fails_before_work(tmp_path, capsys):
+    from tests.conftest import CHECKPOINTS
+
+    out = tmp_path / "run"
+    code = main(["run", str(CHECKPOINTS / "digits-duplicated"), "--out", str(out),
+                 "--budget-mode", "cross_heads", "--budget", "2"])
+    assert code == 2 and not out.exists()
+    assert "no units of kind 'cross_head'" in capsys.readouterr().err

@@ -22,8 +22,9 @@ from dit_prune.sampling import SAMPLERS, format_seeds, labels_for_seeds, parse_s
 
 RECOVERIES = RECOVERY_METHODS
 TARGETS = ("auto", "all", "duplicated")
-# `dit-prune run` handles class-conditional DiTs, which have no cross-attention heads
-BUDGET_MODES = tuple(mode for mode in SELECTION_MODES if mode != "cross_heads")
+# every selection mode; cross_heads needs a text-to-image model (cross-attention heads), which
+# `dit-prune run` checks once the checkpoint is loaded (check_budget_for)
+BUDGET_MODES = SELECTION_MODES
 
 
 @dataclass(frozen=True)
