@@ -313,3 +313,28 @@ def test_eval_with_a_train_store_gives_the_same_numbers(tiny_checkpoint, digits,
         code, line = run_cli([*base, "--out", str(tmp_path / "bad"), "--train-store", str(root)],
                              capsys)
         assert code == 2 and line.startswith("dit-prune eval: error:") and message in line, line
+
+
+def test_run_opens_and_checks_its_train_store(digits, tmp_path, capsys):
+    """`dit-prune run --train-store`: the store of the checkpoint's training images is opened
+    and checked with the inputs, before any sampling; another store is one line, exit 2."""
+    from dit_prune.run.config import RunConfig
+    from dit_prune.run.experiment import prepare_inputs
+
+    from .conftest import train_tiny_checkpoint
+
+    checkpoint = train_tiny_checkpoint(tmp_path / "tiny", digits)
+    idx = json.loads((checkpoint / "dit_prune.json").read_text())["data"]["pool_indices"]
+    detector = load_copy_detector(CHECKPOINTS / "digits-copydetect")
+    store = build_store(TensorSource(digits.pool_images[idx], None, "train"), tmp_path / "s", 8,
+                        detector, progress=False)
+    inputs = prepare_inputs(RunConfig(str(checkpoint), out=str(tmp_path / "r"),
+                                      train_store=str(store.root)))
+    assert inputs.train_store is not None and inputs.train_store.root == store.root
+    pool = build_store(open_source("digits-pool"), tmp_path / "pool", 500, progress=False)
+    for root, message in ((pool.root, "holds 1000 images"),
+                          (tmp_path / "none", "reference store not found")):
+        code, line = run_cli(["run", str(checkpoint), "--out", str(tmp_path / "r2"),
+                              "--train-store", str(root)], capsys)
+        assert code == 2 and line.startswith("dit-prune run: error:") and message in line, line
+    assert not (tmp_path / "r2" / "samples").exists()  # refused before any sampling
