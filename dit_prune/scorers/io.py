@@ -93,7 +93,8 @@ def load_scores(directory: str | os.PathLike[str]) -> SavedScores:
 
 
 def scoring_code_fingerprint() -> str:
-    """A short digest of the source that decides scores (scorers, hooks, units, sampling).
+    """A short digest of the source that decides scores (scorers, hooks, units, sampling, the
+    prediction types, and the caption conditioning of text-to-image models).
 
     Cached scores are keyed on it, so scores computed by older code are never reused.
 
@@ -105,7 +106,9 @@ def scoring_code_fingerprint() -> str:
 
     package = Path(__file__).resolve().parent.parent  # dit_prune/
     files = sorted([*(package / "scorers").glob("*.py"), *(package / "units").glob("*.py"),
-                    package / "hooks.py", package / "sampling.py"])
+                    package / "hooks.py", package / "sampling.py", package / "prediction.py",
+                    package / "pipelines" / "caption_labels.py",
+                    package / "pipelines" / "text_encoding.py"])
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
