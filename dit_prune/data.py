@@ -259,7 +259,8 @@ def check_fits_model(images: torch.Tensor, labels: torch.Tensor | None, model: A
         dit_prune.errors.DitPruneError: x are (1, 16, 16) but the model takes (1, 8, 8) (C, H, W)
     """
     config = model.config
-    channels, size = int(config.in_channels), int(config.sample_size)
+    channels = int(config.in_channels)
+    size = int(getattr(config, "sample_size", None) or 0)  # Flux has none (packed tokens)
     shape = tuple(images.shape[1:])
     classes = getattr(config, "num_embeds_ada_norm", None)
     is_dit = family_name(model) == "DiTTransformer2DModel"

@@ -13,7 +13,11 @@ from dit_prune.cli import main
 from dit_prune.errors import DitPruneError
 from dit_prune.hooks import ablate
 from dit_prune.pipelines import generate_decoded, load_pruned_pipeline, prune_pipeline
-from dit_prune.pipelines.caption_labels import CaptionLabels, caption_conditioning
+from dit_prune.pipelines.caption_labels import (
+    CaptionLabels,
+    caption_conditioning,
+    flux_model_space,
+)
 from dit_prune.pipelines.digits_text import digits_text_pipeline
 from dit_prune.pipelines.io import save_pipeline
 from dit_prune.pipelines.text_encoding import CaptionCache
@@ -135,6 +139,25 @@ def test_caption_labels_skip_the_null_label_and_condition_like_direct_calls():
     torch.testing.assert_close(hooked, direct)
 
 
+def test_flux_conditioning_equals_the_pipelines_packed_call():
+    pipe = tiny_flux_pipeline()
+    latents = encode_images(pipe, torch.rand(2, 3, 16, 16) * 2 - 1)  # (2, 1, 8, 8)
+    labels = CaptionLabels.build(pipe, PROMPTS)
+    y = labels.of(PROMPTS)
+    model = pipe.transformer
+    with torch.no_grad():
+        with caption_conditioning(model, labels):
+            hooked = model(flux_model_space(latents), timestep=torch.tensor([400.0, 400.0]),
+                           class_labels=y).sample  # (2, 4, 4, 4)
+        packed = pipe._pack_latents(latents, 2, 1, 8, 8)  # (2, 16, 4)
+        ids = pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)  # (16, 3)
+        out = model(packed, timestep=torch.tensor([0.4, 0.4]), img_ids=ids,
+                    **labels.cache.model_kwargs(labels.rows(y))).sample
+    direct = pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)  # (2, 1, 8, 8)
+    torch.testing.assert_close(torch.nn.functional.pixel_shuffle(hooked, 2), direct)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
 # --- pipelines: prune -> generate -> save -> reload -----------------------------------------
 
 def _some_units(model) -> list[Unit]:
@@ -179,19 +202,22 @@ def test_flow_matching_pipelines_keep_their_scheduler():
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
-@pytest.mark.parametrize("family", ["pixart-sigma", "sd3", "sana"])
+@pytest.mark.parametrize("family", ["pixart-sigma", "sd3", "sana", "flux"])
 def test_scorers_are_finite_on_each_text_family(family):
     pipe = FAMILIES[family][0]()
-    side = int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
+    flux = family == "flux"
+    side = 16 if flux else int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(8, 3, side, side, generator=gen) * 2 - 1  # (8, 3, S, S)
     latents = encode_images(pipe, images)  # (8, C, h, w)
+    if flux:
+        latents = flux_model_space(latents)  # (8, 4C, h/2, w/2): Flux's packed tokens
     captions = ["a red cat", "a blue dog", "a green cat", "a small dog"] * 2
     labels = CaptionLabels.build(pipe, captions)
     y = labels.of(captions)
     data = CalibrationData(latents[:4], y[:4], latents[4:], y[4:])
     with caption_conditioning(pipe.transformer, labels):
-        for name in ("taylor-gap", "cond-gap"):
+        for name in ("taylor-gap",) if flux else ("taylor-gap", "cond-gap"):
             options = {"num_samples": 4, "sampling_steps": 2} if name == "cond-gap" else {}
             scorer = get_scorer(name, batches=1, progress=False, **options)
             units = [u for u in enumerate_units(pipe.transformer) if u.kind in scorer.kinds]

@@ -89,29 +89,78 @@ class CaptionLabels:
         return CaptionLabels(self.cache.to(device), self.null)
 
 
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, fed to guidance-distilled models
+
+
 @contextmanager
 def caption_conditioning(model: nn.Module, labels: CaptionLabels) -> Iterator[None]:
     """While inside, ``model(x, timestep=t, class_labels=y)`` runs with the captions of y.
 
-    Calls that pass `encoder_hidden_states` themselves are left alone. The hook is removed on
-    exit, even on error.
+    Calls that pass `encoder_hidden_states` themselves are left alone. A Flux transformer, which
+    takes packed tokens, gets x (B, 4C, h, w) in the space of `flux_model_space` as its packed
+    tokens (B, h·w, 4C) with their image ids, the time as σ (t / 1000, as `FluxPipeline` passes
+    it) and, when guidance-distilled, `FLUX_GUIDANCE`; its output comes back as (B, 4C, h, w).
+    The hooks are removed on exit, even on error.
     """
     param = next(model.parameters())
     table = labels.to(param.device)
-    handle = model.register_forward_pre_hook(_hook(table), with_kwargs=True)
+    flux = type(model).__name__ == "FluxTransformer2DModel"
+    handles = [model.register_forward_pre_hook(_hook(table, flux, model), with_kwargs=True)]
+    if flux:
+        handles.append(model.register_forward_hook(_unpack_hook, with_kwargs=True))
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
-def _hook(labels: CaptionLabels):
+def flux_model_space(latents: torch.Tensor) -> torch.Tensor:
+    """Flux latents (B, C, H, W) -> (B, 4C, H/2, W/2): each 2×2 patch as channels, in the
+    order `FluxPipeline._pack_latents` packs them (c·4 + 2·i + j), so a Flux transformer's
+    tokens are these pixels flattened row by row. Use it on `encode_images` output before
+    scoring a Flux pipeline."""
+    return torch.nn.functional.pixel_unshuffle(latents, 2)  # (B, 4C, H/2, W/2)
+
+
+def _hook(labels: CaptionLabels, flux: bool, model: nn.Module):
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         y = kwargs.get("class_labels")  # (B,)
         if y is None or kwargs.get("encoder_hidden_states") is not None:
             return None
         new = {k: v for k, v in kwargs.items() if k != "class_labels"}
         new.update(labels.cache.model_kwargs(labels.rows(y)))
+        if flux:
+            args, new = _pack(args, new, model)
         return args, new
 
     return hook
+
+
+def _pack(args: tuple, kwargs: dict, model: nn.Module) -> tuple[tuple, dict]:
+    """Flux inputs from an image-shaped call (see `caption_conditioning`)."""
+    x = args[0] if args else kwargs.pop("hidden_states")  # (B, 4C, h, w)
+    b, c, h, w = x.shape
+    tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, 4C)
+    ids = torch.zeros(h, w, 3, device=x.device, dtype=x.dtype)
+    ids[..., 1] += torch.arange(h, device=x.device, dtype=x.dtype)[:, None]
+    ids[..., 2] += torch.arange(w, device=x.device, dtype=x.dtype)[None, :]
+    t = torch.as_tensor(kwargs["timestep"], device=x.device).float()
+    kwargs = {**kwargs, "hidden_states": tokens, "img_ids": ids.reshape(h * w, 3),
+              "timestep": t.expand(b) / 1000}
+    if getattr(model.config, "guidance_embeds", False):
+        kwargs["guidance"] = torch.full((b,), FLUX_GUIDANCE, device=x.device)
+    return args[1:], kwargs
+
+
+def _unpack_hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """Flux output tokens (B, h·w, 4C) back to (B, 4C, h, w) for hooked (packed) calls."""
+    ids = kwargs.get("img_ids")
+    sample = output[0] if isinstance(output, tuple) else output.sample
+    if ids is None or sample.ndim != 3:
+        return None
+    h, w = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    image = sample.transpose(1, 2).reshape(sample.shape[0], -1, h, w)  # (B, 4C, h, w)
+    if isinstance(output, tuple):
+        return (image, *output[1:])
+    return type(output)(sample=image)
