@@ -260,7 +260,8 @@ def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
             entry["random_fd_change"])
         entries.append(entry)
     return {"before": before, "entries": entries, "context": context, "config": cfg,
-            "meta": meta, "seeds": seeds, "labels": labels, "units": units,
+            "meta": meta, "seeds": seeds, "units": units,
+            "labels": labels if classes is None else classes,  # text: the digit, not the caption
             "random_curve": curve, "target": target_name,
             "retrigger": probe.describe() if probe is not None else None,
             "recovery": recovery.describe() if recovery is not None else None,
