@@ -141,8 +141,12 @@ def train_text_pipeline(
 
 
 def _run_key(rows: CaptionedImages, config: TextTrainConfig, model: Any) -> str:
-    """Digest of the config, the model config and the data: resuming another run is refused."""
-    text = json.dumps([asdict(config), dict(model.config), list(rows.captions)], sort_keys=True,
+    """Digest of the config, the model config and the data: resuming another run is refused.
+
+    diffusers' private config keys (`_use_default_values`, a list in set order that changes
+    from process to process) are left out, so a new process resumes the same run."""
+    public = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    text = json.dumps([asdict(config), public, list(rows.captions)], sort_keys=True,
                       default=str)
     digest = hashlib.sha256(text.encode())
     digest.update(rows.images.detach().cpu().contiguous().numpy().tobytes())

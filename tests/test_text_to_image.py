@@ -255,6 +255,21 @@ def test_text_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_text_training_run_key_is_the_same_in_a_new_process():
+    import subprocess
+    import sys
+
+    code = ("from dit_prune.text_data import digits_text_rows;"
+            "from dit_prune.text_training import TextTrainConfig, _run_key;"
+            "from dit_prune.pipelines.digits_text import digits_text_pipeline;"
+            "rows, _ = digits_text_rows({'subset': '20', 'duplicate': '10x3'});"
+            "print(_run_key(rows, TextTrainConfig(), digits_text_pipeline(layers=1).transformer))")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={"PYTHONHASHSEED": str(seed), "OMP_NUM_THREADS": "1"},
+                           check=True).stdout.strip() for seed in (1, 2)}
+    assert len(keys) == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_text_checkpoint(tmp_path_factory):
     """A few steps of `dit-prune train --model text` on 20 digits, 10 of them memorized x3."""
