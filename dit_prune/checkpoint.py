@@ -91,6 +91,10 @@ def load_dit(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
     transformer_dir = root / "transformer" if (root / "transformer").is_dir() else root
     config_file = transformer_dir / CONFIG_NAME
     config = _read_json(config_file, "transformer config")
+    if not config.get("_class_name"):
+        raise DitPruneError(f"{path} is not a diffusion transformer checkpoint (no _class_name "
+                            f"in {config_file.name}); expected a DiT checkpoint or pipeline "
+                            "directory")
     class_name = resolve_class_name(config)
     if class_name not in SUPPORTED_CLASSES:
         raise DitPruneError(f"{config_file} {_describe(config)}, not a DiT "

@@ -163,7 +163,7 @@ def load_caption_folder(path: str | Path) -> CaptionedImages:
 def _read_rows(meta: Path) -> list[tuple[int, str, str]]:
     rows: list[tuple[int, str, str]] = []
     try:
-        lines = meta.read_text(encoding="utf-8").splitlines()
+        lines = meta.read_text(encoding="utf-8-sig").splitlines()  # a BOM is allowed
     except (OSError, UnicodeDecodeError) as exc:
         raise DitPruneError(f"cannot read {meta}: {exc}") from None
     for number, line in enumerate(lines, 1):

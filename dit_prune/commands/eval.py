@@ -42,7 +42,7 @@ from dit_prune.evaluate import (
     default_checkpoints_dir,
     evaluate_samples,
 )
-from dit_prune.metrics.copydetect import load_copy_detector
+from dit_prune.metrics.copydetect import calibration_warning, load_copy_detector
 from dit_prune.metrics.features import load_feature_extractor
 from dit_prune.plots import nearest_pairs_grid, ratio_histogram_plot
 from dit_prune.sampling import (
@@ -259,12 +259,18 @@ def write_outputs(run_dir: Path, args: argparse.Namespace, samples: torch.Tensor
         "sampler": args.sampler,
         "most_replicated": result.memorization.most_replicated(),
         "most_copied": result.copy.most_copied(),
-        "warnings": result.warnings,
+        "warnings": _warnings(result.warnings, len(context.heldout_images)),
     }
     atomic_write_text(run_dir / "report.md", render_report(document))
     dump_resolved_config(run_dir, args, seeds_resolved=format_seeds(seeds), model=meta,
                          evaluator=described)
     atomic_write_text(run_dir / "metrics.json", json.dumps(document, indent=2) + "\n")
+
+
+def _warnings(measured: list[str], num_heldout: int) -> list[str]:
+    """The evaluation's warnings, then tau's calibration on too few held-out images; each once."""
+    note = calibration_warning(num_heldout)
+    return list(dict.fromkeys([*measured, *([note] if note else [])]))
 
 
 def _fmt(value: Any, interval: Any = None, digits: int = 3) -> str:

@@ -216,6 +216,28 @@ def nearest_cosine(
     return torch.cat(sims), torch.cat(idx)
 
 
+MIN_CALIBRATION_IMAGES = 100  # below this the 99th percentile is the held-out maximum
+
+
+def calibration_warning(num_heldout: int, quantile: float = CALIBRATION_QUANTILE) -> str | None:
+    """The warning text when tau is calibrated on too few held-out images to mean a percentile:
+    with fewer than `MIN_CALIBRATION_IMAGES` (100), the 99th percentile is the largest held-out
+    similarity, so one image sets tau and the held-out false-copy rate is 0 by construction.
+
+    Example:
+        >>> calibration_warning(1000) is None
+        True
+        >>> calibration_warning(12).split(":")[0]
+        'copy threshold τ calibrated on only 12 held-out images'
+    """
+    if num_heldout >= MIN_CALIBRATION_IMAGES:
+        return None
+    return (f"copy threshold τ calibrated on only {num_heldout} held-out images: with fewer than "
+            f"{MIN_CALIBRATION_IMAGES}, the {100 * quantile:g}th percentile is their maximum "
+            "(one image sets τ, and the held-out false-copy rate is 0 by construction); copy "
+            "rates depend on that one image. Use at least 100 (ideally >= 1,000) held-out images")
+
+
 def calibrate_threshold(heldout_similarities: torch.Tensor,
                         quantile: float = CALIBRATION_QUANTILE) -> float:
     """tau: the smallest float32 above the ceil(q*K)-th smallest held-out similarity.

@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,9 +155,46 @@ def _recovery_data(cfg: RunConfig, extra: dict[str, Any], train_images: torch.Te
     return images, labels
 
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # dit_prune/
+
+
+@contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """Collect the warnings dit_prune raises inside the block (FD on too few samples, ...):
+    each message once, in the yielded list (for the report), and printed once to stderr as
+    `warning: ...`. Other libraries' warnings are shown as usual."""
+    found: list[str] = []
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+        warnings.filterwarnings("always", category=UserWarning, module=r"dit_prune(\.|$)")
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+            if issubclass(category, UserWarning) and Path(filename).resolve().is_relative_to(
+                    PACKAGE_DIR):
+                text = str(message)
+                if text not in found:
+                    found.append(text)
+                    tqdm.write(f"warning: {text}", file=sys.stderr)  # clear of the bars
+                return
+            shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield found
+
+
 def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                    progress: bool = True) -> dict[str, Any]:
-    """Run every stage and return the report dict (also used for report.json)."""
+    """Run every stage and return the report dict (also used for report.json); its `warnings`
+    lists what the measurements warned about, each once (`collected_warnings`)."""
+    with collected_warnings() as found:
+        result = _run_experiment(cfg, inputs, progress)
+    result["warnings"] = found
+    return result
+
+
+def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
+                    progress: bool) -> dict[str, Any]:
     inputs = inputs or prepare_inputs(cfg)
     if cfg.recover != "none" and inputs.recovery_images is None and \
             cfg.recover_data != GENERATED_NOVEL:

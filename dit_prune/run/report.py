@@ -6,6 +6,8 @@ budget, and every budget under "budgets".
 Example:
     >>> fmt_rate(0.25, [0.2, 0.3])
     '25.0% [20.0, 30.0]'
+    >>> fmt_rate(0.65, [None, None])
+    '65.0% [no interval]'
 """
 
 from __future__ import annotations
@@ -78,7 +80,30 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
         "control": control["arm"].metrics if control else None,
         "control_fd_change": control["fd_change"] if control else None,
         "budgets": budgets,
+        "text": _text_description(result),
+        "warnings": run_warnings(result, names),
     })
+
+
+def _text_description(result: dict[str, Any]) -> dict[str, Any] | None:
+    """What a text-to-image run conditioned on (None for a class-conditional run)."""
+    text = result.get("text")
+    if text is None:
+        return None
+    return {"num_rows": len(text.rows), "num_distinct_prompts": len(set(text.rows.captions)),
+            "classes_known": text.row_classes is not None}
+
+
+def run_warnings(result: dict[str, Any], names: dict[str, Any]) -> list[str]:
+    """The run's warnings, each once: those the measurements raised (`result["warnings"]`) and
+    the copy threshold's calibration on too few held-out images."""
+    from dit_prune.metrics.copydetect import calibration_warning
+
+    found = list(result.get("warnings") or [])
+    note = calibration_warning(int(names["num_heldout_images"]))
+    if note:
+        found.append(note)
+    return list(dict.fromkeys(found))
 
 
 def _budget_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -97,16 +122,27 @@ def _budget_entry(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """Tuples, numpy and torch scalars -> JSON types; NaN stays NaN (JSON allows it here)."""
+    """Tuples, numpy and torch scalars -> JSON types; NaN and infinities -> None (JSON has none).
+    """
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
+    if isinstance(value, np.generic) or (hasattr(value, "item") and
+                                         getattr(value, "ndim", 1) == 0):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def has_interval(interval: Any) -> bool:
+    """True for an interval [low, high] of two finite numbers (None/NaN: none computed)."""
+    return bool(interval) and all(_finite(v) for v in interval)
 
 
 def fmt_budget(budget: float) -> str:
@@ -114,13 +150,33 @@ def fmt_budget(budget: float) -> str:
     return f"{int(budget)}" if budget >= 1 else f"{100 * budget:g}%"
 
 
-def fmt_rate(rate: Any, interval: Any = None) -> str:
-    if rate is None or (isinstance(rate, float) and math.isnan(rate)):
+def fmt_rate(rate: Any, interval: Any = None, no_interval: str = "[no interval]") -> str:
+    """'25.0% [20.0, 30.0]'; an interval that could not be computed (None/NaN bounds) is
+    printed as `no_interval`."""
+    if not _finite(rate):
         return "n/a"
     text = f"{100 * rate:.1f}%"
-    if interval:
+    if has_interval(interval):
         text += f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+    elif interval:
+        text += f" {no_interval}"
     return text
+
+
+def fmt_random_rate(eq: dict[str, Any]) -> str:
+    """Random's rate at equal quality; one random seed gives no interval over seeds."""
+    seeds = eq.get("num_random_seeds", len(eq.get("per_seed") or ()))
+    return fmt_rate(eq["rate"], eq["interval"],
+                    "— (one seed: no interval)" if seeds == 1 else "— (no interval)")
+
+
+def fmt_ratio(ratio: Any) -> str:
+    """The copy-cut ratio: '2.50×', '—' when undefined (None/NaN/inf)."""
+    return f"{ratio:.2f}×" if _finite(ratio) else "—"
+
+
+def _fd_text(value: Any) -> str:
+    return f"{value:.2f}" if _finite(value) else "n/a"
 
 
 def _cell(metrics: dict[str, Any] | None, key: str) -> str:
@@ -131,7 +187,8 @@ def _cell(metrics: dict[str, Any] | None, key: str) -> str:
         return fmt_rate(value, metrics.get(key.replace("rate", "interval")))
     if key == "fd":
         interval = metrics.get("fd_interval")
-        return f"{value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+        return _fd_text(value) + (f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+                                  if has_interval(interval) else "")
     if key in ("precision", "recall", "class_agreement"):
         return f"{value:.3f}"
     if key in ("params", "macs"):
@@ -161,24 +218,27 @@ def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
     beats = "**beats random at equal quality**" if eq["beats"] else \
         "**does not beat random at equal quality**"
     ratio = eq["copy_cut_ratio"]
-    cut = f"; it removes {ratio:.1f}× the copies random removes" if math.isfinite(ratio) else ""
+    cut = f"; it removes {ratio:.1f}× the copies random removes" if _finite(ratio) else ""
     clamped = " (the FD lies below every point of some random path: its best-FD point was " \
         "used)" if eq["clamped"] else ""
     if eq.get("censored"):
         clamped += (" (random's paths stop at a better FD than the scorer's: no win can be "
                     "claimed; add larger --random-budgets)")
     return (f"At equal quality ({which}): {fmt_rate(eq['scorer_rate'], eq['scorer_interval'])} "
-            f"at {report['fd_name']} {eq['fd']:.2f} ({_pct(fd_change['relative'])} "
+            f"at {report['fd_name']} {_fd_text(eq['fd'])} ({_pct(fd_change['relative'])} "
             f"{_pct_interval(fd_change['interval'])} paired vs before); random pruning at the "
-            f"same {report['fd_name']}: {fmt_rate(eq['rate'], eq['interval'])} over "
-            f"{eq['num_random_seeds']} random seeds{clamped}: the scorer {beats}{cut}.")
+            f"same {report['fd_name']}: {fmt_random_rate(eq)} over "
+            f"{eq['num_random_seeds']} random seed{'s' if eq['num_random_seeds'] != 1 else ''}"
+            f"{clamped}: the scorer {beats}{cut}.")
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:+.1f}%" if math.isfinite(value) else "n/a"
+def _pct(value: Any) -> str:
+    return f"{100 * value:+.1f}%" if _finite(value) else "n/a"
 
 
-def _pct_interval(interval: list[float]) -> str:
+def _pct_interval(interval: Any) -> str:
+    if not has_interval(interval):
+        return "[no interval]"
     return f"[{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]%"
 
 
@@ -229,12 +289,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     for b in sorted(report["budgets"], key=lambda b: b["budget"]):
         eq = b["equal_quality"]
         lines.append(
-            f"| {b['budget']:g} | {eq['fd']:.2f} | "
+            f"| {b['budget']:g} | {_fd_text(eq['fd'])} | "
             f"{fmt_rate(eq['scorer_rate'], eq['scorer_interval'])} | "
-            f"{fmt_rate(eq['rate'], eq['interval'])}{' (clamped)' if eq['clamped'] else ''}"
+            f"{fmt_random_rate(eq)}{' (clamped)' if eq['clamped'] else ''}"
             f"{' (censored)' if eq.get('censored') else ''} | "
             f"{', '.join(fmt_rate(v) for v in eq['per_seed'])} | "
-            f"{eq['copy_cut_ratio']:.2f}× | {'yes' if eq['beats'] else 'no'} |")
+            f"{fmt_ratio(eq['copy_cut_ratio'])} | {'yes' if eq['beats'] else 'no'} |")
     if len(report["budgets"]) > 1:
         lines += ["", "## All budgets", "",
                   "| budget | removed | memorization after | copy after | "
@@ -252,28 +312,62 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_cell(b['random_baseline'], 'fd')} | "
                 f"{_cell(b['noise_control'], 'memorization_rate')} / "
                 f"{_cell(b['noise_control'], 'copy_rate')} | {b['verdict']} |")
+    noise_rms = report["noise_control"].get("noise_rms")
     lines += [
         "", "## What was measured", "",
-        f"- {report['num_samples']} samples, seeds {report['seeds']} (class = seed mod classes), "
+        f"- {report['num_samples']} samples, seeds {report['seeds']}{_conditioning(report)} "
         f"{report['sampler'].upper()} {report['steps']} steps, guidance {report['guidance_scale']},"
         " one generator per image: before, after and random share every seed.",
         f"- Memorization: ratio test d1/d2 < 1/3 against the {report['num_train_images']} "
         "training images, pixel space; bootstrap 95% intervals.",
         f"- Copy rate: `{report['copy_detector']}` embedding, threshold "
         f"τ = {report['copy_threshold']:.4f} (99th percentile of {report['num_heldout_images']} "
-        f"held-out images; their false-copy rate {fmt_rate(report['heldout_false_copy_rate'])}).",
+        f"held-out images{_maximum_note(report)}; their false-copy rate "
+        f"{fmt_rate(report['heldout_false_copy_rate'])}).",
         f"- {fd_name}: Fréchet distance on `{report['feature_extractor']}` features against the "
-        "held-out images (bootstrap interval); precision/recall with k-NN manifolds; class "
-        "agreement by the digits classifier.",
+        "held-out images (bootstrap interval); precision/recall with k-NN manifolds; "
+        f"{_agreement_sentence(report)}.",
         "- Noise control: the before samples plus Gaussian noise with the RMS of the "
         "before→after change, matched per image (mean RMS "
-        f"{report['noise_control'].get('noise_rms', float('nan')):.4f} on the [0, 1] scale).",
+        f"{f'{noise_rms:.4f}' if _finite(noise_rms) else 'n/a'} on the [0, 1] scale).",
         f"- {recovery_sentence(report)}",
         *([f"- {retrigger_sentence(report)}"] if report.get("retrigger") else []),
         "", "![before / after](samples_before_after.png)", "",
     ]
     lines += ["![trade-off](tradeoff.png)", ""]
+    if report.get("warnings"):
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     return "\n".join(lines)
+
+
+def _conditioning(report: dict[str, Any]) -> str:
+    """What each seed was conditioned on: its class, or (text-to-image) a training caption."""
+    text = report.get("text")
+    if not text:
+        return " (class = seed mod classes),"
+    return (f": seed s samples the caption of training row π(s mod R), π a fixed permutation of "
+            f"the R = {text['num_rows']} training rows ({text['num_distinct_prompts']} distinct "
+            "captions);")
+
+
+def _maximum_note(report: dict[str, Any]) -> str:
+    """', that is their maximum (see Warnings)' when too few held-out images calibrated tau."""
+    from dit_prune.metrics.copydetect import calibration_warning
+
+    return ", that is their maximum: see Warnings" if calibration_warning(
+        int(report["num_heldout_images"])) else ""
+
+
+def _agreement_sentence(report: dict[str, Any]) -> str:
+    """How class agreement was measured, or why it was not."""
+    if report["before"].get("class_agreement") is None:
+        why = "the caption folders give no classes" if report.get("text") else \
+            "no classifier for these classes"
+        return f"class agreement not measured: {why}"
+    if report.get("text"):
+        return (f"class agreement: the `{report['feature_extractor']}` classifier's class "
+                "against the class of the training row whose caption was sampled")
+    return f"class agreement by the `{report['feature_extractor']}` classifier"
 
 
 def retrigger_cell(metrics: dict[str, Any] | None, interval: bool = True) -> str:

@@ -121,15 +121,14 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
     """The `RunInputs` of a text-to-image run (its `text` is the `TextRun`); one-line
     DitPruneError on bad input."""
     from dit_prune.commands.common import pick_device
-    from dit_prune.pipelines.io import load_pruned_pipeline
     from dit_prune.run.experiment import RunInputs
 
     if cfg.recover != "none":
         raise DitPruneError("recovery (--recover) is not supported on text-to-image runs yet")
-    pipe = load_pruned_pipeline(cfg.checkpoint)
     extra = loaded.meta.extra if isinstance(loaded.meta.extra, dict) else {}
-    rows, classes, memorized, record = _training_rows(cfg, extra)
-    heldout = _heldout_rows(cfg, extra)
+    rows, classes, memorized, record = _training_rows(cfg, extra)  # caption folders first:
+    heldout = _heldout_rows(cfg, extra)  # their errors come before the pipeline loads
+    pipe = _quiet_load(cfg.checkpoint)
     unique, positions = _distinct(rows)
     train_images = rows.images[positions]  # (N, C, H, W) distinct images
     model = pipe.transformer
@@ -152,6 +151,26 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
     text = TextRun(pipe, labels, rows, unique, classes, memorized)
     return RunInputs(loaded._replace(meta=meta), train_images, train_labels, heldout.images,
                      labels.of(list(heldout.captions)), pick_device(cfg.device), text=text)
+
+
+def _quiet_load(path: str | Path) -> Any:
+    """The pipeline, loaded without diffusers' "Loading pipeline components" and transformers'
+    "Loading weights" progress bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from dit_prune.pipelines.io import load_pruned_pipeline
+
+    enabled = [(lib, lib.is_progress_bar_enabled())
+               for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in enabled:
+        lib.disable_progress_bar()
+    try:
+        return load_pruned_pipeline(path)
+    finally:
+        for lib, was in enabled:
+            if was:
+                lib.enable_progress_bar()
 
 
 def _vae_scale(pipe: Any) -> int:
