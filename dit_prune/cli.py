@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dit_prune.commands import COMMANDS
 from dit_prune.errors import DitPruneError
@@ -52,9 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         kept = ("finished sample shards are kept: the same command resumes"
                 if args.command == "run" else
                 "finished store shards are kept: the same command resumes"
-                if args.command == "index" else "no partial output was kept")
+                if args.command == "index" else
+                f"--out was not written; the training state saved so far (every "
+                f"--checkpoint-every steps) is kept in {_state_dir(args.out)}: the same command "
+                "resumes from it" if args.command == "train" and
+                getattr(args, "model", "dit") in ("dit", "text") else
+                "no partial output was kept")
         print(f"dit-prune {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
+
+
+def _state_dir(out: str) -> str:
+    """Where `dit-prune train --out OUT` keeps its resumable state: OUT.train-state/."""
+    path = Path(out)
+    return f"{path.with_name(path.name + '.train-state')}/"
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Helpers shared by subcommands: output safety, run directories, resolved-config dumps, devices.
 
-Every subcommand claims its `--out` with `claim_out` before any long work: the output may not
-be, contain or lie inside an input, and `--overwrite` replaces only a directory that an earlier
-run of the same subcommand wrote (it carries `.dit_prune_run`). Outputs are then built in a
-temporary sibling (`staged_output`) and renamed into place, so a failed or interrupted command
-leaves nothing half-written.
+Every subcommand claims its `--out` with `claim_out` before any long work (claiming writes
+nothing): the output may not be, contain or lie inside an input, and `--overwrite` replaces only
+a directory that an earlier run of the same subcommand wrote: it carries the `.dit_prune_run`
+marker, and when the marker lists the files that run wrote, it holds nothing else. A directory
+without the marker (a shipped checkpoint, one written by hand or by an older version) is never
+replaced. Outputs are then built in a temporary sibling (`staged_output`) and renamed into place,
+so a failed or interrupted command leaves nothing half-written; `run` and `index`, which write
+into --out as they go (to resume), remove an --out they created when they fail before any work
+(`undone_on_failure`).
 
 Example:
     >>> import tempfile
@@ -41,8 +45,8 @@ from dit_prune.checkpoint import atomic_directory, atomic_write_text
 from dit_prune.errors import DitPruneError
 
 RESOLVED_CONFIG_NAME = "config.resolved.json"
-MARKER_NAME = ".dit_prune_run"  # {"command": "eval", ...}: what `--overwrite` may replace
-LEGACY_MARKERS = (RESOLVED_CONFIG_NAME, "dit_prune.json", "config.json")  # hold "command"
+MARKER_NAME = ".dit_prune_run"  # {"command": "eval", "files": [...]}: what --overwrite replaces
+RECORDED_COMMAND = (RESOLVED_CONFIG_NAME, "dit_prune.json", "config.json")  # hold "command"
 
 
 def dump_resolved_config(run_dir: Path, args: argparse.Namespace, **extra: Any) -> None:
@@ -58,20 +62,49 @@ def write_marker(run_dir: Path, command: str, **extra: Any) -> None:
     atomic_write_text(run_dir / MARKER_NAME, json.dumps({"command": command, **extra}) + "\n")
 
 
+def mark_finished(run_dir: Path, command: str, **extra: Any) -> None:
+    """Mark `run_dir` as a finished `dit-prune <command>` output whose top-level entries are all
+    its own: the marker lists them, and `--overwrite` refuses the directory once it holds more."""
+    files = sorted(p.name for p in run_dir.iterdir() if p.name != MARKER_NAME)
+    write_marker(run_dir, command, files=files, **extra)
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The `.dit_prune_run` marker of directory `path` (a dict holding "command"), or None."""
+    try:
+        marker = json.loads((path / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    command = marker.get("command") if isinstance(marker, dict) else None
+    return marker if isinstance(command, str) and command.strip() else None
+
+
 def previous_command(path: Path) -> str | None:
-    """The subcommand that wrote directory `path` (its marker; for outputs of older versions
-    the "command" recorded in its resolved config or metadata), or None."""
-    marker = path / MARKER_NAME
-    names = (MARKER_NAME,) if marker.is_file() else LEGACY_MARKERS
-    for name in names:
+    """The subcommand whose output directory `path` is, by its `.dit_prune_run` marker, or None.
+
+    Only the marker counts: the "command" a checkpoint's metadata records (`dit_prune.json`,
+    `config.resolved.json`) says how it was made, not that every file in it is the tool's (a
+    shipped checkpoint holds a hand-written model card), so it never makes a directory
+    replaceable."""
+    marker = read_marker(path)
+    return None if marker is None else _subcommand(marker["command"])
+
+
+def recorded_command(path: Path) -> str | None:
+    """The subcommand an unmarked directory's metadata says made it (for messages only)."""
+    for name in RECORDED_COMMAND:
         try:
             recorded = json.loads((path / name).read_text()).get("command")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(recorded, str) and recorded.strip():
-            words = recorded.split()
-            return words[1] if words[0] == "dit-prune" and len(words) > 1 else words[0]
+            return _subcommand(recorded)
     return None
+
+
+def _subcommand(recorded: str) -> str:
+    words = recorded.split()
+    return words[1] if words[0] == "dit-prune" and len(words) > 1 else words[0]
 
 
 def check_out_path(out: str | os.PathLike[str] | None,
@@ -105,34 +138,110 @@ def check_out_path(out: str | os.PathLike[str] | None,
 def claim_out(out: str | os.PathLike[str] | None, command: str,
               inputs: Mapping[str, str | os.PathLike[str] | None], overwrite: bool,
               resume: bool = False) -> Path:
-    """Check `--out` before any work (see check_out_path) and that it can be written.
+    """Check `--out` before any work (see check_out_path) and that it can be written; nothing
+    is created or written. Returns the resolved output path.
 
-    A non-empty directory is refused unless `overwrite` (or `resume`, for `run`) and it holds
-    an earlier output of the same `command`. Returns the resolved output path.
+    A non-empty directory is refused unless `overwrite` (or `resume`, for `run` and `index`)
+    and its `.dit_prune_run` marker says `command` wrote it. With `overwrite`, a marker that
+    lists the files of a finished output must cover every entry: files added to it afterwards
+    (a model card, notes) would be deleted, so the directory is refused.
     """
     target = check_out_path(out, inputs)
     if target.is_dir() and any(target.iterdir()):
         if not (overwrite or resume):
             raise DitPruneError(f"--out {out} is not empty (pass --overwrite to replace an "
                                 f"earlier dit-prune {command} output, or choose another --out)")
-        found = previous_command(target)
+        marker = read_marker(target)
+        found = None if marker is None else _subcommand(marker["command"])
+        if found is None:
+            recorded = recorded_command(target)
+            if recorded is not None:
+                raise DitPruneError(
+                    f"--out {out} has no {MARKER_NAME} marker (it records `dit-prune "
+                    f"{recorded}`: a shipped checkpoint or an older version's output, which may "
+                    "hold files added by hand); --overwrite replaces only a marked `dit-prune "
+                    f"{command}` output: choose another --out")
+            raise DitPruneError(f"--out {out} is not a dit-prune output (no {MARKER_NAME} "
+                                f"marker); --overwrite replaces only an earlier `dit-prune "
+                                f"{command}` output")
         if found != command:
-            written = f"was written by `dit-prune {found}`" if found else \
-                "is not a dit-prune output"
-            raise DitPruneError(f"--out {out} {written}, not `dit-prune {command}`; --overwrite "
-                                f"replaces only an earlier `dit-prune {command}` output")
-    check_writable(target.parent, out)
+            raise DitPruneError(f"--out {out} was written by `dit-prune {found}`, not "
+                                f"`dit-prune {command}`; --overwrite replaces only an earlier "
+                                f"`dit-prune {command}` output")
+        listed = marker.get("files")
+        if overwrite and isinstance(listed, list):
+            extra = sorted(p.name for p in target.iterdir()
+                           if p.name != MARKER_NAME and p.name not in listed)
+            if extra:
+                raise DitPruneError(f"--out {out} holds {', '.join(extra[:3])}"
+                                    f"{' ...' if len(extra) > 3 else ''}, which `dit-prune "
+                                    f"{command}` did not write; --overwrite would delete it: "
+                                    "move it out or choose another --out")
+    check_writable(target, out)
     return target
 
 
-def check_writable(folder: Path, out: str | os.PathLike[str] | None = None) -> None:
-    """Create `folder` if needed and make (then remove) a temporary directory in it."""
+def check_writable(target: Path, out: str | os.PathLike[str] | None = None) -> None:
+    """Make (then remove) a temporary directory in `target`'s nearest existing ancestor (the
+    folder the output will be created in), creating nothing else."""
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tempfile.mkdtemp(prefix=".dit_prune_probe.", dir=folder))
     except OSError as exc:
-        raise DitPruneError(f"cannot write --out {out or folder}: {folder}: "
+        raise DitPruneError(f"cannot write --out {out or target}: {folder}: "
                             f"{exc.strerror or exc}") from None
+
+
+def missing_root(target: Path) -> Path | None:
+    """The outermost of `target` and its ancestors that does not exist yet (what a command
+    creates for its output), or None when `target` exists. Take it before claiming --out."""
+    target = Path(target).expanduser().resolve()
+    if os.path.lexists(target):
+        return None
+    root = target
+    while not os.path.lexists(root.parent) and root.parent != root:
+        root = root.parent
+    return root
+
+
+@contextmanager
+def undone_on_failure(target: Path, created: Path | None, was_empty: bool = False,
+                      bookkeeping: tuple[str, ...] = (MARKER_NAME, RESOLVED_CONFIG_NAME)
+                      ) -> Iterator[None]:
+    """When the block fails (or is interrupted) before any work landed in `target`, undo what
+    the command did to it: remove `target` and its new parents up to `created` (from
+    `missing_root`), or, when `target` was an empty directory before (`was_empty`), empty it
+    again. Once `target` holds any file but the `bookkeeping` ones (work to resume), or when it
+    held something before the command, nothing is removed."""
+    try:
+        yield
+    except BaseException:
+        if (created is not None or was_empty) and _holds_only(target, bookkeeping):
+            if created is None:  # the user's empty directory: keep it, empty
+                for child in list(target.iterdir()):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            else:
+                shutil.rmtree(target, ignore_errors=True)
+                folder = target.parent
+                while folder == created or created in folder.parents:
+                    try:
+                        folder.rmdir()  # only while empty
+                    except OSError:
+                        break
+                    folder = folder.parent
+        raise
+
+
+def _holds_only(target: Path, names: tuple[str, ...]) -> bool:
+    """True when directory `target` holds no file but top-level `names` (empty folders aside)."""
+    if not target.is_dir() or target.is_symlink():
+        return False
+    for folder, _, files in os.walk(target):
+        if any(Path(folder) != target or name not in names for name in files):
+            return False
+    return True
 
 
 @contextmanager
@@ -145,6 +254,7 @@ def staged_output(target: Path, command: str, **marker: Any) -> Iterator[Path]:
         with atomic_directory(target, overwrite=True) as tmp:
             write_marker(tmp, command, **marker)
             yield tmp
+            mark_finished(tmp, command, **marker)  # lists its files: --overwrite's check
     except (OSError, SafetensorError) as exc:
         detail = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:200]
         where = getattr(exc, "filename", None) or target

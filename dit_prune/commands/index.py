@@ -4,7 +4,9 @@ The store holds the images in [-1, 1] as safetensors shards of `--shard-size` im
 with `--copy-detector`, their embeddings keyed by the detector's weights fingerprint, and a
 manifest keyed by the images' content hash (see dit_prune/store/format.py). Finished shards
 are kept when the command is interrupted or fails: the same command resumes, and running it
-again with another `--copy-detector` adds that detector's embeddings to a finished store.
+again with another `--copy-detector` adds that detector's embeddings to a finished store. The
+options and inputs (image sizes included) are checked before --out is written; a command that
+fails before its first shard removes the --out it created.
 Under `accelerate launch --num_processes N` every process writes and embeds every N-th shard
 (dit_prune/store/distributed.py); the store is the same as one process writes.
 
@@ -19,19 +21,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from pathlib import Path
 
 from dit_prune.commands.common import (
     check_out_path,
     check_positive,
     claim_out,
     dump_resolved_config,
+    missing_root,
     pick_device,
+    undone_on_failure,
     write_marker,
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.store.build import build_store
 from dit_prune.store.distributed import current_processes
-from dit_prune.store.sources import DIGITS_SOURCES, open_source
+from dit_prune.store.sources import DIGITS_SOURCES, FolderSource, open_source
 
 DEFAULT_SHARD_SIZE = 4096
 
@@ -60,12 +65,16 @@ def run(args: argparse.Namespace) -> int:
     processes = current_processes()
     inputs = {"--images": None if args.images in DIGITS_SOURCES else args.images,
               "--copy-detector": args.copy_detector}
+    created = missing_root(Path(args.out)) if processes.is_main else None
     if processes.is_main:  # the others wait for it below (it may empty --out first)
         out = claim_out(args.out, "index", inputs, args.overwrite, resume=True)
     else:
         out = check_out_path(args.out, inputs)
+    was_empty = processes.is_main and out.is_dir() and not any(out.iterdir())
     device = pick_device(args.device)
     source = open_source(args.images)
+    if isinstance(source, FolderSource):
+        _check_sizes(source)
     detector = None
     if args.copy_detector is not None:
         from dit_prune.metrics.copydetect import load_copy_detector
@@ -74,14 +83,15 @@ def run(args: argparse.Namespace) -> int:
         if detector.input_shape is not None and detector.input_shape != source.shape:
             raise DitPruneError(f"copy detector {detector.name} takes {detector.input_shape} "
                                 f"images, but --images {args.images} holds {source.shape}")
-    if processes.is_main:
-        if args.overwrite and out.is_dir():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_marker(out, "index")
-    processes.barrier()
-    store = build_store(source, out, args.shard_size, detector, progress=not args.no_progress,
-                        processes=processes)
+    with undone_on_failure(out, created, was_empty):  # nothing written to --out before this point
+        if processes.is_main:
+            if args.overwrite and out.is_dir():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            write_marker(out, "index")
+        processes.barrier()
+        store = build_store(source, out, args.shard_size, detector,
+                            progress=not args.no_progress, processes=processes)
     if not processes.is_main:
         return 0
     dump_resolved_config(out, args, device=str(device), count=len(store),
@@ -90,3 +100,23 @@ def run(args: argparse.Namespace) -> int:
                       "shards": store.num_shards, "content_hash": store.content_hash,
                       "embeddings": store.embedding_fingerprints()}))
     return 0
+
+
+def _check_sizes(source: FolderSource) -> None:
+    """Every image of the folder has the first one's size, read from the file headers (no
+    pixels are decoded), so a stray size fails before --out is written rather than at its shard
+    (the pixel mode is still checked as each shard is read)."""
+    from PIL import Image, UnidentifiedImageError
+
+    first = None
+    for file in source.files:
+        try:
+            with Image.open(file) as img:
+                size = img.size
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DitPruneError(f"unreadable image {file}: {exc}") from None
+        if first is None:
+            first = (file, size)
+        elif size != first[1]:
+            raise DitPruneError(f"image {file} is {size[0]}x{size[1]}, but {first[0]} is "
+                                f"{first[1][0]}x{first[1][1]}: all images must share one size")

@@ -25,8 +25,8 @@ from dit_prune.checkpoint import load_dit
 from dit_prune.commands.common import (
     claim_out,
     dump_resolved_config,
+    mark_finished,
     pick_device,
-    write_marker,
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
@@ -171,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
                                                "budget_mode", "units_removed", "recovery")}
 
     def write_run_files(tmp: Path) -> None:
-        write_marker(tmp, "prune")
         dump_resolved_config(tmp, args, budget=budget, device=str(device))
+        mark_finished(tmp, "prune")  # last: the marker lists every file of the output
 
     try:
         save_pruned(model.cpu(), out, scheduler=loaded.scheduler, plan=[*history, plan],

@@ -2,8 +2,12 @@
 
 Every option is parsed into one validated `RunConfig` (its defaults are the command's), and the
 checks that need the checkpoint (sampling steps, scorer timesteps, budgets in units) run right
-after loading it, before any sampling. The run directory is claimed under a lock: a second run
-into the same --out fails at once instead of mixing its files with the first one's.
+after loading it, before any sampling; nothing is written to --out before they pass, and a run
+that fails before any work removes the --out it created. The run directory is claimed under a
+lock: a second run into the same --out *while the first is working* fails at once instead of
+mixing its files with the first one's. Once a run has stopped, the same command again continues
+from the sample shards and scores it finished (and a finished run writes its report again);
+other options need --overwrite.
 
 Example:
     $ dit-prune run checkpoints/digits-memorized --out runs/demo --budget 0.1,0.2
@@ -27,7 +31,9 @@ from dit_prune.commands.common import (
     check_scorer_timesteps,
     claim_out,
     dump_resolved_config,
+    missing_root,
     pick_device,
+    undone_on_failure,
     write_marker,
 )
 from dit_prune.errors import DitPruneError
@@ -149,26 +155,37 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     from dit_prune.pruning import save_pruned
-    from dit_prune.run.experiment import prepare_inputs, run_experiment
+    from dit_prune.run.experiment import (
+        evaluation_nets,
+        prepare_inputs,
+        run_experiment,
+        target_subset,
+    )
     from dit_prune.run.report import summary_lines, write_outputs
 
     started = time.perf_counter()
     cfg = config_from_args(args)
     recover_folder = None if cfg.recover_data in RECOVERY_SOURCES else cfg.recover_data
+    created = missing_root(Path(cfg.out))  # what a run that fails before any work removes
     run_dir = claim_out(cfg.out, "run", {
         "checkpoint": cfg.checkpoint, "--train": cfg.train, "--heldout": cfg.heldout,
         "--features": cfg.features, "--copy-detector": cfg.copy_detector,
         "--recover-data": recover_folder, "--train-store": cfg.train_store}, args.overwrite,
         resume=True)
+    was_empty = run_dir.is_dir() and not any(run_dir.iterdir())
     inputs = prepare_inputs(cfg)  # loads and checks everything before long work
     check_loaded(cfg, inputs.loaded)
+    target_subset(cfg, inputs.loaded.meta.extra, len(inputs.train_images))
+    evaluation_nets(cfg)  # the feature and copy-detection nets load (kind, weights) before --out
     state = partial_state()  # CPU processes under torchrun too (a bare PartialState: one each)
     lock = None
-    if state.is_main_process:
-        lock = _claim_run_dir(run_dir, cfg, args.overwrite)
-        dump_resolved_config(run_dir, args, resolved=cfg.to_json())
-    state.wait_for_everyone()
-    result = run_experiment(cfg, inputs, progress=state.is_main_process)
+    main = state.is_main_process  # it alone claims (and undoes) --out
+    with undone_on_failure(run_dir, created if main else None, was_empty and main):
+        if state.is_main_process:
+            lock = _claim_run_dir(run_dir, cfg, args.overwrite)
+            dump_resolved_config(run_dir, args, resolved=cfg.to_json())
+        state.wait_for_everyone()
+        result = run_experiment(cfg, inputs, progress=state.is_main_process)
     if not state.is_main_process:
         return 0
     _check_still_ours(run_dir, lock)

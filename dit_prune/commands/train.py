@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dit_prune.checkpoint import save_checkpoint
+from dit_prune.commands.common import check_train_args, mark_finished
 from dit_prune.data import balanced_subset, digits_split, indices_hash, load_image_folder
 from dit_prune.duplication import DuplicationSpec, expand_with_duplicates
 from dit_prune.errors import DitPruneError
@@ -63,9 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    from dit_prune.commands.common import check_train_args  # options and --out, before work
-
-    check_train_args(args)
+    check_train_args(args)  # options and --out, before work
     if getattr(args, "model", "dit") == "text":
         from dit_prune.commands.train_text import run_text
 
@@ -96,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         "command": "dit-prune train " + " ".join(_argv(args)),
     }
     save_checkpoint(result.model, result.scheduler, out, extra=extra, overwrite=args.overwrite)
+    mark_finished(out, "train")  # what a later `train --overwrite` may replace
     shutil.rmtree(state_dir, ignore_errors=True)
     print(json.dumps({k: extra[k] for k in ("final_loss_mean_last_100", "train_seconds")}))
     print(f"saved {out}")
@@ -113,6 +113,7 @@ def _run_small_net(args: argparse.Namespace) -> int:
                             f"drop --{changed[0].replace('_', '-')}")
     train = train_features_checkpoint if args.model == "features" else train_copydetect_checkpoint
     extra = train(args.out, seed=args.seed, overwrite=args.overwrite)
+    mark_finished(Path(args.out), "train")
     print(json.dumps({"metrics": extra["metrics"], "train_seconds":
                       extra["training"]["train_seconds"]}, indent=2))
     print(f"saved {args.out}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dit_prune.checkpoint import atomic_directory
+from dit_prune.commands.common import mark_finished
 from dit_prune.errors import DitPruneError
 
 TEXT_META = "dit_prune.json"
@@ -67,6 +68,7 @@ def run_text(args: argparse.Namespace, defaults: dict, argv: list[str]) -> int:
             item.rename(tmp / item.name)
         (tmp / "pipeline").rmdir()
         (tmp / TEXT_META).write_text(json.dumps(extra, indent=2))
+        mark_finished(tmp, "train")  # what a later `train --overwrite` may replace
     shutil.rmtree(state_dir, ignore_errors=True)
     print(json.dumps({k: extra[k] for k in ("final_loss_mean_last_100", "train_seconds")}))
     print(f"saved {out}")

@@ -1,0 +1,268 @@
+"""Who may replace what: `--overwrite` replaces only a marked output of the same subcommand
+(never a shipped checkpoint, never files the tool did not write), and `run` / `index` that fail
+before any work leave no --out behind (nothing blocks the corrected command).
+
+Shipped checkpoints are only ever used here as copies in tmp_path (or as read-only inputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_prune.cli import main
+from dit_prune.commands.common import (
+    MARKER_NAME,
+    claim_out,
+    mark_finished,
+    missing_root,
+    previous_command,
+    undone_on_failure,
+)
+from dit_prune.errors import DitPruneError
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+RUN = ["--seeds", "0-9", "--steps", "2", "--device", "cpu", "--scorer-option", "batches=1"]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under `root` (hidden ones too) -> its content hash."""
+    seen = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            seen[str(Path(folder, name).relative_to(root))] = "dir"
+        for name in files:
+            path = Path(folder, name)
+            seen[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# 1. --overwrite never replaces a shipped (unmarked) checkpoint
+
+
+@pytest.mark.parametrize("name", ["digits-memorized", "digits-features"])
+def test_train_overwrite_refuses_a_copy_of_a_shipped_checkpoint(name, tmp_path, monkeypatch,
+                                                                capsys):
+    source = CHECKPOINTS / name
+    if not (source / "MODEL_CARD.md").is_file():
+        pytest.skip(f"{source} is not shipped in this checkout")
+    copy = tmp_path / "checkpoints" / name
+    shutil.copytree(source, copy)
+    (copy / "MODEL_CARD.md").write_text("# hand-written card\n\nkeep me\n")
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--out", str(copy), "--steps", "5", "--overwrite"]
+    if name == "digits-features":
+        argv = ["train", "--model", "features", "--out", str(copy), "--overwrite"]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert MARKER_NAME in line and str(copy) in line, line
+    assert snapshot(tmp_path) == before  # every file byte-identical, nothing added beside it
+
+
+def test_previous_command_reads_only_the_marker(tmp_path):
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "dit_prune.json").write_text(json.dumps({"command": "dit-prune train --steps 5"}))
+    (folder / "config.resolved.json").write_text(json.dumps({"command": "train"}))
+    assert previous_command(folder) is None  # recorded commands are not markers
+    (folder / MARKER_NAME).write_text(json.dumps({"command": "train"}))
+    assert previous_command(folder) == "train"
+
+
+def test_overwrite_refuses_files_added_to_a_finished_output(tmp_path):
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "dit_prune.json").write_text("{}")
+    (out / "transformer").mkdir()
+    mark_finished(out, "train")
+    assert json.loads((out / MARKER_NAME).read_text())["files"] == ["dit_prune.json",
+                                                                   "transformer"]
+    assert claim_out(out, "train", {}, overwrite=True) == out.resolve()  # all its own files
+    (out / "MODEL_CARD.md").write_text("written by a person\n")
+    with pytest.raises(DitPruneError, match="MODEL_CARD.md, which `dit-prune train` did not "
+                                            "write; --overwrite would delete it"):
+        claim_out(out, "train", {}, overwrite=True)
+    with pytest.raises(DitPruneError, match="was written by `dit-prune train`, not `dit-prune "
+                                            "eval`"):
+        claim_out(out, "eval", {}, overwrite=True)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_train_marks_its_output_and_may_replace_it_but_not_a_card_added_later(tmp_path,
+                                                                              monkeypatch,
+                                                                              capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ck"
+    argv = ["train", "--out", str(out), "--steps", "1", "--subset", "10", "--batch-size", "4",
+            "--probe-every", "0", "--checkpoint-every", "0"]
+    assert main(argv) == 0
+    marker = json.loads((out / MARKER_NAME).read_text())
+    assert marker["command"] == "train" and "dit_prune.json" in marker["files"]
+    assert main(argv) == 2  # not empty, no --overwrite
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 0  # its own output: replaced
+    (out / "MODEL_CARD.md").write_text("a card written by hand\n")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    assert "MODEL_CARD.md" in one_error_line(capsys)
+    assert snapshot(out) == before
+
+
+def test_interrupted_train_names_the_state_it_keeps(tmp_path, monkeypatch, capsys):
+    import dit_prune.commands.train as train_command
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_command, "train_dit", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", "ck", "--steps", "1", "--subset", "10"]) == 130
+    err = capsys.readouterr().err
+    assert "no partial output" not in err
+    assert "ck.train-state/" in err and "the same command resumes" in err, err
+    assert not (tmp_path / "ck").exists()
+
+
+# 2. run / index failing before any work leave no --out
+
+
+@pytest.fixture(scope="module")
+def ck(tmp_path_factory) -> Path:
+    """A tiny untrained checkpoint recording 20 digits pool images as its training set."""
+    import diffusers
+
+    from dit_prune.checkpoint import save_checkpoint
+    from dit_prune.data import balanced_subset, digits_split
+    from dit_prune.models import new_dit
+
+    root = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    indices = balanced_subset(digits_split().pool_labels, 20, seed=0).tolist()
+    save_checkpoint(new_dit("tiny", 10, 8, 1).eval(),
+                    diffusers.DDPMScheduler(num_train_timesteps=1000), root / "ck",
+                    extra={"data": {"source": "digits", "pool_indices": indices}})
+    return root / "ck"
+
+
+def test_run_with_a_bad_features_network_leaves_no_out(ck, tmp_path, monkeypatch, capsys):
+    features = CHECKPOINTS / "digits-copydetect"  # a copy detector, not a feature network
+    if not features.is_dir():
+        pytest.skip("no shipped digits-copydetect")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "x" / "r27"
+    argv = ["run", str(ck), "--out", str(out), *RUN, "--features", str(features)]
+    assert main(argv) == 2
+    one_error_line(capsys)
+    assert not (tmp_path / "x").exists()  # neither --out nor the parent it would have made
+
+
+@pytest.mark.parametrize("before", ["missing", "empty"])
+def test_run_failing_before_any_work_undoes_its_out(before, ck, tmp_path, monkeypatch, capsys):
+    """A failure after --out is claimed but before any sample: the --out it created is removed
+    (an empty one the user made is kept, empty), so the corrected command is not blocked."""
+    import dit_prune.run.experiment as experiment
+
+    def fails(cfg, inputs, progress=True):
+        assert (Path(cfg.out) / MARKER_NAME).is_file()  # claimed by now
+        raise DitPruneError("copy detector does not fit")
+
+    monkeypatch.setattr(experiment, "run_experiment", fails)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "r"
+    if before == "empty":
+        out.mkdir(parents=True)
+    assert main(["run", str(ck), "--out", str(out), *RUN]) == 2
+    assert "copy detector does not fit" in one_error_line(capsys)
+    if before == "missing":
+        assert not (tmp_path / "runs").exists()
+    else:
+        assert out.is_dir() and not any(out.iterdir())
+    # the corrected command (other options) is not refused for the leftovers of the first
+    assert main(["run", str(ck), "--out", str(out), *RUN, "--seed", "1"]) == 2
+    assert "holds a run with other options" not in capsys.readouterr().err
+
+
+def test_interrupted_run_keeps_finished_work(ck, tmp_path, monkeypatch, capsys):
+    import dit_prune.run.experiment as experiment
+
+    def works_then_stops(cfg, inputs, progress=True):
+        shard = Path(cfg.out) / "samples" / "before-000.safetensors"
+        shard.parent.mkdir()
+        shard.write_bytes(b"a finished shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run_experiment", works_then_stops)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r"
+    assert main(["run", str(ck), "--out", str(out), *RUN]) == 130
+    assert (out / "samples" / "before-000.safetensors").is_file()  # kept: the rerun resumes
+    assert (out / MARKER_NAME).is_file() and (out / "config.resolved.json").is_file()
+
+
+def _image_folder(root: Path, sizes_and_modes: list[tuple[int, str]]) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for i, (size, mode) in enumerate(sizes_and_modes):
+        Image.new(mode, (size, size), color=40 if mode == "L" else (40, 80, 120)).save(
+            root / f"{i}.png")
+    return root
+
+
+def test_index_of_mixed_size_images_leaves_no_out(tmp_path, monkeypatch, capsys):
+    images = _image_folder(tmp_path / "images", [(8, "L"), (8, "L"), (12, "L")])
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "x" / "s4"
+    assert main(["index", "--images", str(images), "--out", str(out), "--no-progress"]) == 2
+    assert "all images must share one size" in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_index_failing_at_its_first_shard_removes_the_out_it_created(tmp_path, monkeypatch,
+                                                                     capsys):
+    """Same size, another pixel mode: found while reading the shard, after --out was marked."""
+    images = _image_folder(tmp_path / "images", [(8, "L"), (8, "RGB")])
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "s5"
+    assert main(["index", "--images", str(images), "--out", str(out), "--no-progress"]) == 2
+    assert "must share one size and mode" in one_error_line(capsys)
+    assert not out.exists()
+    (images / "1.png").unlink()  # the corrected folder indexes into the same --out
+    assert main(["index", "--images", str(images), "--out", str(out), "--no-progress"]) == 0
+    assert previous_command(out) == "index"
+
+
+def test_undone_on_failure_keeps_what_existed(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine\n")
+    assert missing_root(kept) is None
+    assert missing_root(tmp_path / "a" / "b" / "c") == (tmp_path / "a").resolve()
+    with pytest.raises(DitPruneError), undone_on_failure(kept, None):
+        (kept / MARKER_NAME).write_text("{}")
+        raise DitPruneError("boom")
+    assert (kept / "notes.txt").is_file()
+    target = tmp_path / "a" / "b" / "c"
+    created = missing_root(target)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "other.txt").write_text("appeared meanwhile\n")
+    with pytest.raises(DitPruneError), undone_on_failure(target.resolve(), created):
+        target.mkdir()
+        (target / MARKER_NAME).write_text("{}")
+        raise DitPruneError("boom")
+    assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "other.txt").is_file()
