@@ -17,13 +17,15 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 # The duplicated-data regime first (a model that generalizes and copies its 10 duplicated
-# images), then the global memorizer (64 images, copies nearly everything): both full reports.
+# images), then the global memorizer (64 images, copies nearly everything), then the
+# text-to-image default on 300 samples (its memorized prompts): three full reports, < 10 min.
 demo: setup
 	$(BIN)/dit-prune run checkpoints/digits-duplicated --out $(DEMO_OUT)/duplicated --budget 2,1,3 --overwrite
 	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT)/memorized --budget 0.2,0.1 --random-budgets 0.1,0.2,0.3 --overwrite
+	$(BIN)/dit-prune run checkpoints/digits-text --out $(DEMO_OUT)/text --budget 2 --seeds 0-299 --overwrite
 
-# The text-to-image default: memorized prompts (docs/text_to_image.md). About 13 min on the
-# shared 2-core machine, so it is not part of `demo` (kept under 10 min).
+# The text-to-image default at full size (1,000 samples, three budgets): about 13 min on the
+# shared 2-core machine (docs/text_to_image.md).
 demo-text: setup
 	$(BIN)/dit-prune run checkpoints/digits-text --out $(DEMO_OUT)/text --budget 2,1,3 --overwrite
 
