@@ -123,21 +123,31 @@ def check_steps(steps: Any, scheduler: Any, name: str = "sampling steps") -> Non
                             f"training steps), got {steps!r}")
 
 
-def check_guidance_scale(guidance_scale: Any) -> None:
-    """Raise a one-line error unless the guidance scale is a finite number.
+def check_guidance_scale(guidance_scale: Any, minimum: float | None = None,
+                         name: str = "guidance scale") -> None:
+    """Raise a one-line error unless the guidance scale is a finite number (and, with
+    `minimum`, at least `minimum`). The commands (`dit-prune run`, `dit-prune eval`) ask for
+    `minimum=1`: 1 is no guidance, and a scale below it pushes away from the class.
 
     Example:
         >>> check_guidance_scale(float("nan"))
         Traceback (most recent call last):
         ...
         dit_prune.errors.DitPruneError: guidance scale must be a finite number, got nan
+        >>> check_guidance_scale(-1.0, minimum=1)
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: guidance scale must be a finite number >= 1, got -1.0
     """
     try:
-        finite = math.isfinite(float(guidance_scale))
+        value = float(guidance_scale)
+        finite = math.isfinite(value)
     except (TypeError, ValueError):
-        finite = False
-    if not finite or isinstance(guidance_scale, bool):
-        raise DitPruneError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+        value, finite = math.nan, False
+    if not finite or isinstance(guidance_scale, bool) or \
+            (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise DitPruneError(f"{name} must be a finite number{bound}, got {guidance_scale!r}")
 
 
 @torch.no_grad()

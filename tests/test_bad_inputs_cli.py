@@ -192,8 +192,11 @@ def workspace(tmp_path_factory) -> Path:
     save_checkpoint(model, diffusers.DDPMScheduler(num_train_timesteps=1000), root / "ck",
                     extra={"data": {"source": "digits", "pool_indices": indices}})
     units = enumerate_units(model, ["head"])
+    from dit_prune.checkpoint import load_dit
+
     save_scores(root / "scores", units, torch.linspace(0, 1, len(units)),
-                {"scorer": "random", "options": {}})
+                {"scorer": "random", "options": {}},
+                model={"weights_sha256": load_dit(root / "ck").meta.weights_sha256})
     for cls in range(2):
         (root / "train" / str(cls)).mkdir(parents=True)
         Image.new("L", (8, 8), color=40 * cls).save(root / "train" / str(cls) / "a.png")

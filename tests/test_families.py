@@ -256,7 +256,9 @@ def test_prune_cli_on_a_hub_layout_dit_pipeline(tmp_path, capsys):
     values = torch.linspace(1.0, 0.0, len(units), dtype=torch.float64)  # (U,)
     save_file({"scores": values}, str(scores / "scores.safetensors"))
     (scores / "scores.json").write_text(json.dumps({"units": [u.to_json() for u in units],
-                                                    "scorer": "handwritten"}))
+                                                    "scorer": "handwritten", "model": {
+                                                        "weights_sha256": load_dit(hub).meta
+                                                        .weights_sha256}}))
     out = tmp_path / "pruned"
     code = main(["prune", str(hub), "--scores", str(scores), "--budget", "1",
                  "--budget-mode", "both", "--out", str(out), "--device", "cpu"])

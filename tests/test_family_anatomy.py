@@ -472,7 +472,8 @@ def test_prune_cli_on_a_flux_pipeline_directory(tmp_path, capsys):
         values = torch.linspace(1.0, 0.0, len(units), dtype=torch.float64)  # (U,)
         save_file({"scores": values}, str(scores / "scores.safetensors"))
         (scores / "scores.json").write_text(json.dumps(
-            {"units": [u.to_json() for u in units], "scorer": "handwritten"}))
+            {"units": [u.to_json() for u in units], "scorer": "handwritten",
+             "model": {"weights_sha256": load_dit(tmp_path / name).meta.weights_sha256}}))
         return model, scores
 
     base, scores = pipeline_dir("flux", "flux")

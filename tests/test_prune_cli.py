@@ -39,7 +39,8 @@ def setup(tmp_path):
     scores.mkdir()
     values = torch.linspace(1.0, 0.0, len(units), dtype=torch.float64)  # (U,) first units first
     save_file({"scores": values}, str(scores / "scores.safetensors"))
-    sidecar = {"units": [u.to_json() for u in units], "scorer": "handwritten"}
+    sidecar = {"units": [u.to_json() for u in units], "scorer": "handwritten",
+               "model": {"weights_sha256": load_dit(checkpoint).meta.weights_sha256}}
     (scores / "scores.json").write_text(json.dumps(sidecar))
     return checkpoint, scores, tmp_path
 

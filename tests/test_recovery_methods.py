@@ -248,9 +248,10 @@ def test_prune_with_adversarial_recovery_on_generated_novel(dup_checkpoint, tmp_
     from dit_prune.scorers import save_scores
     from dit_prune.units import enumerate_units
 
-    units = enumerate_units(load_dit(dup_checkpoint).model)
+    loaded = load_dit(dup_checkpoint)
+    units = enumerate_units(loaded.model)
     save_scores(tmp_path / "scores", units, torch.linspace(1.0, 0.0, len(units)),
-                {"scorer": "handwritten"})
+                {"scorer": "handwritten"}, model={"weights_sha256": loaded.meta.weights_sha256})
     out = tmp_path / "pruned"
     code = main(["prune", str(dup_checkpoint), "--scores", str(tmp_path / "scores"),
                  "--budget", "1", "--budget-mode", "heads", "--out", str(out), "--recover",

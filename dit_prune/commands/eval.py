@@ -23,7 +23,6 @@ import torch
 from dit_prune.checkpoint import atomic_write_text, atomic_write_with, load_dit
 from dit_prune.commands.common import (
     check_cache_dir,
-    check_finite,
     check_positive,
     check_sampling_steps,
     claim_out,
@@ -47,6 +46,7 @@ from dit_prune.metrics.features import load_feature_extractor
 from dit_prune.plots import nearest_pairs_grid, ratio_histogram_plot
 from dit_prune.sampling import (
     SAMPLERS,
+    check_guidance_scale,
     format_seeds,
     labels_for_seeds,
     parse_seeds,
@@ -180,7 +180,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, Path | None]:
     check_positive(args.steps, "--steps")
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.grid_pairs, "--grid-pairs")
-    check_finite(args.guidance_scale, "--guidance-scale")
+    check_guidance_scale(args.guidance_scale, minimum=1.0, name="--guidance-scale")  # as run
     cache = check_cache_dir(args.stats_cache or str(default_stats_cache()), "--stats-cache")
     pick_device(args.device)
     inputs = {"checkpoint": args.checkpoint,

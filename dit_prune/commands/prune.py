@@ -32,10 +32,16 @@ from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
 from dit_prune.pruning.adversarial import AdversarialConfig, adversarial, adversarial_config
 from dit_prune.pruning.format import PLAN_NAME, read_plan, save_pruned
-from dit_prune.pruning.recovery import RECOVERY_METHODS, RecoveryConfig, recover
+from dit_prune.pruning.recovery import (
+    RECOVERY_METHODS,
+    RecoveryConfig,
+    check_recovery_flags,
+    recover,
+)
 from dit_prune.pruning.recovery_data import (
     GENERATED_NOVEL,
     RECOVERY_SOURCES,
+    check_enough_novel,
     generated_novel_images,
     recovery_images,
 )
@@ -49,11 +55,25 @@ from dit_prune.pruning.selection import (
 from dit_prune.pruning.structural import PrunePlan, prune_units
 from dit_prune.run.measure import macs_and_params
 from dit_prune.sampling import check_steps
-from dit_prune.scorers.io import load_scores
+from dit_prune.scorers.io import check_scored_model, load_scores
 from dit_prune.structure import original_counts
 from dit_prune.units import Unit, adapter_for, enumerate_units
 
 REPORT_NAME = "prune_report.json"
+DEFAULT_POOL = 1000  # --recover-pool
+# the recovery flags -> their attribute of the parsed arguments and the value when not given
+_RECOVERY_ARGS = {
+    "--recover-steps": ("recover_steps", RecoveryConfig.steps),
+    "--recover-lr": ("recover_lr", RecoveryConfig.lr),
+    "--recover-batch-size": ("recover_batch_size", RecoveryConfig.batch_size),
+    "--recover-t-min": ("recover_t_min", None),  # the method's own
+    "--recover-t-max": ("recover_t_max", RecoveryConfig.t_max),
+    "--recover-ema": ("recover_ema", RecoveryConfig.ema_decay),
+    "--recover-data": ("recover_data", "train"),
+    "--recover-pool": ("recover_pool", DEFAULT_POOL),
+    "--recover-option": ("recover_option", []),
+    "--copy-detector": ("copy_detector", None),
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -71,22 +91,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "training images), distill (teacher at large t by default) or "
                         "adversarial (distill while moving off re-triggered copies)")
     defaults = RecoveryConfig()  # the library's defaults are the command's
-    p.add_argument("--recover-steps", type=int, default=defaults.steps)
-    p.add_argument("--recover-lr", type=float, default=defaults.lr)
-    p.add_argument("--recover-batch-size", type=int, default=defaults.batch_size)
+    # recovery options default to None ("not given"): one that the chosen --recover (or
+    # --recover-data) would ignore is refused (check_recovery_flags); _recovery_config fills in
+    # the defaults
+    p.add_argument("--recover-steps", type=int, default=None,
+                   help=f"recovery steps (default: {defaults.steps})")
+    p.add_argument("--recover-lr", type=float, default=None,
+                   help=f"recovery learning rate (default: {defaults.lr:g})")
+    p.add_argument("--recover-batch-size", type=int, default=None,
+                   help=f"recovery batch size (default: {defaults.batch_size})")
     p.add_argument("--recover-t-min", type=int, default=None,
                    help=f"distill, adversarial: smallest t (default: {defaults.t_min} for "
                         "distill, 0 for adversarial)")
-    p.add_argument("--recover-t-max", type=int, default=defaults.t_max, help="distill: largest t")
-    p.add_argument("--recover-ema", type=float, default=defaults.ema_decay,
-                   help="finetune: EMA decay")
-    p.add_argument("--recover-data", default="train",
+    p.add_argument("--recover-t-max", type=int, default=None,
+                   help=f"distill, adversarial: largest t (default: {defaults.t_max})")
+    p.add_argument("--recover-ema", type=float, default=None,
+                   help=f"finetune: EMA decay (default: {defaults.ema_decay})")
+    p.add_argument("--recover-data", default=None,
                    help=f"recovery images: one of {', '.join(RECOVERY_SOURCES)} or a folder "
                         f"({GENERATED_NOVEL}: samples of the unpruned model that the copy "
-                        "detector calls novel; digits checkpoints)")
-    p.add_argument("--recover-pool", type=int, default=1000,
+                        "detector calls novel; digits checkpoints) (default: train)")
+    p.add_argument("--recover-pool", type=int, default=None,
                    help=f"{GENERATED_NOVEL}: samples drawn (DDIM 50 steps) before the copies "
-                        "are dropped (default: %(default)s)")
+                        f"are dropped (default: {DEFAULT_POOL}); at least --recover-batch-size "
+                        "of them must be novel")
     p.add_argument("--recover-option", action="append", default=[], metavar="KEY=VALUE",
                    help="adversarial recovery option, e.g. inner_steps=2, margin=0.05, weight=1 "
                         "(repeatable; see dit_prune.pruning.adversarial.AdversarialConfig)")
@@ -111,7 +139,11 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     loaded = load_dit(checkpoint, device=device)
     model, meta = loaded.model, loaded.meta
-    scores = load_scores(_score_dir(Path(args.scores)))
+    base_hash, history = _lineage(checkpoint, meta.weights_sha256)
+    ancestors = _ancestors(meta.extra, base_hash, meta.weights_sha256)
+    score_dir = _score_dir(Path(args.scores))
+    scores = load_scores(score_dir)
+    check_scored_model(scores, str(score_dir), str(checkpoint), meta.weights_sha256, ancestors)
     units, values, already_gone = _present_units(model, scores.units, scores.scores)
     check_budget_for(budget, args.budget_mode, _counts(units))
     chosen = select_units(units, values, budget, mode=args.budget_mode, model=model)
@@ -124,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             recovery_config.distill_config().check_timesteps(num_train_timesteps)
             check_steps(recovery_config.ddim_steps, loaded.scheduler,
                         "--recover-option ddim_steps")
-        else:
+        elif args.recover == "distill":  # finetune trains at the trainer's own t
             recovery_config.check_timesteps(num_train_timesteps)
         if args.recover_data == GENERATED_NOVEL:
             check_steps(50, loaded.scheduler, f"{GENERATED_NOVEL} sampling steps")
@@ -150,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
                                        recovery_data)
     if recovery is not None:
         model = recovery.model
-    base_hash, history = _lineage(checkpoint, meta.weights_sha256)
     report = {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": meta.weights_sha256,
@@ -169,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
     extra = dict(meta.extra)
     extra["pruning"] = {k: report[k] for k in ("checkpoint", "base_sha256", "scorer", "budget",
                                                "budget_mode", "units_removed", "recovery")}
+    # every model this one was pruned from: scores of any of them may prune it further
+    extra["pruning"]["ancestors_sha256"] = [*ancestors, meta.weights_sha256]
 
     def write_run_files(tmp: Path) -> None:
         dump_resolved_config(tmp, args, budget=budget, device=str(device))
@@ -188,10 +221,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | AdversarialConfig | None:
-    """The validated recovery options (None without recovery), before any work."""
+    """The validated recovery options (None without recovery), before any work.
+
+    Every recovery option given must apply to --recover (and --recover-data); the ones not
+    given then get their defaults in `args`."""
+    given = [flag for flag, (name, _) in _RECOVERY_ARGS.items()
+             if getattr(args, name, None) not in (None, [])]
+    check_recovery_flags(args.recover, given, data=args.recover_data,
+                         generated_only=("--recover-pool", "--copy-detector"))
+    for name, default in _RECOVERY_ARGS.values():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     options = parse_key_values(args.recover_option, "--recover-option")
-    if options and args.recover != "adversarial":
-        raise DitPruneError("--recover-option applies to --recover adversarial only")
     if args.recover == "none":
         return None
     if isinstance(args.recover_pool, bool) or args.recover_pool < 1:
@@ -235,6 +276,7 @@ def _generated_novel(
     pool = generated_novel_images(teacher, scheduler, train_emb, detector,
                                   calibrate_threshold(held), count=args.recover_pool,
                                   progress=True)
+    check_enough_novel(pool, args.recover_batch_size)
     print(f"{GENERATED_NOVEL}: kept {int(pool.kept.sum())} of {len(pool.kept)} samples")
     return pool.images, pool.labels, {**pool.info(), "copied_positions": pool.copied_positions()}
 
@@ -312,6 +354,17 @@ def _lineage(checkpoint: Path, weights_sha256: str) -> tuple[str, list[PrunePlan
     info = read_plan(plan_file)
     history = [PrunePlan.from_json(p) for p in info.get("plans", [])]
     return str(info.get("base_sha256") or weights_sha256), history
+
+
+def _ancestors(extra: dict[str, Any], base_hash: str, weights_sha256: str) -> tuple[str, ...]:
+    """Weights hashes of the models a (pruned) checkpoint was pruned from, oldest first: the
+    ones its metadata records, else its unpruned base alone (pruned by an older version)."""
+    pruning = extra.get("pruning") if isinstance(extra, dict) else None
+    recorded = pruning.get("ancestors_sha256") if isinstance(pruning, dict) else None
+    hashes = [h for h in recorded if isinstance(h, str)] if isinstance(recorded, list) else []
+    if base_hash != weights_sha256 and base_hash not in hashes:
+        hashes.insert(0, base_hash)
+    return tuple(h for h in hashes if h != weights_sha256)
 
 
 def _score_dir(path: Path) -> Path:

@@ -38,7 +38,7 @@ from dit_prune.commands.common import (
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
-from dit_prune.pruning.recovery import RecoveryConfig
+from dit_prune.pruning.recovery import RecoveryConfig, check_recovery_flags
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
 from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
@@ -46,6 +46,12 @@ from dit_prune.sampling import parse_seeds
 from dit_prune.store.distributed import partial_state
 
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # one source for the CLI's defaults
+DEFAULTS["recover_option"] = []
+# the recovery flags of `run` -> their attribute of the parsed arguments (--copy-detector also
+# serves the copy rate, so it is no recovery option here)
+_RECOVERY_ARGS = {"--recover-steps": "recover_steps", "--recover-data": "recover_data",
+                  "--recover-t-min": "recover_t_min", "--recover-t-max": "recover_t_max",
+                  "--recover-pool": "recover_pool", "--recover-option": "recover_option"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -67,21 +73,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="scorer option, e.g. timesteps=beta:0.8,2 or batches=8 (repeatable)")
     p.add_argument("--recover", default=DEFAULTS["recover"], choices=RECOVERIES)
-    p.add_argument("--recover-steps", type=int, default=DEFAULTS["recover_steps"])
-    p.add_argument("--recover-data", default=DEFAULTS["recover_data"],
+    # recovery options default to None ("not given"): one that --recover (or --recover-data)
+    # would ignore is refused; config_from_args fills in RunConfig's defaults
+    p.add_argument("--recover-steps", type=int, default=None,
+                   help=f"recovery steps (default: {DEFAULTS['recover_steps']})")
+    p.add_argument("--recover-data", default=None,
                    help="images recovery trains on: train (the checkpoint's training images, "
                    "each once), train-multiset (with the duplicated ones repeated as in training), "
                    "unused (digits pool images it never saw), heldout (contaminates FD, which is "
                    "measured against them), generated-novel (samples of the unpruned model that "
-                   "the copy detector calls novel) or an image folder")
+                   "the copy detector calls novel) or an image folder (default: "
+                   f"{DEFAULTS['recover_data']})")
     p.add_argument("--recover-t-min", type=int, default=DEFAULTS["recover_t_min"],
                    help="smallest distillation t (distill, adversarial; default: 500 for "
                         "distill, 0 for adversarial)")
-    p.add_argument("--recover-t-max", type=int, default=DEFAULTS["recover_t_max"],
-                   help="largest distillation t (default: %(default)s)")
-    p.add_argument("--recover-pool", type=int, default=DEFAULTS["recover_pool"],
+    p.add_argument("--recover-t-max", type=int, default=None,
+                   help="largest distillation t (distill, adversarial; default: "
+                        f"{DEFAULTS['recover_t_max']})")
+    p.add_argument("--recover-pool", type=int, default=None,
                    help="generated-novel: samples drawn from the unpruned model before the "
-                        "copies are dropped (default: %(default)s)")
+                        f"copies are dropped (default: {DEFAULTS['recover_pool']}); at least "
+                        "one recovery batch of them must be novel")
     p.add_argument("--recover-option", action="append", default=[], metavar="KEY=VALUE",
                    help="adversarial recovery option, e.g. inner_steps=2, margin=0.05, "
                         "weight=1, restart_every=20, ddim_steps=8, lr=1e-4 (repeatable)")
@@ -133,6 +145,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's one validated configuration (scorer options and device included)."""
     pick_device(args.device)
+    given = [flag for flag, name in _RECOVERY_ARGS.items()
+             if getattr(args, name, None) not in (None, [])]
+    check_recovery_flags(args.recover, given, data=args.recover_data)
+    for name in _RECOVERY_ARGS.values():
+        if getattr(args, name, None) is None:
+            setattr(args, name, DEFAULTS[name])
     return RunConfig(
         checkpoint=args.checkpoint, out=args.out, scorer=args.scorer,
         budgets=parse_budgets(args.budget), budget_mode=args.budget_mode, seeds=args.seeds,

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         save_scores(staging, result.units, result.scores, scorer.config(), raw=result.raw,
                     extra={"checkpoint": str(args.checkpoint),
                            "weights_sha256": loaded.meta.weights_sha256,
-                           "data": data_meta, "seconds": round(seconds, 2)})
+                           "data": data_meta, "seconds": round(seconds, 2)},
+                    model={"weights_sha256": loaded.meta.weights_sha256,
+                           "checkpoint": str(args.checkpoint)})
         dump_resolved_config(staging, args, kinds=list(kinds), scorer_config=scorer.config(),
                              data=data_meta)
     top = torch.argsort(result.scores, descending=True)[:5].tolist()

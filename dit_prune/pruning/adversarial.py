@@ -230,9 +230,8 @@ def adversarial(
             losses.append(float(loss.detach()))
             trace["distill_loss"].append(float(distill.detach()))
             trace["attacked_mse"].append(float(mse.detach().mean()))
-            if step % 10 == 0:
-                bar.set_postfix(distill=f"{trace['distill_loss'][-1]:.4f}",
-                                attacked_mse=f"{trace['attacked_mse'][-1]:.3f}")
+            bar.set_postfix(distill=f"{trace['distill_loss'][-1]:.4f}",  # every step
+                            attacked_mse=f"{trace['attacked_mse'][-1]:.3f}", refresh=False)
     finally:
         bar.close()
         student.eval()

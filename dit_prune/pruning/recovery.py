@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +45,67 @@ from dit_prune.legacy import family_name
 from dit_prune.models import disable_block_label_dropout, null_class
 
 RECOVERY_METHODS = ("none", "finetune", "distill", "adversarial")
+RECOVERING = RECOVERY_METHODS[1:]  # the methods that train
+# the recovery options of `dit-prune prune` and `dit-prune run` -> the methods they apply to
+# (finetune trains at every t with the trainer's schedule; only it keeps an EMA)
+RECOVERY_FLAGS: dict[str, tuple[str, ...]] = {
+    "--recover-steps": RECOVERING,
+    "--recover-lr": RECOVERING,
+    "--recover-batch-size": RECOVERING,
+    "--recover-t-min": ("distill", "adversarial"),
+    "--recover-t-max": ("distill", "adversarial"),
+    "--recover-ema": ("finetune",),
+    "--recover-data": RECOVERING,
+    "--recover-pool": RECOVERING,  # and --recover-data generated-novel only
+    "--recover-option": ("adversarial",),
+}
+# options that only the generated-novel recovery data reads
+GENERATED_NOVEL_FLAGS = ("--recover-pool",)
+
+
+def check_recovery_flags(method: str, given: Iterable[str], data: str | None = None,
+                         generated_only: Iterable[str] = GENERATED_NOVEL_FLAGS) -> None:
+    """Refuse, in one line, a recovery option that `method` (or the recovery data `data`,
+    default train) would ignore: every flag in `given` (the options the user set, e.g.
+    "--recover-t-min") must apply to `method` (`RECOVERY_FLAGS`; a flag not listed there applies
+    to every method that trains), and those in `generated_only` need `data` generated-novel.
+
+    `dit-prune prune` and `dit-prune run` (and `RunConfig`) check their options with it before
+    any work, so a setting is never dropped without a word.
+
+    Example:
+        >>> check_recovery_flags("distill", ["--recover-t-min"])
+        >>> check_recovery_flags("finetune", ["--recover-t-min"])
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: --recover-t-min applies to --recover distill or \
+adversarial only, not finetune (which would ignore it)
+    """
+    from dit_prune.pruning.recovery_data import GENERATED_NOVEL
+
+    if method not in RECOVERY_METHODS:
+        raise DitPruneError(f"unknown recovery {method!r}; choose one of {RECOVERY_METHODS}")
+    given = list(given)
+    ordered = [f for f in RECOVERY_FLAGS if f in given] + \
+        [f for f in given if f not in RECOVERY_FLAGS]
+    generated_only = tuple(generated_only)
+    for flag in ordered:
+        methods = RECOVERY_FLAGS.get(flag, RECOVERING)
+        if method == "none":
+            raise DitPruneError(f"{flag} is a recovery option, but no recovery was chosen "
+                                f"(--recover none): add --recover {_either(methods)}, or "
+                                f"drop {flag}")
+        if method not in methods:
+            raise DitPruneError(f"{flag} applies to --recover {_either(methods)} only, "
+                                f"not {method} (which would ignore it)")
+        if flag in generated_only and (data or "train") != GENERATED_NOVEL:
+            raise DitPruneError(f"{flag} applies to --recover-data {GENERATED_NOVEL} only, not "
+                                f"{data or 'train'} (which would ignore it)")
+
+
+def _either(names: tuple[str, ...]) -> str:
+    """('a', 'b', 'c') -> 'a, b or c'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 @dataclass(frozen=True)
@@ -187,7 +249,7 @@ def distill(
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="distilling", disable=not progress)
     try:
-        for step in bar:
+        for _ in bar:
             loss = distill_loss(student, teacher, images, labels, alphas, null, config, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,8 +257,7 @@ def distill(
                 torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
             optimizer.step()
             losses.append(float(loss.detach()))
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)  # shown every step
     finally:
         bar.close()
         student.eval()

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -165,6 +166,32 @@ def novel_filter(samples: torch.Tensor, labels: torch.Tensor, train_embeddings: 
                             f"copies (tau {threshold:.4f}): no novel images to recover on")
     return NovelPool(samples[kept].cpu(), labels.cpu()[kept], sims.cpu(), nearest.cpu(), kept,
                      float(threshold), tuple(int(s) for s in seeds))
+
+
+def check_enough_novel(pool: NovelPool, batch_size: int) -> None:
+    """Refuse (one line) a generated-novel pool that kept fewer novel samples than one recovery
+    batch: recovery would then train on a handful of images, each repeated in every batch.
+
+    Example:
+        >>> pool = NovelPool(torch.zeros(1, 1, 2, 2), torch.zeros(1), torch.zeros(50),
+        ...                  torch.zeros(50), torch.arange(50) == 0, 0.9)
+        >>> check_enough_novel(pool, 64)
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: generated-novel: kept 1 of 50 samples (the copy \
+detector calls the rest copies), fewer than one recovery batch of 64; draw more with \
+--recover-pool (at this rate about 4000)
+    """
+    kept, drawn = int(pool.kept.sum()), len(pool.kept)
+    if kept >= batch_size:
+        return
+    rate = max(kept, 1) / drawn
+    suggest = int(math.ceil(batch_size / rate / 1000.0)) * 1000 if batch_size / rate > 1000 \
+        else int(math.ceil(batch_size / rate / 10.0)) * 10
+    raise DitPruneError(f"{GENERATED_NOVEL}: kept {kept} of {drawn} samples (the copy detector "
+                        f"calls the rest copies), fewer than one recovery batch of "
+                        f"{batch_size}; draw more with --recover-pool (at this rate about "
+                        f"{suggest})")
 
 
 def generated_seeds(count: int) -> list[int]:

@@ -8,17 +8,23 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from dit_prune.errors import DitPruneError
 from dit_prune.metrics.retrigger import AttackBudget
-from dit_prune.pruning.recovery import RECOVERY_METHODS, RecoveryConfig
+from dit_prune.pruning.recovery import RECOVERY_METHODS, RecoveryConfig, check_recovery_flags
 from dit_prune.pruning.selection import BUDGET_MODES as SELECTION_MODES
 from dit_prune.pruning.selection import DEFAULT_BUDGET_MODE, check_budget
-from dit_prune.sampling import SAMPLERS, format_seeds, labels_for_seeds, parse_seeds
+from dit_prune.sampling import (
+    SAMPLERS,
+    check_guidance_scale,
+    format_seeds,
+    labels_for_seeds,
+    parse_seeds,
+)
 
 RECOVERIES = RECOVERY_METHODS
 TARGETS = ("auto", "all", "duplicated")
@@ -95,10 +101,9 @@ class RunConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DitPruneError(f"{name.replace('_', ' ')} must be a positive integer, "
                                     f"got {value}")
-        if not 1.0 <= self.guidance_scale < float("inf"):
-            raise DitPruneError(f"guidance scale must be a finite number >= 1, got "
-                                f"{self.guidance_scale}")
+        check_guidance_scale(self.guidance_scale, minimum=1.0)
         parse_seeds(self.seeds)
+        self._check_recovery_flags()
         self.recovery_options()  # validates the recovery's t range and adversarial options
         self._check_scorer()
         if not self.random_seeds or len(set(self.random_seeds)) != len(self.random_seeds):
@@ -119,6 +124,19 @@ class RunConfig:
             raise DitPruneError(f"re-trigger targets must be an integer >= 0 (0: not measured), "
                                 f"got {targets!r}")
         self._attack_budget(max(targets, 1))  # validates the other attack options
+
+    def _check_recovery_flags(self) -> None:
+        """Refuse a recovery option set away from its default that the recovery would ignore
+        (e.g. a t range for finetune, a pool without generated-novel); `dit-prune run` checks
+        the options given on its command line the same way, defaults included."""
+        names = {"--recover-steps": "recover_steps", "--recover-data": "recover_data",
+                 "--recover-t-min": "recover_t_min", "--recover-t-max": "recover_t_max",
+                 "--recover-pool": "recover_pool"}
+        defaults = {f.name: f.default for f in fields(self)}
+        given = [flag for flag, name in names.items() if getattr(self, name) != defaults[name]]
+        if self.recover_options:
+            given.append("--recover-option")
+        check_recovery_flags(self.recover, given, data=self.recover_data)
 
     def recovery_options(self) -> dict[str, Any]:
         """The keyword options of `recover` for this run ({} without recovery), validated:

@@ -424,7 +424,8 @@ def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.M
             result = scorer.compute(model, units, data, scheduler)
         save_scores(folder, units, result.scores,
                     {"scorer": name, "options": options, "cache_key": digest,
-                     "seconds": round(time.perf_counter() - started, 2)}, raw=result.raw)
+                     "seconds": round(time.perf_counter() - started, 2)}, raw=result.raw,
+                    model={"weights_sha256": model_hash})
     state.wait_for_everyone()  # other processes read what the main process scored
     return load_scores(folder).scores
 

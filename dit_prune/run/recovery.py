@@ -27,8 +27,13 @@ import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
-from dit_prune.pruning.recovery import recover
-from dit_prune.pruning.recovery_data import GENERATED_NOVEL, generated_seeds, novel_filter
+from dit_prune.pruning.recovery import RecoveryConfig, recover
+from dit_prune.pruning.recovery_data import (
+    GENERATED_NOVEL,
+    check_enough_novel,
+    generated_seeds,
+    novel_filter,
+)
 from dit_prune.sampling import labels_for_seeds
 
 
@@ -93,6 +98,8 @@ def prepare_recovery(cfg: Any, inputs: Any, base: nn.Module, context: Any, sampl
                         labels=labels, seeds=seeds)  # (P, C, H, W) in [0, 1]
         pool = novel_filter(drawn * 2 - 1, labels, context.train_embeddings,
                             context.copy_detector, context.copy_threshold, seeds)
+        check_enough_novel(pool, options["config"].batch_size if "config" in options
+                           else RecoveryConfig.batch_size)  # at least one recovery batch
         images, image_labels, info = pool.images, pool.labels, pool.info()
     else:
         images, image_labels = inputs.recovery_images, inputs.recovery_labels

@@ -48,8 +48,13 @@ def save_scores(
     config: dict[str, Any],
     raw: torch.Tensor | None = None,
     extra: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> Path:
-    """Write scores (and raw scores) + the JSON sidecar into `directory`, each file atomically."""
+    """Write scores (and raw scores) + the JSON sidecar into `directory`, each file atomically.
+
+    `model` identifies the scored model: {"weights_sha256": its weights file's hash (the hash
+    in the scoring cache key), "checkpoint": where it was loaded from (for messages)}.
+    `dit-prune prune` refuses scores that do not record it (`check_scored_model`)."""
     directory = Path(directory)
     if len(scores) != len(units) or (raw is not None and len(raw) != len(units)):
         raise DitPruneError(f"{len(scores)} scores for {len(units)} units")
@@ -61,6 +66,7 @@ def save_scores(
         "num_units": len(units),
         "units": [u.to_json() for u in units],
         **config,
+        **({"model": dict(model)} if model is not None else {}),
         "extra": extra or {},
     }
     atomic_write_with(directory / SCORES_NAME, lambda tmp: save_file(tensors, str(tmp)))
@@ -90,6 +96,49 @@ def load_scores(directory: str | os.PathLike[str]) -> SavedScores:
         raise DitPruneError(f"{weights} does not hold one score per unit of {sidecar_path}")
     extra = sidecar.pop("extra", {})
     return SavedScores(units, tensors["scores"], tensors.get("raw"), sidecar, extra)
+
+
+def scored_model(saved: SavedScores) -> dict[str, Any] | None:
+    """The scored model's identity ({"weights_sha256", "checkpoint"}), or None when the scores
+    do not record it. `dit-prune score` outputs written before the "model" field record it in
+    "extra" (weights_sha256, checkpoint), which is read too."""
+    for record in (saved.config.get("model"), saved.extra):
+        if isinstance(record, dict) and isinstance(record.get("weights_sha256"), str) \
+                and record["weights_sha256"]:
+            return {"weights_sha256": record["weights_sha256"],
+                    "checkpoint": str(record.get("checkpoint") or "an unnamed checkpoint")}
+    return None
+
+
+def check_scored_model(saved: SavedScores, where: str, checkpoint: str, weights_sha256: str,
+                       ancestors: tuple[str, ...] = ()) -> None:
+    """Refuse (one line) scores computed on another model than checkpoint `checkpoint`
+    (weights hash `weights_sha256`), or on none of its `ancestors` (the models it was pruned
+    from: their scores name units, and the ones pruning already removed are dropped), and
+    scores that do not record their model at all (they cannot be checked: re-score).
+
+    Example:
+        >>> saved = SavedScores([], torch.zeros(0), None, {"model": {"weights_sha256": "ab12",
+        ...                     "checkpoint": "ck/a"}})
+        >>> check_scored_model(saved, "runs/s", "ck/a", "ab12")  # the same model: fine
+        >>> check_scored_model(saved, "runs/s", "ck/b", "cd34")
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: the scores in runs/s were computed on ck/a (weights \
+sha256 ab12), not on ck/b (weights sha256 cd34) or a model it was pruned from; score ck/b with \
+dit-prune score
+    """
+    scored = scored_model(saved)
+    if scored is None:
+        raise DitPruneError(f"the scores in {where} do not record which model they were "
+                            f"computed on (older or hand-written scores), so they cannot be "
+                            f"checked against {checkpoint}; re-score it with dit-prune score")
+    if scored["weights_sha256"] in (weights_sha256, *ancestors):
+        return
+    raise DitPruneError(f"the scores in {where} were computed on {scored['checkpoint']} "
+                        f"(weights sha256 {scored['weights_sha256'][:12]}), not on {checkpoint} "
+                        f"(weights sha256 {weights_sha256[:12]}) or a model it was pruned from; "
+                        f"score {checkpoint} with dit-prune score")
 
 
 def scoring_code_fingerprint() -> str:
