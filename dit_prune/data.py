@@ -116,8 +116,6 @@ def load_image_folder(path: str | Path) -> ImageSet:
         >>> load_image_folder(root).images.unique().tolist()
         [1.0]
     """
-    from PIL import Image, UnidentifiedImageError
-
     root = Path(path)
     if not root.is_dir():
         raise DitPruneError(f"image folder not found: {root}")
@@ -134,13 +132,8 @@ def load_image_folder(path: str | Path) -> ImageSet:
     reference: tuple[tuple[int, int], str, Path] | None = None
     for label, (_, files) in enumerate(groups):
         for file in files:
-            try:
-                with Image.open(file) as img:
-                    img.load()
-                    array, mode = _pixels(img, file)  # (H, W[, C]) in [0, 1]
-                    size_mode = (img.size, mode)
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DitPruneError(f"unreadable image {file}: {exc}") from None
+            array, mode = read_pixels(file)  # (H, W[, C]) in [0, 1]
+            size_mode = ((array.shape[1], array.shape[0]), mode)  # PIL's (width, height)
             if reference is None:
                 reference = (size_mode[0], size_mode[1], file)
             elif size_mode != reference[:2]:
@@ -157,6 +150,29 @@ def load_image_folder(path: str | Path) -> ImageSet:
     if subdirs:
         return ImageSet(images.contiguous(), torch.tensor(labels), tuple(n for n, _ in groups))
     return ImageSet(images.contiguous(), None, ())
+
+
+def read_pixels(file: Path) -> tuple[np.ndarray, str]:
+    """(pixels (H, W) or (H, W, C) float32 in [0, 1], the mode they were read in) of one image
+    file, as `load_image_folder` reads it; an unreadable file is one line naming it.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> file = Path(tempfile.mkdtemp()) / "a.png"
+        >>> Image.new("L", (3, 2), 255).save(file)
+        >>> array, mode = read_pixels(file)
+        >>> array.shape, mode, float(array.max())
+        ((2, 3), 'L', 1.0)
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            img.load()
+            return _pixels(img, file)  # (H, W[, C]) in [0, 1]
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DitPruneError(f"unreadable image {file}: {exc}") from None
 
 
 # modes whose pixels are read as they are, with the largest value they can hold

@@ -116,9 +116,7 @@ def load_caption_folder(path: str | Path) -> CaptionedImages:
     fault: missing folder or metadata, invalid JSON, a missing or non-string key, a file that
     does not exist or lies outside the folder, an unreadable image, sizes that differ.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    from dit_prune.data import _pixels
+    from dit_prune.data import read_pixels
 
     root = Path(path)
     if not root.is_dir():
@@ -138,12 +136,7 @@ def load_caption_folder(path: str | Path) -> CaptionedImages:
         if name not in cache:
             if not file.is_file():
                 raise DitPruneError(f"{meta}:{number}: image {name!r} not found in {root}")
-            try:
-                with Image.open(file) as img:
-                    img.load()
-                    array, mode = _pixels(img, file)  # (H, W[, C]) in [0, 1]
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DitPruneError(f"unreadable image {file}: {exc}") from None
+            array, mode = read_pixels(file)  # (H, W[, C]) in [0, 1]
             if reference is None:
                 reference = (array.shape, mode)
             elif (array.shape, mode) != reference:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_prune.data import _image_files, _pixels, check_images, digits_split
+from dit_prune.data import _image_files, check_images, digits_split, read_pixels
 from dit_prune.errors import DitPruneError
 
 DIGITS_SOURCES = ("digits-pool", "digits-heldout")
@@ -111,14 +111,7 @@ class FolderSource:
 
     @staticmethod
     def _load(file: Path) -> tuple[np.ndarray, str]:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(file) as img:
-                img.load()
-                array, mode = _pixels(img, file)  # (H, W[, C]) in [0, 1]
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DitPruneError(f"unreadable image {file}: {exc}") from None
+        array, mode = read_pixels(file)  # (H, W[, C]) in [0, 1]
         return (array[..., None] if array.ndim == 2 else array), mode  # (H, W, C)
 
 
