@@ -295,3 +295,14 @@ def test_contrast_refuses_a_wide_conv_down_projection():
                                             "a 3x3 convolution") as info:
         _TrajectoryStats(SimpleNamespace(model=model), [Unit("neuron", 0, 0)], 1, cutoff=500)
     assert "\n" not in str(info.value)
+
+
+def test_a_kind_the_family_lacks_is_named_with_the_model_s_kinds() -> None:
+    from dit_prune.pipelines.tiny import tiny_sd3_pipeline
+    from dit_prune.pruning.structural import prune_units
+    from dit_prune.units import Unit
+
+    model = tiny_sd3_pipeline().transformer
+    with pytest.raises(DitPruneError, match=r"SD3Transformer2DModel has no units of kind 'head'; "
+                                            r"its kinds: joint_head, neuron, context_neuron"):
+        prune_units(model, [Unit("head", 0, 0)])

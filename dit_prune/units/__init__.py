@@ -64,7 +64,11 @@ def group_units(model: nn.Module, units: Iterable[Unit]) -> dict[tuple[int, str]
     blocks = adapter.blocks(model)
     positions: dict[tuple[int, str], dict[int, int]] = {}
     grouped: dict[tuple[int, str], list[int]] = defaultdict(list)
+    present = [k for k in adapter.kinds if any(adapter.spec(b, k) is not None for b in blocks)]
     for unit in units:
+        if unit.kind not in present:
+            raise DitPruneError(f"{type(model).__name__} has no units of kind {unit.kind!r}; its "
+                                f"kinds: {', '.join(present)} ({unit})")
         if unit.block >= len(blocks) or adapter.spec(blocks[unit.block], unit.kind) is None:
             raise DitPruneError(f"{unit} does not exist in the model ({len(blocks)} blocks)")
         key = (unit.block, unit.kind)
