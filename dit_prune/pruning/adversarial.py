@@ -69,6 +69,7 @@ from dit_prune.pruning.recovery import (
     _require_class_conditional,
     distill_loss,
     noise_levels,
+    student_training,
 )
 from dit_prune.sampling import initial_noise
 
@@ -196,17 +197,12 @@ def adversarial(
     budget = config.attack_budget(len(goal))
     alphas = noise_levels(num_train_timesteps, device)  # (T_train,)
     null = null_class(student)
-    teacher_was_training = teacher.training
-    teacher.to(device).eval()
-    student.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     trace: dict[str, list[float]] = {"distill_loss": [], "attacked_mse": []}
     z, offsets = goal, None  # replaced at step 0
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="adversarial recovery", disable=not progress)
-    try:
+    with student_training(student, teacher, config.lr, config.seed, bar) as (optimizer, gen):
         for step in bar:
             if step % config.restart_every == 0:
                 z = initial_noise(_noise_seeds(config, step // config.restart_every, len(goal)),
@@ -232,10 +228,6 @@ def adversarial(
             trace["attacked_mse"].append(float(mse.detach().mean()))
             bar.set_postfix(distill=f"{trace['distill_loss'][-1]:.4f}",  # every step
                             attacked_mse=f"{trace['attacked_mse'][-1]:.3f}", refresh=False)
-    finally:
-        bar.close()
-        student.eval()
-        teacher.train(teacher_was_training)
     summary = asdict(config)
     summary.update(num_images=len(images), labelled=labels is not None, num_targets=len(goal))
     return RecoveryResult(student, "adversarial", losses, time.perf_counter() - started,

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -240,15 +241,10 @@ def distill(
     device = next(student.parameters()).device
     alphas = noise_levels(num_train_timesteps, device)  # (T,)
     null = null_class(student)
-    teacher_was_training = teacher.training
-    teacher.to(device).eval()
-    student.requires_grad_(True).train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="distilling", disable=not progress)
-    try:
+    with student_training(student, teacher, config.lr, config.seed, bar) as (optimizer, gen):
         for _ in bar:
             loss = distill_loss(student, teacher, images, labels, alphas, null, config, gen)
             optimizer.zero_grad(set_to_none=True)
@@ -258,15 +254,29 @@ def distill(
             optimizer.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)  # shown every step
-    finally:
-        bar.close()
-        student.eval()
-        teacher.train(teacher_was_training)
     summary = asdict(config)
     summary.pop("ema_decay")  # a finetune option
     summary["num_images"] = len(images)
     summary["labelled"] = labels is not None
     return RecoveryResult(student, "distill", losses, time.perf_counter() - started, summary)
+
+
+@contextmanager
+def student_training(student: nn.Module, teacher: nn.Module, lr: float, seed: int,
+                     bar: Any) -> Iterator[tuple[torch.optim.Optimizer, torch.Generator]]:
+    """The student in training mode with an AdamW optimizer and a seeded generator, the teacher
+    frozen in eval mode on the student's device; on exit (also on an error or an interrupt) the
+    progress bar is closed, the student is back in eval mode and the teacher in its own mode."""
+    teacher_was_training = teacher.training
+    teacher.to(next(student.parameters()).device).eval()
+    student.requires_grad_(True).train()
+    try:
+        yield (torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0),
+               torch.Generator().manual_seed(seed))
+    finally:
+        bar.close()
+        student.eval()
+        teacher.train(teacher_was_training)
 
 
 def noise_levels(num_train_timesteps: int, device: torch.device | str) -> torch.Tensor:
