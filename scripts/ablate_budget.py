@@ -87,8 +87,9 @@ def run_grid(args: Any) -> list[dict[str, Any]]:
                                                             f"seed{seed}"),
                         scorer=name, budgets=budgets, budget_mode=mode, seeds=args.seeds,
                         steps=args.steps, scorer_options={**options, **own}, recover=method,
-                        recover_data=source or "train",
-                        recover_steps=args.recover_steps, seed=seed, device="cpu")
+                        seed=seed, device="cpu",
+                        **({} if method == "none" else {"recover_data": source or "train",
+                                                         "recover_steps": args.recover_steps}))
         path = out / "reports" / f"{mode}_{rec.replace(':', '-')}_{scorer}_seed{seed}.json"
         if rec not in inputs and not path.is_file():
             inputs[rec] = prepare_inputs(cfg)
