@@ -38,6 +38,10 @@ cos = store_nearest_cosine(queries, store, store.embedding_fingerprints()[0],
                            chunk_elements=1 << 12, processes=procs)
 if procs.is_main:
     torch.save({"two": two, "cos": cos, "count": procs.count}, out + "/result.pt")
+procs.barrier()  # no process leaves while the other still talks to it
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
 """
 
 
