@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from dit_prune.pipelines.text_encoding import CaptionCache
 from dit_prune.prediction import Prediction
 from dit_prune.text_data import CaptionedImages
 from dit_prune.train_state import TrainState, load_train_state, save_train_state
+from dit_prune.training import check_optimisation
 
 
 @dataclass
@@ -56,12 +56,7 @@ class TextTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise DitPruneError("steps and batch size must be positive")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DitPruneError(f"learning rate must be a positive finite number, got {self.lr}")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise DitPruneError(f"caption dropout must lie in [0, 1), got {self.caption_dropout}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise DitPruneError(f"EMA decay must lie in [0, 1), got {self.ema_decay}")
+        check_optimisation(self.lr, "caption dropout", self.caption_dropout, self.ema_decay)
 
 
 @dataclass

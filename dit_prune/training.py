@@ -59,12 +59,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.patch_size < 1:
             raise DitPruneError("steps, batch size and patch size must be positive")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DitPruneError(f"learning rate must be a positive finite number, got {self.lr}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise DitPruneError(f"label dropout must lie in [0, 1), got {self.label_dropout}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise DitPruneError(f"EMA decay must lie in [0, 1), got {self.ema_decay}")
+        check_optimisation(self.lr, "label dropout", self.label_dropout, self.ema_decay)
+
+
+def check_optimisation(lr: float, dropout_name: str, dropout: float, ema_decay: float) -> None:
+    """One-line errors for a learning rate that is not a positive finite number, and for a
+    conditioning dropout or EMA decay outside [0, 1); shared by the trainers' configs."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise DitPruneError(f"learning rate must be a positive finite number, got {lr}")
+    if not 0.0 <= dropout < 1.0:
+        raise DitPruneError(f"{dropout_name} must lie in [0, 1), got {dropout}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise DitPruneError(f"EMA decay must lie in [0, 1), got {ema_decay}")
 
 
 @dataclass
