@@ -134,6 +134,27 @@ class Prediction:
             return x_t + a * output  # ε = x_t + (1 - σ)·u, u = ε - x0
         return b * x_t + a * output  # ε = sqrt(1-ā) x_t + sqrt(ā) v
 
+    def epsilon_at_time(self, output: torch.Tensor, x_t: torch.Tensor,
+                        time: torch.Tensor | float) -> torch.Tensor:
+        """`to_epsilon` at a sampler time instead of a training index: `time` (B,) or a scalar
+        is what the transformer's `timestep` input got (a sampler's timestep): k for ε / v
+        (rounded to the training grid), σ·T for flow matching, where σ = time / T is used as it
+        is (a sampler's shifted σ need not lie on the training grid). Returns ε (B, ...) in
+        `output`'s dtype.
+
+        Example:
+            >>> p = Prediction(FLOW, torch.linspace(0.001, 1, 1000, dtype=torch.float64))
+            >>> x, u = torch.ones(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+            >>> p.epsilon_at_time(u, x, torch.tensor([250.0])).flatten().tolist()
+            [1.75]
+        """
+        time = torch.as_tensor(time, device=x_t.device).flatten().double()  # (B,) or (1,)
+        if self.kind != FLOW:
+            return self.to_epsilon(output, x_t, time.round().long())
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        keep = (1 - time / self.num_train_timesteps).to(output.dtype).view(shape)  # 1 - σ
+        return x_t.to(output.dtype) + keep * output  # (B, ...) ε = x_t + (1 - σ)·u
+
     def _index(self, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         index = torch.as_tensor(index, device=like.device).flatten().long()  # (B,)
         if len(index) not in (1, len(like)):

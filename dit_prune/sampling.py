@@ -76,12 +76,15 @@ def labels_for_seeds(seeds: Sequence[int], num_classes: int) -> torch.Tensor:
     return torch.tensor([int(s) % num_classes for s in seeds], dtype=torch.long)  # (N,)
 
 
-def make_sampling_scheduler(scheduler: Any, sampler: str, steps: int) -> Any:
+def make_sampling_scheduler(scheduler: Any, sampler: str, steps: int,
+                            image_tokens: int | None = None) -> Any:
     """A fresh DDIM or DDPM scheduler sharing the training noise schedule, set to `steps`.
 
     A flow-matching scheduler (`dit_prune.prediction.is_flow_scheduler`) is kept: a fresh copy
     of its own class (deterministic Euler, with its shift) whatever `sampler` says; swapping in
-    DDIM would misread its sigmas as a DDPM schedule. `steps` must be an integer in
+    DDIM would misread its sigmas as a DDPM schedule. One with dynamic shifting (Flux) needs
+    `image_tokens`, the transformer's image sequence length, for its shift μ
+    (`dynamic_shift_mu`); without it that is a one-line error. `steps` must be an integer in
     [1, the schedule's training steps].
 
     Example:
@@ -101,8 +104,40 @@ scheduler's training steps), got 0
     else:
         cls = diffusers.DDIMScheduler if sampler == "ddim" else diffusers.DDPMScheduler
     fresh = cls.from_config(scheduler.config)
-    fresh.set_timesteps(steps)
+    if getattr(fresh.config, "use_dynamic_shifting", False):
+        if image_tokens is None:
+            raise DitPruneError(f"{cls.__name__} uses dynamic shifting: its shift depends on the "
+                                "image's token count, which this call does not give")
+        fresh.set_timesteps(steps, mu=dynamic_shift_mu(fresh, image_tokens))
+    else:
+        fresh.set_timesteps(steps)
     return fresh
+
+
+def dynamic_shift_mu(scheduler: Any, image_tokens: int) -> float:
+    """The shift μ of a dynamic-shifting flow-matching scheduler for `image_tokens` image
+    tokens: linear from `base_shift` at `base_image_seq_len` tokens to `max_shift` at
+    `max_image_seq_len` (diffusers' `calculate_shift`, as `FluxPipeline` computes it).
+
+    Example:
+        >>> sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+        >>> round(dynamic_shift_mu(sched, 256), 3), round(dynamic_shift_mu(sched, 4096), 3)
+        (0.5, 1.15)
+    """
+    config = scheduler.config
+    base_len = int(getattr(config, "base_image_seq_len", None) or 256)
+    max_len = int(getattr(config, "max_image_seq_len", None) or 4096)
+    base = float(getattr(config, "base_shift", None) or 0.5)
+    top = float(getattr(config, "max_shift", None) or 1.15)
+    slope = (top - base) / (max_len - base_len)
+    return float(image_tokens) * slope + base - slope * base_len
+
+
+def image_token_count(model: nn.Module, shape: Sequence[int]) -> int:
+    """Image tokens of one (C, H, W) model input: (H / p)·(W / p) with the transformer's
+    `patch_size` p (1 when it has none, e.g. Flux on its 2×2-packed model space)."""
+    patch = int(getattr(model.config, "patch_size", None) or 1)
+    return (int(shape[-2]) // patch) * (int(shape[-1]) // patch)
 
 
 def model_timesteps(t: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:

@@ -202,7 +202,7 @@ def test_bad_scoring_input_one_line(small):
         get_scorer("iterative", rounds=10, group=2, progress=False).compute(model, heads, data)
     with pytest.raises(DitPruneError, match="duplicates"):
         get_scorer("iterative", rounds=1, progress=False).compute(model, heads + heads[:1], data)
-    with pytest.raises(DitPruneError, match="scores only head units"):
+    with pytest.raises(DitPruneError, match="scores only head, joint_head, dual_head, single_head"):
         get_scorer("iterative", inner="ye2025", rounds=1, progress=False).compute(
             model, enumerate_units(model, ["neuron"])[:4], data)
     with pytest.raises(DitPruneError, match="does not exist"):

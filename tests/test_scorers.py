@@ -268,7 +268,7 @@ def test_ye2025_heads_only_least_important_first(planted):
     assert scorer.default_timesteps == "beta:0.8,2"
     scores = scorer.score(planted.model, heads, planted.data)
     assert (scores <= 0).all()
-    with pytest.raises(DitPruneError, match="scores only head units"):
+    with pytest.raises(DitPruneError, match="scores only head, joint_head, dual_head, single_head"):
         scorer.score(planted.model, [Unit("neuron", 0, 0)], planted.data)
 
 

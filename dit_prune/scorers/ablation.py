@@ -58,11 +58,11 @@ def exact_loss_rise(ctx: ScoringContext, units: list[Unit], split: str,
     for chunk in ctx.examples(split):
         for start in range(0, len(chunk.x0), piece):
             part = _slice(chunk, start, start + piece)
-            base = per_example_loss(ctx.model, part, ctx.alphas_cumprod)  # (B,)
+            base = per_example_loss(ctx.model, part, ctx.prediction)  # (B,)
             for group in groups:
                 copies = _repeat(part, len(group))
                 with ablate_each(ctx.model, [units[i] for i in group]):
-                    losses = per_example_loss(ctx.model, copies, ctx.alphas_cumprod)  # (R*B,)
+                    losses = per_example_loss(ctx.model, copies, ctx.prediction)  # (R*B,)
                 delta = losses.view(len(group), -1).double() - base.double()  # (R, B)
                 rise[group] += delta.sum(1).cpu() / total
                 bar.update(len(base))

@@ -37,7 +37,7 @@ from dit_prune.scorers.calibration import (
 )
 from dit_prune.scorers.normalize import normalize_scores
 from dit_prune.scorers.options import ScorerOptions, TimestepDistribution
-from dit_prune.units import CROSS_HEAD, HEAD, NEURON, Unit, adapter_for, group_units
+from dit_prune.units import UNIT_KINDS, Unit, adapter_for, group_units
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ class Scorer:
     """Base class: subclasses set `name` and implement `raw_scores(ctx, units)`."""
 
     name: ClassVar[str] = ""
-    kinds: ClassVar[tuple[str, ...]] = (HEAD, NEURON, CROSS_HEAD)
+    # every family's kinds (docs/families.md): gates, ablate_each and observe act on every site
+    kinds: ClassVar[tuple[str, ...]] = UNIT_KINDS
     default_timesteps: ClassVar[str] = "uniform"
     options: ScorerOptions = field(default_factory=ScorerOptions)
 

@@ -53,6 +53,7 @@ from dit_prune.scorers.trajectories import (
     heldout_subset,
     run_trajectories,
     sample_plan,
+    trajectory_space,
 )
 from dit_prune.units import Unit, adapter_for
 
@@ -197,11 +198,13 @@ class _TrajectoryStats:
     def run(self, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
             start_images: torch.Tensor | None = None) -> Trajectories:
         start_t = self.cutoff if start_images is not None else None
+        shape, clamp = trajectory_space(self.ctx.data)
         with observe(self.ctx.model, self.units, self._record):
             return run_trajectories(
                 self.ctx.model, self.ctx.scheduler, labels, seeds, steps, guidance,
                 self.ctx.options.batch_size, before_step=self._before,
-                start_images=start_images, start_t=start_t, progress=self.ctx.options.progress)
+                start_images=start_images, start_t=start_t, progress=self.ctx.options.progress,
+                shape=shape, clamp=clamp)
 
     def per_unit(self, window: str) -> torch.Tensor:
         """(N, U) RMS of each unit's output contribution over tokens and the window's steps

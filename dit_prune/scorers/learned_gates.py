@@ -117,10 +117,12 @@ class LearnedGates(Scorer):
         """The gates' final logits (log_alpha or sigmoid logit), (U,) float32 on the CPU."""
         train = _by_batch(ctx, TRAIN)
         held = _by_batch(ctx, HELDOUT)
+        prediction = ctx.prediction  # ε, v or flow matching: noising, target, model time
         with torch.no_grad():
-            frozen = [[predict_eps(ctx.model, noised(c, ctx.alphas_cumprod), c.timesteps,
-                                   c.labels) for c in batch] for batch in held]  # (B, C, H, W)
-            scale = sum(float(per_example_loss(ctx.model, c, ctx.alphas_cumprod).sum())
+            frozen = [[predict_eps(ctx.model, noised(c, prediction),
+                                   prediction.model_time(c.timesteps), c.labels)
+                       for c in batch] for batch in held]  # (B, C, H, W)
+            scale = sum(float(per_example_loss(ctx.model, c, prediction).sum())
                         for batch in held for c in batch) / ctx.count(HELDOUT)
         scale = max(scale, 1e-12)
         start = math.log(self.init_open / (1 - self.init_open))
@@ -191,15 +193,16 @@ def _objective_grad(ctx: ScoringContext, g: Gates, train: list[ExampleChunk],
     n_train = sum(len(c.x0) for c in train)
     n_held = sum(len(c.x0) for c in held)
     total = torch.zeros(len(g.units))  # (U,)
+    prediction = ctx.prediction
     for chunk in train:
-        value = -per_example_loss(ctx.model, chunk, ctx.alphas_cumprod).sum() / (
+        value = -per_example_loss(ctx.model, chunk, prediction).sum() / (
             n_train * scale)  # ()
         total += g.unit_sums(torch.autograd.grad(value, g.tensors)).float().cpu()  # (U,)
     if distill_weight == 0:
         return total
     for chunk, target in zip(held, frozen, strict=True):
-        pred = predict_eps(ctx.model, noised(chunk, ctx.alphas_cumprod), chunk.timesteps,
-                           chunk.labels)  # (B, C, H, W)
+        pred = predict_eps(ctx.model, noised(chunk, prediction),
+                           prediction.model_time(chunk.timesteps), chunk.labels)  # (B, C, H, W)
         value = (pred - target).pow(2).flatten(1).mean(1).sum() * distill_weight / (
             n_held * scale)  # ()
         total += g.unit_sums(torch.autograd.grad(value, g.tensors)).float().cpu()  # (U,)

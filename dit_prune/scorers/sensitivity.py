@@ -11,6 +11,8 @@ a central finite-difference Jacobian-vector product (PyTorch's fused CPU attenti
 forward-mode AD). The score of unit u is its first-order contribution to mean log S on training
 images minus the same on held-out images: d(mean log S)/dg_u with a ones-gate g. The log makes
 every timestep count alike (S grows like 1/sigma_t). Default timesteps: uniform over [0, 100).
+Under v-prediction or flow matching, eps is the noise the model's output implies
+(`Prediction.to_epsilon`) and sigma_t the noise coefficient of x_t (sqrt(1 - ā_t), or σ_t).
 
 Example:
     >>> from dit_prune.scorers import get_scorer
@@ -49,16 +51,19 @@ class Sensitivity(Scorer):
 
     def _contribution(self, ctx: ScoringContext, units: list[Unit], split: str) -> torch.Tensor:
         total = ctx.count(split)
-        alphas = ctx.alphas_cumprod  # (T,)
+        prediction = ctx.prediction  # ε, v or flow matching
 
         def objective(chunk: ExampleChunk) -> torch.Tensor:
-            x_t = noised(chunk, alphas)  # (B, C, H, W)
-            sigma = (1 - alphas[chunk.timesteps]).sqrt().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            x_t = noised(chunk, prediction)  # (B, C, H, W)
+            _, sigma = prediction.coefficients(chunk.timesteps, x_t)  # (B, 1, 1, 1) noise scale
             v = chunk.direction  # (B, C, H, W)
             v = v / v.flatten(1).pow(2).mean(1).sqrt().view(-1, 1, 1, 1)  # unit RMS
             h = self.fd_scale * sigma  # (B, 1, 1, 1)
-            eps = predict_eps(ctx.model, torch.cat([x_t + h * v, x_t - h * v]),
-                              chunk.timesteps.repeat(2), chunk.labels.repeat(2))  # (2B, C, H, W)
+            x_in = torch.cat([x_t + h * v, x_t - h * v])  # (2B, C, H, W)
+            index = chunk.timesteps.repeat(2)  # (2B,)
+            out = predict_eps(ctx.model, x_in, prediction.model_time(index),
+                              chunk.labels.repeat(2))  # (2B, C, H, W): ε, v or velocity
+            eps = prediction.to_epsilon(out, x_in.float(), index)  # (2B, C, H, W) ε
             plus, minus = eps.float().chunk(2)  # (B, C, H, W) each
             jvp = (plus - minus) / (2 * h)  # (B, C, H, W)
             rms = jvp.flatten(1).pow(2).mean(1).clamp_min(1e-20).sqrt()  # (B,)

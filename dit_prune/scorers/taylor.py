@@ -37,7 +37,7 @@ from dit_prune.scorers.calibration import (
     per_example_loss,
     predict_eps,
 )
-from dit_prune.units import HEAD, Unit
+from dit_prune.units import DUAL_HEAD, HEAD, JOINT_HEAD, SINGLE_HEAD, Unit
 
 
 def loss_rise(ctx: ScoringContext, units: list[Unit], split: str, order: int = 1) -> torch.Tensor:
@@ -89,12 +89,14 @@ class TaylorGap(Scorer):
 
 @dataclass(frozen=True)
 class Ye2025(Scorer):
-    """Our reading of Ye, Zhu, Tao, Chen 2025: heads only; importance = |first-order change of
-    the training denoising loss| at t ~ Beta(0.8, 2) * T; score = -importance, so the *least*
-    important heads are pruned first (see docs/scorers.md for why)."""
+    """Our reading of Ye, Zhu, Tao, Chen 2025: self-attention heads only (a family's own:
+    SD3's and Flux's joint heads, SD3.5's dual heads, Flux's single-block heads);
+    importance = |first-order change of the training denoising loss| at t ~ Beta(0.8, 2) * T;
+    score = -importance, so the *least* important heads are pruned first (see
+    docs/scorers.md for why)."""
 
     name: ClassVar[str] = "ye2025"
-    kinds: ClassVar[tuple[str, ...]] = (HEAD,)
+    kinds: ClassVar[tuple[str, ...]] = (HEAD, JOINT_HEAD, DUAL_HEAD, SINGLE_HEAD)
     default_timesteps: ClassVar[str] = "beta:0.8,2"
 
     def raw_scores(self, ctx: ScoringContext, units: list[Unit]) -> torch.Tensor:

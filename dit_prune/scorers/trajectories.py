@@ -5,6 +5,12 @@ Image i of a trajectory set depends only on (model, label i, seed i), as in `sam
 sees for the same seeds. A trajectory may also start from real images noised to a middle time
 (`start_images` + `start_t`): the held-out reference of `activation-contrast`.
 
+The sampler is the one `sample_images` uses: DDIM from an ε / v schedule, or the scheduler's own
+Euler steps for flow matching (with its shift, and for dynamic shifting the μ of the image's
+token count). Trajectories run in the transformer's input space, whatever it is: pixels,
+latents, or Flux's 2×2-packed latents (`flux_model_space`), given by `shape` (C, H, W) when the
+model has no `sample_size`.
+
 Example:
     >>> import diffusers, torch
     >>> from dit_prune.models import new_dit
@@ -27,7 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dit_prune.errors import DitPruneError
 from dit_prune.sampling import (
+    image_token_count,
     initial_noise,
     labels_for_seeds,
     make_sampling_scheduler,
@@ -41,7 +49,7 @@ StepCallback = Callable[[torch.Tensor, int, int], None]
 
 @dataclass(frozen=True)
 class Trajectories:
-    samples: torch.Tensor  # (N, C, H, W) final images in [-1, 1]
+    samples: torch.Tensor  # (N, C, H, W) final model inputs ([-1, 1] when clamped)
     states: torch.Tensor | None  # (N, S, C, H, W) the model input x_t at every step
     timesteps: torch.Tensor  # (S,) the timesteps run
     labels: torch.Tensor  # (N,)
@@ -61,27 +69,37 @@ def run_trajectories(
     start_images: torch.Tensor | None = None,
     start_t: int | None = None,
     progress: bool = False,
+    shape: Sequence[int] | None = None,
+    clamp: bool = True,
 ) -> Trajectories:
     """DDIM trajectories, one per (label, seed); see module docstring.
 
     With `start_images` (N, C, H, W), image i is noised with seed i's noise to the first DDIM
-    timestep <= `start_t`, and only the remaining steps are run.
+    timestep <= `start_t`, and only the remaining steps are run. `shape` is the (C, H, W) of
+    one model input (default: the model's `in_channels` and `sample_size`; required for models
+    without a sample size, such as Flux). `clamp`: clip the final samples to [-1, 1] (pixel
+    space; latents are kept as they are). Raises DitPruneError when no step lies at or below
+    `start_t`.
     """
     device = next(model.parameters()).device
     null = null_label(model)
-    channels, size = int(model.config.in_channels), int(model.config.sample_size)
-    sched = make_sampling_scheduler(scheduler, "ddim", steps)  # flow matching: its own Euler
+    shape = model_input_shape(model, shape)  # (C, H, W)
+    tokens = image_token_count(model, shape)
+    sched = make_sampling_scheduler(scheduler, "ddim", steps, tokens)  # flow: its own Euler
     timesteps = sched.timesteps.clone()  # (S_all,)
     if start_t is not None:
         timesteps = timesteps[timesteps <= start_t]  # (S,)
+        if len(timesteps) == 0:
+            raise DitPruneError(f"none of the {steps} sampling steps lies at or below t = "
+                                f"{start_t}: raise the sampling steps or the start time")
     guided = guidance_scale != 1.0
     samples, states = [], []
     bar = tqdm(total=len(seeds), desc="trajectories", disable=not progress, leave=False)
     for begin in range(0, len(seeds), batch_size):
         rows = torch.arange(begin, min(begin + batch_size, len(seeds)))  # (B,)
         y = labels[rows].to(device)  # (B,)
-        noise = initial_noise([seeds[i] for i in rows], (channels, size, size)).to(device)
-        sched = make_sampling_scheduler(scheduler, "ddim", steps)  # fresh step counter
+        noise = initial_noise([seeds[i] for i in rows], shape).to(device)  # (B, C, H, W)
+        sched = make_sampling_scheduler(scheduler, "ddim", steps, tokens)  # fresh step counter
         if start_images is None:
             x = noise * getattr(sched, "init_noise_sigma", 1.0)  # (B, C, H, W)
         else:
@@ -94,7 +112,7 @@ def run_trajectories(
                 before_step(rows, step, int(t))
             eps = predict_noise(model, x, t, y, guidance_scale if guided else None, null)
             x = sched.step(eps, t, x, return_dict=False)[0]  # (B, C, H, W)
-        samples.append(x.clamp(-1, 1).cpu())
+        samples.append((x.clamp(-1, 1) if clamp else x).cpu())
         if keep_states:
             states.append(torch.stack(kept, 1))  # (B, S, C, H, W)
         bar.update(len(rows))
@@ -105,6 +123,30 @@ def run_trajectories(
         timesteps=timesteps.cpu(),
         labels=labels.cpu(),
     )
+
+
+def model_input_shape(model: nn.Module, shape: Sequence[int] | None) -> tuple[int, int, int]:
+    """(C, H, W) of one model input: `shape`, else the model's `in_channels` and `sample_size`;
+    a one-line DitPruneError when neither is known."""
+    if shape is not None:
+        if len(shape) != 3:
+            raise DitPruneError(f"a model input shape is (C, H, W), got {tuple(shape)}")
+        return tuple(int(v) for v in shape)  # type: ignore[return-value]
+    size = getattr(model.config, "sample_size", None)
+    if not size:
+        raise DitPruneError(f"{type(model).__name__} has no sample_size: pass the (C, H, W) "
+                            "of its inputs")
+    return int(model.config.in_channels), int(size), int(size)
+
+
+def trajectory_space(data: Any) -> tuple[tuple[int, int, int], bool]:
+    """(C, H, W) of the scorers' trajectories and whether to clamp their samples, from the
+    calibration data (`CalibrationData`): the training images' shape (the transformer's input
+    space: pixels, latents, Flux's packed latents), clamped to [-1, 1] only when the training
+    images lie in [-1, 1] (pixel space; latents are compared as they are)."""
+    images = data.train_images  # (N, C, H, W)
+    inside = bool(images.min() >= -1 and images.max() <= 1)
+    return tuple(int(v) for v in images.shape[1:]), inside  # type: ignore[return-value]
 
 
 def start_noised(sched: Any, images: torch.Tensor, noise: torch.Tensor,
