@@ -1,6 +1,7 @@
 """Text-to-image: caption folders, caption encoding per family, prune -> generate -> save ->
-reload on PixArt-Σ / SD3 / Flux / Sana, scorers on text models, and `dit-prune run` end to end
-on a tiny text-to-image digits pipeline."""
+reload on PixArt-Σ / SD3 / Flux / Sana, and `dit-prune run` end to end on a tiny text-to-image
+digits pipeline (scorers on every text family: tests/test_text_scorers.py; a latent pipeline's
+run: tests/test_text_latent_run.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from dit_prune.pipelines.tiny import (
     tiny_sd3_pipeline,
 )
 from dit_prune.pipelines.vae import encode_images
-from dit_prune.scorers import CalibrationData, get_scorer
 from dit_prune.text_data import (
     MAX_MEMORIZED,
     digits_text_rows,
@@ -202,33 +202,6 @@ def test_flow_matching_pipelines_keep_their_scheduler():
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
-@pytest.mark.parametrize("family", ["pixart-sigma", "sd3", "sana", "flux"])
-def test_scorers_are_finite_on_each_text_family(family):
-    pipe = FAMILIES[family][0]()
-    flux = family == "flux"
-    side = 16 if flux else int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(8, 3, side, side, generator=gen) * 2 - 1  # (8, 3, S, S)
-    latents = encode_images(pipe, images)  # (8, C, h, w)
-    if flux:
-        latents = flux_model_space(latents)  # (8, 4C, h/2, w/2): Flux's packed tokens
-    captions = ["a red cat", "a blue dog", "a green cat", "a small dog"] * 2
-    labels = CaptionLabels.build(pipe, captions)
-    y = labels.of(captions)
-    data = CalibrationData(latents[:4], y[:4], latents[4:], y[4:])
-    with caption_conditioning(pipe.transformer, labels):
-        for name in ("taylor-gap",) if flux else ("taylor-gap", "cond-gap"):
-            options = {"num_samples": 4, "sampling_steps": 2} if name == "cond-gap" else {}
-            scorer = get_scorer(name, batches=1, progress=False, **options)
-            units = [u for u in enumerate_units(pipe.transformer) if u.kind in scorer.kinds]
-            try:
-                scores = scorer.score(pipe.transformer, units, data, pipe.scheduler)
-            except DitPruneError as exc:  # random weights: nothing memorized to contrast
-                assert "memorized" in str(exc)
-                continue
-            assert scores.shape == (len(units),) and torch.isfinite(scores).all()
-
-
 # --- training and the run ---------------------------------------------------------------------
 
 def test_text_training_resumes_to_the_same_weights(tmp_path):
@@ -290,7 +263,7 @@ def test_train_text_refuses_size_options(tmp_path, capsys):
 def test_run_on_a_text_to_image_pipeline_writes_the_full_report(tiny_text_checkpoint, tmp_path):
     out = tmp_path / "run"
     code = main(["run", str(tiny_text_checkpoint), "--out", str(out), "--seeds", "0-39",
-                 "--steps", "3", "--budget", "2", "--random-seeds", "0,1",
+                 "--steps", "3", "--budget", "2", "--random-seeds", "3,1",
                  "--retrigger-targets", "1", "--retrigger-steps", "1",
                  "--retrigger-ddim-steps", "2", "--scorer-option", "batches=1"])
     assert code == 0
@@ -301,7 +274,11 @@ def test_run_on_a_text_to_image_pipeline_writes_the_full_report(tiny_text_checkp
     groups = report["prompts"]["groups"]
     assert groups["memorized"]["num_samples"] + groups["other"]["num_samples"] == 40
     assert report["prompts"]["most_copied"][0]["prompt"]
-    assert "## Prompts (text-to-image)" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "## Prompts (text-to-image)" in markdown
+    assert report["prompts"]["random_seed"] == 3  # the table's random arm: the first seed
+    section = markdown.split("## Prompts (text-to-image)")[1]
+    assert "| random (seed 3) |" in section and "seed 0" not in section
     again = load_pruned_pipeline(out / "pruned")
     assert type(again).__name__ == "PixArtSigmaPipeline"
     assert "dit_prune_structure" in again.transformer.config

@@ -1,10 +1,12 @@
 """The prompt section of a text-to-image run's report: copy rates per prompt and prompt group.
 
 Each sample of a text-to-image run comes from one training caption (`dit_prune.run.text`). For
-the before, after and random arms (first budget) it counts the samples the copy detector calls
-copies, per prompt, and over two groups: the memorized prompts the checkpoint records (the
-embedded model's captions of their own) and every other prompt. The prompts listed first are
-the most copied before pruning, each with the training image its copies are nearest to.
+the before, after and random arms (first budget; the random arm is the run's first random seed,
+`random_seed` in the section, as in the report's main table) it counts the samples the copy
+detector calls copies, per prompt, and over two groups: the memorized prompts the checkpoint
+records (the embedded model's captions of their own) and every other prompt. The prompts
+listed first are the most copied before pruning, each with the training image its copies are
+nearest to.
 
 Example:
     >>> section = prompt_section(result)  # doctest: +SKIP
@@ -63,7 +65,8 @@ def prompt_section(result: dict[str, Any], top: int = 10) -> dict[str, Any]:
     per_prompt.sort(key=lambda r: (-r["copies_before"] / r["num_samples"], -r["num_samples"],
                                    r["prompt"]))
     return {"groups": groups, "most_copied": per_prompt[:top],
-            "num_distinct_prompts": len(per_prompt)}
+            "num_distinct_prompts": len(per_prompt),
+            "random_seed": int(result["config"].random_seeds[0])}
 
 
 def _file_of(text: Any, position: int) -> str | None:
@@ -76,20 +79,22 @@ def _file_of(text: Any, position: int) -> str | None:
 
 def render_prompts(section: dict[str, Any]) -> str:
     """The report.md section of `prompt_section`."""
+    seed = section.get("random_seed")
+    random = "random" if seed is None else f"random (seed {seed})"
     lines = ["", "## Prompts (text-to-image)", "",
              "In this run a sample's class (and a re-trigger target's) is its caption: seed s "
              "samples the caption of training row π(s mod R), a fixed permutation of the R rows "
              "(docs/text_to_image.md).", "",
              "Copy rate of the samples of each prompt group (copy detector; *own image*: the "
              "copy is of the training image the prompt was trained with):", "",
-             "| prompts | samples | before | after | random (seed 0) |", "|---|---|---|---|---|"]
+             f"| prompts | samples | before | after | {random} |", "|---|---|---|---|---|"]
     for group, data in section["groups"].items():
         cells = [f"{data[a]['copy_rate']:.1%} (own {data[a]['own_image_copy_rate']:.1%})"
                  for a in ARMS]
         lines.append(f"| {group} ({data['num_prompts']}) | {data['num_samples']} | "
                      + " | ".join(cells) + " |")
     lines += ["", f"Most-copied prompts before pruning (of {section['num_distinct_prompts']}):",
-              "", "| prompt | memorized | samples | copies before | after | random | nearest "
+              "", f"| prompt | memorized | samples | copies before | after | {random} | nearest "
               "training image |", "|---|---|---|---|---|---|---|"]
     for row in section["most_copied"]:
         near = row.get("nearest_file") or row.get("nearest_training_image", "—")
