@@ -1,12 +1,14 @@
 """Store work split across 2 CPU processes (`torchrun`, the launcher `accelerate launch` uses for
 several devices; on CPUs accelerate itself needs MPI): `dit-prune index` writes and embeds every
 other shard, and a store search scans every other slice; the store and the search results are
-identical to one process's."""
+identical to one process's; the command's processes meet at a last barrier and close their
+process group, on success and on error."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +29,10 @@ from dit_prune.store import open_store
 from dit_prune.store.distributed import current_processes
 from dit_prune.store.search import store_nearest_cosine, store_nearest_two
 out, det = sys.argv[1], sys.argv[2]
+procs = current_processes()  # opened here, so the index command leaves the group open for us
 code = main(["index", "--images", "digits-pool", "--out", out + "/store", "--shard-size", "128",
              "--copy-detector", det, "--no-progress"])
 assert code == 0
-procs = current_processes()
 store = open_store(out + "/store")
 samples, queries = torch.load(out + "/queries.pt")
 two = store_nearest_two(samples, store, chunk_elements=1 << 12, processes=procs)
@@ -75,6 +77,50 @@ def test_two_processes_index_and_search_like_one(digits, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(got["two"], want_two, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(got["cos"], want_cos, strict=True))
     assert (got["two"][0][:143] == 0).all()  # the pool copies are found exactly
+
+
+CLI = """
+import sys
+import torch.distributed as dist
+from dit_prune.cli import main
+code = main(sys.argv[1:])  # the group is opened (and must be closed) by the command itself
+if dist.is_initialized():
+    sys.exit(17)  # the command left its process group open
+sys.exit(code)
+"""
+
+
+def _launch_two(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2` of dit-prune's CLI with `argv`; each rank exits with the
+    command's status, or 17 when the command left its process group open."""
+    (tmp_path / "cli.py").write_text(CLI)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "cli.py"),
+               *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_index_under_two_processes_closes_its_group(tmp_path):
+    """Both ranks of `dit-prune index` exit 0 with the group closed; on a bad input (an absent
+    copy detector, found once the group is open) both print the one-line error, close the
+    group and exit 2."""
+    store = tmp_path / "store"
+    proc = _launch_two(tmp_path, "index", "--images", "digits-pool", "--out", str(store),
+                       "--shard-size", "512", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # torchrun: 0 only when every rank is
+    assert json.loads((store / "manifest.json").read_text())["count"] == 1000
+    missing = tmp_path / "missing-detector"
+    proc = _launch_two(tmp_path, "index", "--images", "digits-pool", "--out",
+                       str(tmp_path / "bad"), "--shard-size", "512", "--no-progress",
+                       "--copy-detector", str(missing))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dit-prune index:")]
+    assert len(errors) == 2, proc.stderr[-2000:]  # one line from each rank, no traceback
+    assert all(f"error: copy detector not found: {missing} " in line for line in errors)
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", proc.stderr, re.M)  # torchrun's summary
+    assert sorted(codes) == ["2", "2"], proc.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_parts_merge_to_the_whole_search(digits, tmp_path):

@@ -8,7 +8,8 @@ again with another `--copy-detector` adds that detector's embeddings to a finish
 options and inputs (image sizes included) are checked before --out is written; a command that
 fails before its first shard removes the --out it created.
 Under `accelerate launch --num_processes N` every process writes and embeds every N-th shard
-(dit_prune/store/distributed.py); the store is the same as one process writes.
+(dit_prune/store/distributed.py); the store is the same as one process writes, and the processes
+meet at a last barrier and close their process group when the command ends (on an error too).
 
 Example:
     $ dit-prune index --images digits-pool --out runs/pool-store \\
@@ -35,7 +36,7 @@ from dit_prune.commands.common import (
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.store.build import build_store
-from dit_prune.store.distributed import current_processes
+from dit_prune.store.distributed import Processes, command_processes
 from dit_prune.store.sources import DIGITS_SOURCES, FolderSource, open_source
 
 DEFAULT_SHARD_SIZE = 4096
@@ -61,8 +62,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Builds (or resumes) the store; under a launcher of N processes every process meets at a
+    last barrier and closes the process group, also when the command fails
+    (`distributed.command_processes`)."""
     check_positive(args.shard_size, "--shard-size")
-    processes = current_processes()
+    with command_processes() as processes:
+        return _index(args, processes)
+
+
+def _index(args: argparse.Namespace, processes: Processes) -> int:
     inputs = {"--images": None if args.images in DIGITS_SOURCES else args.images,
               "--copy-detector": args.copy_detector}
     created = missing_root(Path(args.out)) if processes.is_main else None

@@ -43,7 +43,7 @@ from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
 from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
 from dit_prune.sampling import parse_seeds
-from dit_prune.store.distributed import partial_state
+from dit_prune.store.distributed import command_processes, partial_state
 
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # one source for the CLI's defaults
 DEFAULTS["recover_option"] = []
@@ -172,6 +172,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The whole experiment; under a launcher of N processes every process meets at a last
+    barrier and closes the process group, also when the run fails
+    (`distributed.command_processes`)."""
+    with command_processes():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from dit_prune.pruning import save_pruned
     from dit_prune.run.experiment import (
         evaluation_nets,

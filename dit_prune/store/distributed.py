@@ -20,7 +20,8 @@ Example (2 CPU processes):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,46 @@ def current_processes() -> Processes:
     """
     state = partial_state()
     return Processes(state.process_index, state.num_processes, state.wait_for_everyone)
+
+
+@contextmanager
+def command_processes() -> Iterator[Processes]:
+    """The processes of this launch for the length of one command, closed when it ends.
+
+    On success every process meets at a last barrier (none leaves while another still talks
+    to it) and the process group is destroyed; on an error it is destroyed without the barrier
+    (the other processes may never reach it) and the error goes on. The group is closed only
+    when this call opened it: a caller that opened it first (a script running several commands
+    and searches) keeps it and closes it itself. A closed group is not opened again: one
+    command per launch (a second one in the same processes hung in a trial). On one process
+    nothing is opened and nothing is closed.
+
+    Example:
+        >>> with command_processes() as processes:
+        ...     processes.count
+        1
+    """
+    import torch.distributed as dist
+
+    opened_here = not (dist.is_available() and dist.is_initialized())
+    processes = current_processes()
+    try:
+        yield processes
+    except BaseException:
+        if opened_here:
+            _close_group()
+        raise
+    processes.barrier()
+    if opened_here:
+        _close_group()
+
+
+def _close_group() -> None:
+    """Destroys the default process group, if one is open."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_candidates(run: Candidates, processes: Processes, descending: bool) -> Candidates:
