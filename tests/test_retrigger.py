@@ -78,6 +78,55 @@ def test_an_exact_memorizer_is_always_retriggered_and_held_out_digits_never(digi
     assert metrics["retrigger_mse"] < 1e-6
 
 
+class FlowMemorizer(nn.Module):
+    """The flow-matching exact memorizer: the velocity u = (x_t - x0) / σ (σ = t / 1000) whose
+    Euler steps land on the stored image of the class from any noise."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(num_embeds_ada_norm=len(images))
+        self.register_buffer("images", images)  # (classes, c, h, w)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor,
+                class_labels: torch.Tensor) -> SimpleNamespace:
+        sigma = (timestep.float() / 1000).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        x0 = self.images[class_labels.clamp(max=len(self.images) - 1)]  # (B, c, h, w)
+        return SimpleNamespace(sample=(x - x0) / sigma + 0 * self.dummy)
+
+
+@pytest.mark.parametrize("latent", [False, True])
+def test_the_attack_follows_a_flow_matching_scheduler_and_a_decoder(digits, latent):
+    """Flow matching (its own Euler steps, no DDIM swap) and, for a latent model, noise in the
+    latent shape with samples decoded before they are judged: an exact memorizer is always
+    re-triggered, held-out digits never."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from dit_prune.metrics.copydetect import load_copy_detector
+
+    keep = _one_per_class(digits.pool_images, digits.pool_labels)
+    train, labels = digits.pool_images[keep], digits.pool_labels[keep]  # (10, 1, 8, 8), (10,)
+    decode, shape = None, None
+    stored = train[labels.argsort()]  # (10, 1, 8, 8) class c -> its training image
+    if latent:  # a 4x4 latent space, decoded by nearest upsampling
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.interpolate(z, scale_factor=2.0)  # (B, 1, 8, 8)
+
+        stored = torch.nn.functional.avg_pool2d(stored, 2)  # (10, 1, 4, 4)
+        train = decode(torch.nn.functional.avg_pool2d(train, 2))  # what the model copies
+        shape = (1, 4, 4)
+    model = FlowMemorizer(stored)
+    targets = choose_targets(train, labels, digits.heldout_images, digits.heldout_labels, 10)
+    detector = load_copy_detector(CHECKPOINTS / "digits-copydetect")
+    budget = AttackBudget(targets=10, attack_steps=2, ddim_steps=4)
+    result = attack_success(model, FlowMatchEulerDiscreteScheduler(shift=3.0), targets, budget,
+                            detector, threshold=0.9, decode=decode, shape=shape)
+    metrics = result.metrics()
+    assert metrics["retrigger_rate"] == 1.0 and metrics["retrigger_floor"] == 0.0
+    assert metrics["retrigger_mse"] < 1e-6
+    assert result.samples.shape == targets.images.shape
+
+
 @pytest.mark.parametrize("options, message", [
     ({"targets": 0}, "re-trigger targets must be an integer >= 1, got 0"),
     ({"attack_steps": -1}, "re-trigger attack steps must be an integer >= 0"),

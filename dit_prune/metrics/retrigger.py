@@ -6,6 +6,10 @@ attacker who optimises the model's input can often bring the memorized images ba
 input is the initial noise of a class-conditional DiT: it is optimised with Adam for K steps,
 through a differentiable DDIM sampler of S steps conditioned on the target's class, so that the
 sample matches the target (MSE), with a penalty keeping the noise's mean near 0 and std near 1.
+The sampler follows the scheduler's prediction type (DDIM reads ε or v from its config; a
+flow-matching scheduler keeps its own Euler steps on the velocity), a text-to-image model is
+conditioned on the target's caption (labels inside `caption_conditioning`), and a latent
+model's samples are decoded by its VAE (differentiably) before they are compared.
 
 A target is re-triggered when both hold:
   * its sample's nearest reference image (pixel L2; references = the training images plus the
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +47,14 @@ from torch import nn
 
 from dit_prune.errors import DitPruneError
 from dit_prune.metrics.memorization import bootstrap_interval
-from dit_prune.sampling import initial_noise, make_sampling_scheduler, predict_noise
+from dit_prune.sampling import (
+    image_token_count,
+    initial_noise,
+    make_sampling_scheduler,
+    predict_noise,
+)
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # model-space samples -> images in [-1, 1]
 
 SEED_STRIDE = 10_000  # noise seed of target i under attack seed s: SEED_STRIDE * s + i
 
@@ -166,14 +177,22 @@ def choose_targets(train: torch.Tensor, train_labels: torch.Tensor | None,
 
 
 def ddim_sample(model: nn.Module, scheduler: Any, z: torch.Tensor, labels: torch.Tensor,
-                steps: int) -> torch.Tensor:
-    """Differentiable DDIM (eta 0) from noise z (B, C, H, W) to x0 (B, C, H, W) in [-1, 1]."""
-    sched = make_sampling_scheduler(scheduler, "ddim", steps)
-    x = z * sched.init_noise_sigma  # (B, C, H, W)
-    null = int(model.config.num_embeds_ada_norm)
+                steps: int, decode: Decoder | None = None) -> torch.Tensor:
+    """Differentiable deterministic sampling from noise z (B, c, h, w) to x0 in [-1, 1]: DDIM
+    (eta 0) on an ε / v schedule, which `DDIMScheduler.step` reads through the scheduler's
+    `prediction_type`; for flow matching the scheduler's own Euler steps on the predicted
+    velocity (`make_sampling_scheduler`, with the dynamic shift of z's token count). `decode`
+    maps the final model-space sample to images (a VAE decoder, differentiable); the result
+    is (B, C, H, W), clamped to [-1, 1]."""
+    sched = make_sampling_scheduler(scheduler, "ddim", steps,
+                                    image_token_count(model, tuple(z.shape[1:])))
+    x = z * getattr(sched, "init_noise_sigma", 1.0)  # (B, c, h, w)
+    null = int(getattr(model.config, "num_embeds_ada_norm", None) or 0)  # caption models: 0
     for t in sched.timesteps:
-        eps = predict_noise(model, x, t, labels, None, null)  # (B, C, H, W)
-        x = sched.step(eps, t, x, return_dict=False)[0]  # (B, C, H, W)
+        out = predict_noise(model, x, t, labels, None, null)  # (B, c, h, w): ε, v or velocity
+        x = sched.step(out, t, x, return_dict=False)[0]  # (B, c, h, w)
+    if decode is not None:
+        x = decode(x)  # (B, C, H, W)
     return x.clamp(-1, 1)
 
 
@@ -233,12 +252,12 @@ def zero_offsets(model: nn.Module, batch: int, budget: AttackBudget) -> torch.Te
 
 def optimise_noise(model: nn.Module, scheduler: Any, z: torch.Tensor, targets: torch.Tensor,
                    labels: torch.Tensor, budget: AttackBudget,
-                   offsets: torch.Tensor | None = None
+                   offsets: torch.Tensor | None = None, decode: Decoder | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, list[float]]:
-    """The attack's inner loop: `budget.attack_steps` Adam steps on the noise z (B, C, H, W),
-    from the given z, so that DDIM's samples match targets (B, C, H, W) in [-1, 1]. With
-    class-embedding `offsets` (L, B, D; see `zero_offsets`) they are searched too, with
-    `budget.embedding_lr`.
+    """The attack's inner loop: `budget.attack_steps` Adam steps on the noise z (B, c, h, w),
+    from the given z, so that the samples (`ddim_sample`, decoded by `decode` for a latent
+    model) match targets (B, C, H, W) in [-1, 1]. With class-embedding `offsets` (L, B, D; see
+    `zero_offsets`) they are searched too, with `budget.embedding_lr`.
 
     Returns the optimised noise (B, C, H, W) and offsets, detached, and the MSE after each step.
     Gradients are taken with respect to them alone; the model is left unchanged (and in its
@@ -255,7 +274,8 @@ def optimise_noise(model: nn.Module, scheduler: Any, z: torch.Tensor, targets: t
     with evaluating(model):
         for _ in range(budget.attack_steps):
             with class_embedding_offsets(model, offsets):
-                x0 = ddim_sample(model, scheduler, z, labels, budget.ddim_steps)  # (B, C, H, W)
+                x0 = ddim_sample(model, scheduler, z, labels, budget.ddim_steps,
+                                 decode)  # (B, C, H, W)
             fit = F.mse_loss(x0, targets)
             flat = z.flatten(1)  # (B, D)
             prior = (flat.mean(1).pow(2) + (flat.std(1) - 1).pow(2)).mean()
@@ -268,19 +288,25 @@ def optimise_noise(model: nn.Module, scheduler: Any, z: torch.Tensor, targets: t
 
 
 def attack(model: nn.Module, scheduler: Any, targets: torch.Tensor, labels: torch.Tensor,
-           seeds: Sequence[int], budget: AttackBudget) -> tuple[torch.Tensor, list[float]]:
+           seeds: Sequence[int], budget: AttackBudget, decode: Decoder | None = None,
+           shape: Sequence[int] | None = None) -> tuple[torch.Tensor, list[float]]:
     """Optimise the initial noise (and, with `budget.embedding_lr`, the class embedding) so
-    that the samples match targets (B, C, H, W) in [-1, 1].
+    that the samples match targets (B, C, H, W) in [-1, 1]. A latent model gives `decode`
+    (model-space samples -> images) and `shape`, the (c, h, w) of its noise; without them the
+    noise has the targets' shape.
 
     Returns the final samples (B, C, H, W) and the MSE after each Adam step. Only the inputs are
     optimised: gradients are taken with respect to them alone, and the model is left unchanged.
     """
     device = targets.device
-    z0 = initial_noise(list(seeds), tuple(targets.shape[1:])).to(device)  # (B, C, H, W)
+    noise_shape = tuple(int(v) for v in (shape or targets.shape[1:]))  # (c, h, w)
+    z0 = initial_noise(list(seeds), noise_shape).to(device)  # (B, c, h, w)
     offsets = zero_offsets(model, len(targets), budget)  # (L, B, D) or None
-    z, offsets, losses = optimise_noise(model, scheduler, z0, targets, labels, budget, offsets)
+    z, offsets, losses = optimise_noise(model, scheduler, z0, targets, labels, budget, offsets,
+                                        decode)
     with evaluating(model), torch.no_grad(), class_embedding_offsets(model, offsets):
-        final = ddim_sample(model, scheduler, z, labels, budget.ddim_steps)  # (B, C, H, W)
+        final = ddim_sample(model, scheduler, z, labels, budget.ddim_steps,
+                            decode)  # (B, C, H, W)
     return final, losses
 
 
@@ -304,15 +330,18 @@ def success(samples: torch.Tensor, reference_index: torch.Tensor, reference: tor
 
 def attack_success(model: nn.Module, scheduler: Any, targets: RetriggerTargets,
                    budget: AttackBudget, detector: Any | None, threshold: float,
-                   device: torch.device | str | None = None) -> RetriggerResult:
-    """Attack every target once with the budget's seed and judge the final samples."""
+                   device: torch.device | str | None = None, decode: Decoder | None = None,
+                   shape: Sequence[int] | None = None) -> RetriggerResult:
+    """Attack every target once with the budget's seed and judge the final samples (a latent
+    model: `decode` and the noise `shape`, as in `attack`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images = targets.images.to(device)  # (B, C, H, W)
-    null = int(model.config.num_embeds_ada_norm)
+    null = int(getattr(model.config, "num_embeds_ada_norm", None) or 0)
     labels = targets.labels if targets.labels is not None else \
         torch.full((len(images),), null, dtype=torch.long)  # (B,)
     seeds = [SEED_STRIDE * budget.seed + i for i in range(len(images))]
-    samples, _ = attack(model, scheduler, images, labels.to(device), seeds, budget)
+    samples, _ = attack(model, scheduler, images, labels.to(device), seeds, budget, decode,
+                        shape)
     ok = success(samples, targets.reference_index, targets.reference, detector, threshold)
     mse = (samples - images).pow(2).flatten(1).mean(1).cpu()  # (B,)
     return RetriggerResult(ok, targets.heldout.clone(), mse, samples.detach().cpu())
