@@ -201,8 +201,10 @@ def sample_images(
     """Generate one image per (label, seed): (N, C, H, W) in [0, 1].
 
     `guidance_scale` > 1 uses classifier-free guidance against the model's own null class
-    (index = number of classes). `decode` maps model-space samples to images in [-1, 1]
-    (e.g. a VAE decoder for latent DiTs); pixel-space models need none.
+    (index = number of classes; 0 for a transformer without a class count, whose labels are
+    caption labels inside `caption_conditioning`). `decode` maps model-space samples to images
+    in [-1, 1] (e.g. a VAE decoder for latent DiTs, `dit_prune.pipelines.vae.decode_latents`);
+    pixel-space models need none. The returned shape is then the decoded images'.
     """
     check_guidance_scale(guidance_scale)
     check_steps(steps, scheduler)
@@ -211,8 +213,10 @@ def sample_images(
     if len(labels) != len(seeds):
         raise DitPruneError(
             f"{len(labels)} labels but {len(seeds)} seeds: need one of each per image")
-    num_classes = int(model.config.num_embeds_ada_norm)
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    # the null label: the class count of a class-conditional DiT (PixArt: 1000), 0 for
+    # transformers without one (SD3, Sana: caption labels, checked by `CaptionLabels`)
+    num_classes = int(getattr(model.config, "num_embeds_ada_norm", None) or 0)
+    if num_classes and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise DitPruneError(
             f"labels must lie in [0, {num_classes - 1}], got [{labels.min()}, {labels.max()}]"
         )

@@ -125,3 +125,23 @@ def encode_images(pipe: Any, images: torch.Tensor, batch_size: int = 64) -> torc
         latents = (latents - shift) * scale  # (B, c, h, w)
         out.append(latents.to(param.device, param.dtype))
     return torch.cat(out) if out else images.new_zeros((0, *images.shape[1:]))
+
+
+def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of `encode_images`: transformer-space latents (B, c, h, w) -> images
+    (B, C, H, W) in about [-1, 1] (not clamped), through `vae.decode(latents / scaling factor +
+    shift factor)`, as the pipelines decode. Differentiable (the re-trigger attack backpropagates
+    through it); the images come back on the latents' device, in float32.
+
+    Example:
+        >>> from dit_prune.pipelines.tiny import tiny_sd3_pipeline
+        >>> pipe = tiny_sd3_pipeline()
+        >>> decode_latents(pipe, torch.zeros(2, 4, 8, 8)).shape
+        torch.Size([2, 3, 16, 16])
+    """
+    if latents.ndim != 4:
+        raise DitPruneError(f"latents must be (B, c, h, w), got shape {tuple(latents.shape)}")
+    vae = pipe.vae
+    scale, shift = vae_scaling_factor(pipe), vae_shift_factor(pipe)
+    z = (latents / scale + shift).to(vae.device, vae.dtype)  # (B, c, h, w)
+    return vae.decode(z).sample.to(latents.device, torch.float32)  # (B, C, H, W)

@@ -44,6 +44,7 @@ from dit_prune.data import check_fits_model
 from dit_prune.errors import DitPruneError
 from dit_prune.legacy import family_name
 from dit_prune.models import disable_block_label_dropout, null_class
+from dit_prune.prediction import Prediction
 
 RECOVERY_METHODS = ("none", "finetune", "distill", "adversarial")
 RECOVERING = RECOVERY_METHODS[1:]  # the methods that train
@@ -221,6 +222,7 @@ def distill(
     seed: int = 0,
     num_train_timesteps: int = 1000,
     progress: bool = True,
+    prediction: Prediction | None = None,
 ) -> RecoveryResult:
     """Match `student` to `teacher` (MSE on the full output) at t in [t_min, t_max] only.
 
@@ -228,10 +230,19 @@ def distill(
     under no_grad, its mode restored afterwards). diffusers' per-block label dropout is switched
     off on `student` (a DiT loaded with plain `DiTPipeline.from_pretrained` keeps it), so a
     student identical to its teacher has loss 0.
+
+    With `prediction` (a caption-conditioned transformer, called inside its
+    `caption_conditioning` by `dit_prune.pruning.caption_recovery`), x_t, the time range and the
+    model's time input follow the scheduler's prediction type (t is the time index k, larger =
+    noisier; flow matching: σ_k), labels are caption labels and the null label is the model's
+    (`model_null_label`); otherwise the project's DDPM schedule and a class-conditional DiT.
     """
-    _require_class_conditional(student)
+    if prediction is None:
+        _require_class_conditional(student)
     check_fits_model(images, labels, student, "recovery images")
     disable_block_label_dropout(student)
+    if prediction is not None:
+        num_train_timesteps = prediction.num_train_timesteps
     config = RecoveryConfig(steps=steps, lr=lr, batch_size=batch_size, t_min=t_min,
                             t_max=min(t_max, num_train_timesteps - 1), seed=seed)
     if labels is not None and len(labels) != len(images):
@@ -239,14 +250,19 @@ def distill(
     if len(images) == 0:
         raise DitPruneError("no images to distill on")
     device = next(student.parameters()).device
-    alphas = noise_levels(num_train_timesteps, device)  # (T,)
-    null = null_class(student)
+    if prediction is None:
+        alphas = noise_levels(num_train_timesteps, device)  # (T,)
+        null = null_class(student)
+    else:
+        alphas = prediction.schedule.to(device)  # (T,) only its device is read then
+        null = int(getattr(student.config, "num_embeds_ada_norm", None) or 0)
     losses: list[float] = []
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="distilling", disable=not progress)
     with student_training(student, teacher, config.lr, config.seed, bar) as (optimizer, gen):
         for _ in bar:
-            loss = distill_loss(student, teacher, images, labels, alphas, null, config, gen)
+            loss = distill_loss(student, teacher, images, labels, alphas, null, config, gen,
+                                prediction)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -289,10 +305,13 @@ def noise_levels(num_train_timesteps: int, device: torch.device | str) -> torch.
 
 def distill_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
                  labels: torch.Tensor | None, alphas: torch.Tensor, null: int,
-                 config: RecoveryConfig, gen: torch.Generator) -> torch.Tensor:
+                 config: RecoveryConfig, gen: torch.Generator,
+                 prediction: Prediction | None = None) -> torch.Tensor:
     """One batch of the distillation loss: MSE between student and teacher outputs on
     x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, x0 drawn from images (N, C, H, W) in [-1, 1],
     t uniform in [config.t_min, config.t_max], labels with dropout (or uniform when None).
+    With `prediction`, x_t and the model's time input are the prediction type's
+    (`Prediction.noisy`, `Prediction.model_time`; `alphas` then only gives the device).
 
     Draws from `gen` in a fixed order, so a seed fixes every batch. Returns a scalar with
     gradients to the student only (the teacher runs under no_grad).
@@ -304,11 +323,16 @@ def distill_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     t = torch.randint(config.t_min, config.t_max + 1, (config.batch_size,),
                       generator=gen).to(device)  # (B,)
     noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
-    a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B, C, H, W)
+    if prediction is None:
+        a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B, C, H, W)
+        time = t  # (B,)
+    else:
+        xt = prediction.noisy(x0, noise, t)  # (B, C, H, W)
+        time = prediction.model_time(t)  # (B,) k, or σ_k·T for flow matching
     with torch.no_grad():
-        target = teacher(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
-    pred = student(xt, timestep=t, class_labels=y).sample  # (B, C', H, W)
+        target = teacher(xt, timestep=time, class_labels=y).sample  # (B, C', H, W)
+    pred = student(xt, timestep=time, class_labels=y).sample  # (B, C', H, W)
     return F.mse_loss(pred, target)
 
 

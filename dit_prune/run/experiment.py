@@ -46,6 +46,7 @@ from dit_prune.metrics.fid import paired_fd_change
 from dit_prune.metrics.guards import verdict
 from dit_prune.metrics.netio import weights_fingerprint
 from dit_prune.metrics.subsets import target_copy_rate
+from dit_prune.prediction import Prediction
 from dit_prune.pruning import prune_units, select_units
 from dit_prune.pruning.recovery_data import GENERATED_NOVEL, recovery_images
 from dit_prune.pruning.selection import MODE_KINDS
@@ -213,7 +214,8 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
                             cache_dir=run_dir / "cache", device=inputs.device,
                             subsets={target[0]: target[1]} if target else None,
                             train_store=inputs.train_store)
-    sampler = Sampler(cfg, scheduler, store, labels, seeds, progress, condition)
+    decode = text.decode if text is not None and text.latent else None  # latent: the VAE
+    sampler = Sampler(cfg, scheduler, store, labels, seeds, progress, condition, decode)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), classes, context)
     kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds
     units = enumerate_units(base, kinds)
@@ -304,17 +306,21 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
             "random_curve": curve, "target": target_name,
             "retrigger": probe.describe() if probe is not None else None,
             "recovery": recovery.describe() if recovery is not None else None,
-            "control": control, "text": text}
+            "control": control, "text": text,
+            "prediction": Prediction.from_scheduler(scheduler).kind}  # the sampler's steps
 
 
 def scoring_data(inputs: RunInputs, target: tuple[str, list[int]] | None) -> CalibrationData:
     """What scorers contrast with held-out images: the targeted training images (the duplicated
-    ones) when the run targets a subset, else the whole training set."""
-    images, labels = inputs.train_images, inputs.train_labels
+    ones) when the run targets a subset, else the whole training set; in the transformer's
+    input space (a latent text-to-image run's encoded images)."""
+    images, labels, heldout = inputs.train_images, inputs.train_labels, inputs.heldout_images
+    if inputs.text is not None and inputs.text.latent:
+        images, heldout = inputs.text.model_train, inputs.text.model_heldout
     if target is not None:
         idx = torch.as_tensor(target[1], dtype=torch.long)  # (S,)
         images, labels = images[idx], None if labels is None else labels[idx]
-    return CalibrationData(images, labels, inputs.heldout_images, inputs.heldout_labels)
+    return CalibrationData(images, labels, heldout, inputs.heldout_labels)
 
 
 def target_subset(cfg: RunConfig, extra: dict[str, Any],
@@ -361,10 +367,12 @@ class Sampler:
 
     def __init__(self, cfg: RunConfig, scheduler: Any, store: ShardStore,
                  labels: torch.Tensor, seeds: list[int], progress: bool = True,
-                 condition: Callable[[nn.Module], AbstractContextManager] | None = None) -> None:
+                 condition: Callable[[nn.Module], AbstractContextManager] | None = None,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.cfg, self.scheduler, self.store = cfg, scheduler, store
         self.labels, self.seeds, self.progress = labels, seeds, progress
         self.condition = condition or _unconditioned  # text runs: caption labels
+        self.decode = decode  # latent text runs: the pipeline's VAE decoder
 
     def __call__(self, model: nn.Module, tag: str, model_hash: str,
                  labels: torch.Tensor | None = None,
@@ -377,7 +385,8 @@ class Sampler:
             with self.condition(model):
                 return sample_images(model, self.scheduler, labels, seeds, steps=cfg.steps,
                                      guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
-                                     batch_size=cfg.batch_size, progress=False)
+                                     batch_size=cfg.batch_size, decode=self.decode,
+                                     progress=False)
 
         return self.store.sample(tag, draw, self.labels if labels is None else labels,
                                  self.seeds if seeds is None else seeds, fingerprint,

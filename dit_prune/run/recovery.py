@@ -53,15 +53,25 @@ class RunRecovery:
     target_positions: list[int] = field(default_factory=list)  # their training indices
     target_source: str = ""
     summaries: list[dict[str, Any]] = field(default_factory=list)  # one per recovered model
+    # text-to-image runs: the TextRun (its caption conditioning); labels are caption labels
+    text: Any = None
 
     def apply(self, model: nn.Module, tag: str) -> nn.Module:
         """Recover `model` (named `tag` in the summaries) in place; returns it in eval mode."""
-        extra: dict[str, Any] = {}
-        if self.method == "adversarial":
-            extra = {"scheduler": self.scheduler, "targets": self.targets,
-                     "target_labels": self.target_labels}
-        result = recover(self.method, model, self.images, self.labels, teacher=self.teacher,
-                         progress=False, **self.options, **extra)
+        if self.text is not None:  # caption-conditioned, through the prediction type
+            from dit_prune.prediction import Prediction
+            from dit_prune.pruning.caption_recovery import caption_recover
+
+            result = caption_recover(self.method, model, self.images, self.labels,
+                                     self.teacher, Prediction.from_scheduler(self.scheduler),
+                                     self.text.condition, progress=False, **self.options)
+        else:
+            extra: dict[str, Any] = {}
+            if self.method == "adversarial":
+                extra = {"scheduler": self.scheduler, "targets": self.targets,
+                         "target_labels": self.target_labels}
+            result = recover(self.method, model, self.images, self.labels,
+                             teacher=self.teacher, progress=False, **self.options, **extra)
         if result is None:
             return model.eval()
         summary = {k: v for k, v in result.summary().items() if k != "config"}
@@ -105,7 +115,7 @@ def prepare_recovery(cfg: Any, inputs: Any, base: nn.Module, context: Any, sampl
         images, image_labels = inputs.recovery_images, inputs.recovery_labels
         info = {"source": cfg.recover_data, "num_images": len(images)}
     recovery = RunRecovery(cfg.recover, images, image_labels, base, inputs.loaded.scheduler,
-                           options, info)
+                           options, info, text=getattr(inputs, "text", None))
     if cfg.recover == "adversarial":
         _choose_targets(recovery, inputs, target, before, options["config"].max_targets)
     return recovery

@@ -57,6 +57,7 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
         "num_samples": len(result["seeds"]),
         "seeds": cfg.to_json()["seeds"],
         "sampler": cfg.sampler,
+        "prediction": result.get("prediction", "epsilon"),  # flow: the scheduler's Euler steps
         "steps": cfg.steps,
         "guidance_scale": cfg.guidance_scale,
         "recover": cfg.recover,
@@ -91,7 +92,8 @@ def _text_description(result: dict[str, Any]) -> dict[str, Any] | None:
     if text is None:
         return None
     return {"num_rows": len(text.rows), "num_distinct_prompts": len(set(text.rows.captions)),
-            "classes_known": text.row_classes is not None}
+            "classes_known": text.row_classes is not None,
+            "latent": bool(getattr(text, "latent", False))}
 
 
 def run_warnings(result: dict[str, Any], names: dict[str, Any]) -> list[str]:
@@ -316,7 +318,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [
         "", "## What was measured", "",
         f"- {report['num_samples']} samples, seeds {report['seeds']}{_conditioning(report)} "
-        f"{report['sampler'].upper()} {report['steps']} steps, guidance {report['guidance_scale']},"
+        f"{_sampler_name(report)} {report['steps']} steps, guidance {report['guidance_scale']},"
         " one generator per image: before, after and random share every seed.",
         f"- Memorization: ratio test d1/d2 < 1/3 against the {report['num_train_images']} "
         "training images, pixel space; bootstrap 95% intervals.",
@@ -340,14 +342,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _sampler_name(report: dict[str, Any]) -> str:
+    """The sampler the run's steps were: DDIM / DDPM, or a flow-matching scheduler's own Euler
+    steps (`make_sampling_scheduler` keeps it whatever --sampler says)."""
+    if report.get("prediction") == "flow":
+        return "flow-matching Euler"
+    return str(report["sampler"]).upper()
+
+
 def _conditioning(report: dict[str, Any]) -> str:
     """What each seed was conditioned on: its class, or (text-to-image) a training caption."""
     text = report.get("text")
     if not text:
         return " (class = seed mod classes),"
+    decoded = " latents decoded by the pipeline's VAE;" if text.get("latent") else ""
     return (f": seed s samples the caption of training row π(s mod R), π a fixed permutation of "
             f"the R = {text['num_rows']} training rows ({text['num_distinct_prompts']} distinct "
-            "captions);")
+            f"captions);{decoded}")
 
 
 def _maximum_note(report: dict[str, Any]) -> str:
@@ -382,8 +393,9 @@ def retrigger_cell(metrics: dict[str, Any] | None, interval: bool = True) -> str
 def retrigger_row(report: dict[str, Any]) -> str:
     """The table row: re-trigger success of before / after / random, held-out floor beside."""
     r = report["retrigger"]
+    sampler = "Euler" if report.get("prediction") == "flow" else "DDIM"
     label = (f"re-trigger success ({r['attack_steps']} Adam steps on the noise, "
-             f"{r['ddim_steps']} DDIM steps)")
+             f"{r['ddim_steps']} {sampler} steps)")
     arms = ("before", "after", "random_baseline") + (("control",) if report.get("control")
                                                      else ())
     return f"| {label} | " + " | ".join(retrigger_cell(report[arm]) for arm in arms) + " | — |"
@@ -425,14 +437,15 @@ def retrigger_sentence(report: dict[str, Any]) -> str:
     r = report["retrigger"]
     source = "duplicated training images" if r["source"] == "duplicated" else \
         "training images (a seeded sample)"
+    sampler = "flow-matching Euler" if report.get("prediction") == "flow" else "DDIM"
     return (f"Re-trigger success (Kowalczuk et al. 2025): for {r['targets']} {source} and "
             f"{r['heldout_targets']} held-out images, the initial noise was optimised with Adam "
             f"(lr {r['lr']:g}, {r['attack_steps']} steps, prior weight {r['prior_weight']:g}) "
-            f"through a differentiable {r['ddim_steps']}-step DDIM sampler given the target's "
-            f"class, seed {r['seed']}; a success when the sample's nearest image (pixel L2, "
-            "training images and held-out targets) is the target and its copy similarity is "
-            f"≥ τ = {r['copy_threshold']:.4f}. The held-out success is the floor (noise "
-            "optimisation without memorization); intervals are bootstrap over targets; "
+            f"through a differentiable {r['ddim_steps']}-step {sampler} sampler given the "
+            f"target's class, seed {r['seed']}; a success when the sample's nearest image "
+            "(pixel L2, training images and held-out targets) is the target and its copy "
+            f"similarity is ≥ τ = {r['copy_threshold']:.4f}. The held-out success is the floor "
+            "(noise optimisation without memorization); intervals are bootstrap over targets; "
             f"{r['models_attacked']} models attacked in {r['seconds']:.0f} s. Reported beside "
             "the verdict, not part of it.")
 

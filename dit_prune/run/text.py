@@ -15,6 +15,14 @@ controls) works on labels. A text-to-image run gives every distinct caption a la
 * Copies are counted against the distinct training images; for the embedded model the
   memorized-prompt images are the run's duplicated target (as `--duplicate` digits are).
 * Class agreement is measured only when each row's class is known (the embedded digits).
+* Recovery (`--recover finetune|distill`, `dit_prune.pruning.caption_recovery`) trains on the
+  distinct training images with their captions (`--recover-data train`), the held-out rows
+  (`heldout`) or a caption folder, in the transformer's input space, on caption labels.
+* Latent pipelines (a VAE other than `IdentityVAE`: SD3, Sana, a latent PixArt): the images of
+  the caption folders are the decoded space, where samples (decoded by the pipeline's VAE,
+  `decode_latents`), copies and FD are measured; the scorers and the re-trigger attack work on
+  their latents (`encode_images`, computed once), the attack comparing decoded samples.
+  Transformers without a sample size (Flux's packed tokens) are refused.
 
 Example:
     >>> inputs = text_run_inputs(cfg, load_dit(cfg.checkpoint))  # doctest: +SKIP
@@ -76,6 +84,29 @@ class TextRun:
     unique: torch.Tensor  # (R,) long: row -> position among the distinct training images
     row_classes: torch.Tensor | None  # (R,) long, or None
     memorized_captions: tuple[str, ...] = ()
+    # latent pipelines: the distinct training and the held-out images in the transformer's
+    # input space, (N, c, h, w) and (K, c, h, w); None for pixel-space pipelines
+    model_train: torch.Tensor | None = None
+    model_heldout: torch.Tensor | None = None
+
+    @property
+    def latent(self) -> bool:
+        """True when the pipeline samples latents that its VAE decodes."""
+        return self.model_train is not None
+
+    @property
+    def model_shape(self) -> tuple[int, int, int]:
+        """(c, h, w) of one transformer input (latent pipelines)."""
+        if self.model_train is None:
+            raise DitPruneError("a pixel-space run has no separate model space")
+        return tuple(int(v) for v in self.model_train.shape[1:])  # type: ignore[return-value]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Model-space samples (B, c, h, w) -> images (B, C, H, W) in about [-1, 1], through the
+        pipeline's VAE (`dit_prune.pipelines.vae.decode_latents`; differentiable)."""
+        from dit_prune.pipelines.vae import decode_latents
+
+        return decode_latents(self.pipe, latents)
 
     def seed_rows(self, seeds: Sequence[int]) -> torch.Tensor:
         """Training row of each seed (N,): π(s mod R) (module docstring)."""
@@ -123,24 +154,32 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
     from dit_prune.commands.common import pick_device
     from dit_prune.run.experiment import RunInputs
 
-    if cfg.recover != "none":
-        raise DitPruneError("recovery (--recover) is not supported on text-to-image runs yet")
     extra = loaded.meta.extra if isinstance(loaded.meta.extra, dict) else {}
     rows, classes, memorized, record = _training_rows(cfg, extra)  # caption folders first:
     heldout = _heldout_rows(cfg, extra)  # their errors come before the pipeline loads
+    recovery_folder = _recovery_folder(cfg)  # a caption folder, or None
     pipe = _quiet_load(cfg.checkpoint)
     unique, positions = _distinct(rows)
     train_images = rows.images[positions]  # (N, C, H, W) distinct images
     model = pipe.transformer
-    expected = (int(model.config.in_channels), int(model.config.sample_size) * _vae_scale(pipe))
-    if pipe.vae is not None and type(pipe.vae).__name__ != "IdentityVAE":
-        raise DitPruneError("dit-prune run measures pixel-space text-to-image pipelines (with "
-                            "IdentityVAE) for now; latent pipelines: use dit_prune.pipelines")
-    for what, images in (("training images", train_images), ("held-out images", heldout.images)):
+    if not getattr(model.config, "sample_size", None):
+        raise DitPruneError(f"dit-prune run samples transformers with a sample size; "
+                            f"{type(model).__name__} has none (packed tokens): score and prune "
+                            "it with dit_prune.pipelines")
+    latent = pipe.vae is not None and type(pipe.vae).__name__ != "IdentityVAE"
+    channels = int(getattr(pipe.vae.config, "in_channels", 3)) if latent else \
+        int(model.config.in_channels)
+    expected = (channels, int(model.config.sample_size) * _vae_scale(pipe))
+    checked = [("training images", train_images), ("held-out images", heldout.images)]
+    if recovery_folder is not None:
+        checked.append((f"recovery images ({cfg.recover_data})", recovery_folder.images))
+    for what, images in checked:
         if tuple(images.shape[1:]) != (expected[0], expected[1], expected[1]):
             raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the pipeline makes "
                                 f"{(expected[0], expected[1], expected[1])} (C, H, W)")
-    labels = CaptionLabels.build(pipe, list(rows.captions) + list(heldout.captions))
+    extra_captions = list(recovery_folder.captions) if recovery_folder is not None else []
+    labels = CaptionLabels.build(pipe, list(rows.captions) + list(heldout.captions)
+                                 + extra_captions)
     null = labels.null
     if null and labels.num_labels > null:
         raise DitPruneError(f"{labels.num_labels} distinct captions, but this transformer's "
@@ -148,9 +187,54 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
     row_labels = labels.of(list(rows.captions))  # (R,)
     train_labels = row_labels[positions]  # (N,) the first caption of each distinct image
     meta = dataclasses.replace(loaded.meta, extra={**extra, "data": record})
-    text = TextRun(pipe, labels, rows, unique, classes, memorized)
+    device = pick_device(cfg.device)
+    model_train = model_heldout = None
+    if latent:  # encoded once, deterministically (the VAE's mode), for scorers
+        from dit_prune.pipelines.vae import encode_images
+
+        pipe.vae.to(device).eval()
+        model_train = encode_images(pipe, train_images)  # (N, c, h, w)
+        model_heldout = encode_images(pipe, heldout.images)  # (K, c, h, w)
+    text = TextRun(pipe, labels, rows, unique, classes, memorized, model_train, model_heldout)
+    heldout_labels = labels.of(list(heldout.captions))  # (K,)
+    recovery, recovery_labels = None, None  # in the transformer's input space
+    if cfg.recover != "none":
+        recovery, recovery_labels = {
+            "train": (train_images if model_train is None else model_train, train_labels),
+            "heldout": (heldout.images if model_heldout is None else model_heldout,
+                        heldout_labels),
+        }.get(cfg.recover_data, (None, None))
+        if recovery_folder is not None:
+            recovery = recovery_folder.images
+            if latent:
+                from dit_prune.pipelines.vae import encode_images
+
+                recovery = encode_images(pipe, recovery)  # (P, c, h, w)
+            recovery_labels = labels.of(list(recovery_folder.captions))  # (P,)
     return RunInputs(loaded._replace(meta=meta), train_images, train_labels, heldout.images,
-                     labels.of(list(heldout.captions)), pick_device(cfg.device), text=text)
+                     heldout_labels, device, recovery, recovery_labels, text=text)
+
+
+TEXT_RECOVERIES = ("none", "finetune", "distill")
+TEXT_RECOVERY_DATA = ("train", "heldout")  # or a caption folder
+
+
+def _recovery_folder(cfg: Any) -> CaptionedImages | None:
+    """Check the recovery of a text-to-image run (finetune or distill, on the training rows,
+    the held-out rows or a caption folder); returns the folder's rows, or None."""
+    if cfg.recover not in TEXT_RECOVERIES:
+        raise DitPruneError(f"--recover {cfg.recover} is not supported on text-to-image runs "
+                            "(its attack conditions on class embeddings); use finetune or "
+                            "distill")
+    if cfg.recover == "none" or cfg.recover_data in TEXT_RECOVERY_DATA:
+        return None
+    from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
+
+    if cfg.recover_data in RECOVERY_SOURCES:
+        raise DitPruneError(f"--recover-data {cfg.recover_data} is not available on "
+                            "text-to-image runs; use train, heldout or a caption folder "
+                            "(images with metadata.jsonl)")
+    return load_caption_folder(cfg.recover_data)
 
 
 def _quiet_load(path: str | Path) -> Any:
