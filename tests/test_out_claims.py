@@ -266,3 +266,81 @@ def test_undone_on_failure_keeps_what_existed(tmp_path):
         (target / MARKER_NAME).write_text("{}")
         raise DitPruneError("boom")
     assert not (tmp_path / "a" / "b").exists() and (tmp_path / "a" / "other.txt").is_file()
+
+
+# 3. run / index markers list the files they wrote: --overwrite removes only those
+
+
+def test_a_resumed_output_keeps_foreign_files_out_of_its_marker(tmp_path):
+    """Files put beside a finished output are named foreign while a resumed command works and
+    left out of its final list; --overwrite is refused meanwhile and afterwards."""
+    from dit_prune.commands.common import foreign_entries, mark_started
+
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    assert foreign_entries(out) == ()  # no marker: nothing is known about the files
+    mark_finished(out, "index")
+    (out / "notes.txt").write_text("mine\n")
+    foreign = foreign_entries(out)
+    assert foreign == ("notes.txt",)
+    mark_started(out, "index", foreign)  # resumed: the list is gone, the foreign name is kept
+    assert "files" not in json.loads((out / MARKER_NAME).read_text())
+    with pytest.raises(DitPruneError, match="holds notes.txt, which `dit-prune index` did not"):
+        claim_out(out, "index", {}, overwrite=True)
+    (out / "images-00000.safetensors").write_text("a shard")
+    mark_finished(out, "index", foreign)
+    assert json.loads((out / MARKER_NAME).read_text())["files"] == [
+        "images-00000.safetensors", "manifest.json"]
+    with pytest.raises(DitPruneError, match="holds notes.txt"):
+        claim_out(out, "index", {}, overwrite=True)
+    (out / "notes.txt").unlink()
+    assert claim_out(out, "index", {}, overwrite=True) == out.resolve()
+
+
+def test_index_marker_lists_its_files_and_overwrite_spares_others(tmp_path, monkeypatch,
+                                                                  capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "store"
+    argv = ["index", "--images", "digits-heldout", "--out", str(out), "--shard-size", "512",
+            "--no-progress"]
+    assert main(argv) == 0
+    on_disk = sorted(p.name for p in out.iterdir() if p.name != MARKER_NAME)
+    marker = json.loads((out / MARKER_NAME).read_text())
+    assert marker["command"] == "index" and marker["files"] == on_disk
+    assert {"manifest.json", "images-00000.safetensors", "config.resolved.json"} <= set(on_disk)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 0  # only its own files: replaced
+    (out / "README.txt").write_text("what this store is, written by hand\n")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    line = one_error_line(capsys)
+    assert "README.txt" in line and "did not write" in line, line
+    assert snapshot(out) == before
+    assert main(argv) == 0  # resuming keeps the hand-written file, and does not claim it
+    assert (out / "README.txt").is_file()
+    assert "README.txt" not in json.loads((out / MARKER_NAME).read_text())["files"]
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    assert "README.txt" in one_error_line(capsys)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_run_marker_lists_its_files_and_overwrite_spares_others(ck, tmp_path, monkeypatch,
+                                                                capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r"
+    argv = ["run", str(ck), "--out", str(out), *RUN, "--retrigger-targets", "0"]
+    assert main(argv) == 0
+    on_disk = sorted(p.name for p in out.iterdir() if p.name != MARKER_NAME)
+    marker = json.loads((out / MARKER_NAME).read_text())
+    assert marker["command"] == "run" and marker["files"] == on_disk
+    assert {"report.json", "report.md", "pruned", "config.resolved.json"} <= set(on_disk)
+    (out / "notes.md").write_text("what I saw in this run\n")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 2  # other options: would start over
+    line = one_error_line(capsys)
+    assert "notes.md" in line and "did not write" in line, line
+    assert snapshot(out) == before

@@ -3,7 +3,9 @@
 Every subcommand claims its `--out` with `claim_out` before any long work (claiming writes
 nothing): the output may not be, contain or lie inside an input, and `--overwrite` replaces only
 a directory that an earlier run of the same subcommand wrote: it carries the `.dit_prune_run`
-marker, and when the marker lists the files that run wrote, it holds nothing else. A directory
+marker, and when the marker lists the files that run wrote (a finished output), it holds
+nothing else, nor anything the marker names as foreign (an unfinished `run` or `index` resumed
+in a directory holding files it did not write). A directory
 without the marker (a shipped checkpoint, one written by hand or by an older version) is never
 replaced. Outputs are then built in a temporary sibling (`staged_output`) and renamed into place,
 so a failed or interrupted command leaves nothing half-written; `run` and `index`, which write
@@ -62,11 +64,42 @@ def write_marker(run_dir: Path, command: str, **extra: Any) -> None:
     atomic_write_text(run_dir / MARKER_NAME, json.dumps({"command": command, **extra}) + "\n")
 
 
-def mark_finished(run_dir: Path, command: str, **extra: Any) -> None:
-    """Mark `run_dir` as a finished `dit-prune <command>` output whose top-level entries are all
-    its own: the marker lists them, and `--overwrite` refuses the directory once it holds more."""
-    files = sorted(p.name for p in run_dir.iterdir() if p.name != MARKER_NAME)
+def mark_finished(run_dir: Path, command: str, foreign: tuple[str, ...] = (),
+                  **extra: Any) -> None:
+    """Mark `run_dir` as a finished `dit-prune <command>` output: the marker lists its top-level
+    entries but `foreign` (what someone else put there before a resumed command, see
+    `mark_started`), and `--overwrite` refuses the directory once it holds more."""
+    files = sorted(p.name for p in run_dir.iterdir()
+                   if p.name != MARKER_NAME and p.name not in foreign)
     write_marker(run_dir, command, files=files, **extra)
+
+
+def mark_started(run_dir: Path, command: str, foreign: tuple[str, ...] = (),
+                 **extra: Any) -> None:
+    """Mark `run_dir` as the unfinished output of a command that writes into it as it goes
+    (`run`, `index`): the marker lists no files yet (`--overwrite` may then replace whatever
+    the command wrote), but names the `foreign` entries (`foreign_entries`, taken before this
+    call) so that `--overwrite` still refuses the directory while they are there."""
+    write_marker(run_dir, command, **({"foreign": sorted(foreign)} if foreign else {}), **extra)
+
+
+def foreign_entries(path: Path) -> tuple[str, ...]:
+    """Top-level entries of output directory `path` that its marker says the tool did not
+    write: those a finished output's file list does not name, and those an unfinished one
+    records as foreign (sorted; empty without a marker, or for an unfinished output that
+    recorded none). Take them before the marker is rewritten."""
+    marker = read_marker(path) if path.is_dir() else None
+    if marker is None:
+        return ()
+    listed = marker.get("files")
+    recorded = marker.get("foreign")
+    names = {p.name for p in path.iterdir() if p.name != MARKER_NAME}
+    found = set()
+    if isinstance(listed, list):
+        found |= names - set(listed)
+    if isinstance(recorded, list):
+        found |= names & set(recorded)
+    return tuple(sorted(found))
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
@@ -168,10 +201,8 @@ def claim_out(out: str | os.PathLike[str] | None, command: str,
             raise DitPruneError(f"--out {out} was written by `dit-prune {found}`, not "
                                 f"`dit-prune {command}`; --overwrite replaces only an earlier "
                                 f"`dit-prune {command}` output")
-        listed = marker.get("files")
-        if overwrite and isinstance(listed, list):
-            extra = sorted(p.name for p in target.iterdir()
-                           if p.name != MARKER_NAME and p.name not in listed)
+        if overwrite:
+            extra = foreign_entries(target)
             if extra:
                 raise DitPruneError(f"--out {out} holds {', '.join(extra[:3])}"
                                     f"{' ...' if len(extra) > 3 else ''}, which `dit-prune "

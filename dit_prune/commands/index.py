@@ -6,7 +6,9 @@ manifest keyed by the images' content hash (see dit_prune/store/format.py). Fini
 are kept when the command is interrupted or fails: the same command resumes, and running it
 again with another `--copy-detector` adds that detector's embeddings to a finished store. The
 options and inputs (image sizes included) are checked before --out is written; a command that
-fails before its first shard removes the --out it created.
+fails before its first shard removes the --out it created. A finished store's `.dit_prune_run`
+marker lists the files the command wrote, so `--overwrite` refuses a store folder that holds
+anything else (files put beside a store that is then resumed are recorded as not its own).
 Under `accelerate launch --num_processes N` every process writes and embeds every N-th shard
 (dit_prune/store/distributed.py); the store is the same as one process writes, and the processes
 meet at a last barrier and close their process group when the command ends (on an error too).
@@ -29,10 +31,12 @@ from dit_prune.commands.common import (
     check_positive,
     claim_out,
     dump_resolved_config,
+    foreign_entries,
+    mark_finished,
+    mark_started,
     missing_root,
     pick_device,
     undone_on_failure,
-    write_marker,
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.store.build import build_store
@@ -74,8 +78,10 @@ def _index(args: argparse.Namespace, processes: Processes) -> int:
     inputs = {"--images": None if args.images in DIGITS_SOURCES else args.images,
               "--copy-detector": args.copy_detector}
     created = missing_root(Path(args.out)) if processes.is_main else None
+    foreign: tuple[str, ...] = ()  # files someone else put beside a store being resumed
     if processes.is_main:  # the others wait for it below (it may empty --out first)
         out = claim_out(args.out, "index", inputs, args.overwrite, resume=True)
+        foreign = foreign_entries(out)
     else:
         out = check_out_path(args.out, inputs)
     was_empty = processes.is_main and out.is_dir() and not any(out.iterdir())
@@ -96,7 +102,7 @@ def _index(args: argparse.Namespace, processes: Processes) -> int:
             if args.overwrite and out.is_dir():
                 shutil.rmtree(out)
             out.mkdir(parents=True, exist_ok=True)
-            write_marker(out, "index")
+            mark_started(out, "index", foreign)
         processes.barrier()
         store = build_store(source, out, args.shard_size, detector,
                             progress=not args.no_progress, processes=processes)
@@ -104,6 +110,7 @@ def _index(args: argparse.Namespace, processes: Processes) -> int:
         return 0
     dump_resolved_config(out, args, device=str(device), count=len(store),
                          content_hash=store.content_hash)
+    mark_finished(out, "index", foreign)  # lists what it wrote: what --overwrite may replace
     print(json.dumps({"store": str(out), "images": len(store), "shape": list(store.shape),
                       "shards": store.num_shards, "content_hash": store.content_hash,
                       "embeddings": store.embedding_fingerprints()}))

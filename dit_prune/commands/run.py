@@ -7,7 +7,8 @@ that fails before any work removes the --out it created. The run directory is cl
 lock: a second run into the same --out *while the first is working* fails at once instead of
 mixing its files with the first one's. Once a run has stopped, the same command again continues
 from the sample shards and scores it finished (and a finished run writes its report again);
-other options need --overwrite.
+other options need --overwrite. A finished run's `.dit_prune_run` marker lists the files it
+wrote, so `--overwrite` refuses a run directory that holds anything else.
 
 Example:
     $ dit-prune run checkpoints/digits-memorized --out runs/demo --budget 0.1,0.2
@@ -31,10 +32,12 @@ from dit_prune.commands.common import (
     check_scorer_timesteps,
     claim_out,
     dump_resolved_config,
+    foreign_entries,
+    mark_finished,
+    mark_started,
     missing_root,
     pick_device,
     undone_on_failure,
-    write_marker,
 )
 from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
@@ -205,10 +208,12 @@ def _run(args: argparse.Namespace) -> int:
     evaluation_nets(cfg)  # the feature and copy-detection nets load (kind, weights) before --out
     state = partial_state()  # CPU processes under torchrun too (a bare PartialState: one each)
     lock = None
+    foreign: tuple[str, ...] = ()
     main = state.is_main_process  # it alone claims (and undoes) --out
     with undone_on_failure(run_dir, created if main else None, was_empty and main):
         if state.is_main_process:
-            lock = _claim_run_dir(run_dir, cfg, args.overwrite)
+            foreign = foreign_entries(run_dir)  # files someone else put beside a resumed run
+            lock = _claim_run_dir(run_dir, cfg, args.overwrite, foreign)
             dump_resolved_config(run_dir, args, resolved=cfg.to_json())
         state.wait_for_everyone()
         result = run_experiment(cfg, inputs, progress=state.is_main_process)
@@ -226,6 +231,8 @@ def _run(args: argparse.Namespace) -> int:
         save_pruned(entry["model"], run_dir / "pruned", scheduler=inputs.loaded.scheduler,
                     plan=entry["after_plan"], base_hash=inputs.loaded.meta.weights_sha256,
                     overwrite=True)
+    assert lock is not None  # claimed by the main process above
+    mark_finished(run_dir, "run", foreign, run_id=lock.run_id)  # what --overwrite may replace
     print("\n".join(summary_lines(report)))
     print(f"\nwrote {run_dir}/report.md, report.json, samples_before_after.png"
           + ", tradeoff.png"
@@ -284,10 +291,12 @@ def _locked(marker: Path, run_dir: Path) -> IO[str] | None:
     return handle
 
 
-def _claim_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> _Lock:
+def _claim_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool,
+                   foreign: tuple[str, ...] = ()) -> _Lock:
     """Resume a run with identical options; otherwise refuse (or, with overwrite, start over).
 
-    Whatever it does, the directory ends up marked with this run's id and locked."""
+    Whatever it does, the directory ends up marked (`mark_started`, naming the `foreign`
+    entries a resumed run keeps) with this run's id and locked."""
     if run_dir.exists() and not run_dir.is_dir():
         raise DitPruneError(f"run directory {run_dir} is a file")
     previous = run_dir / RESOLVED_CONFIG_NAME
@@ -310,7 +319,7 @@ def _claim_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool) -> _Lock:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         run_id = uuid.uuid4().hex
-        write_marker(run_dir, "run", run_id=run_id)
+        mark_started(run_dir, "run", foreign if same else (), run_id=run_id)
         return _Lock(run_dir, run_id)
     finally:
         if held is not None:
