@@ -197,6 +197,7 @@ def sample_images(
     batch_size: int = 128,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: bool = True,
+    shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Generate one image per (label, seed): (N, C, H, W) in [0, 1].
 
@@ -204,7 +205,9 @@ def sample_images(
     (index = number of classes; 0 for a transformer without a class count, whose labels are
     caption labels inside `caption_conditioning`). `decode` maps model-space samples to images
     in [-1, 1] (e.g. a VAE decoder for latent DiTs, `dit_prune.pipelines.vae.decode_latents`);
-    pixel-space models need none. The returned shape is then the decoded images'.
+    pixel-space models need none. The returned shape is then the decoded images'. `shape` is the
+    (C, H, W) of one model input (default: `in_channels` and `sample_size`; a transformer without
+    a sample size, such as Flux on its 2×2-packed latents, needs it).
     """
     check_guidance_scale(guidance_scale)
     check_steps(steps, scheduler)
@@ -221,21 +224,27 @@ def sample_images(
             f"labels must lie in [0, {num_classes - 1}], got [{labels.min()}, {labels.max()}]"
         )
     device = next(model.parameters()).device
-    channels, size = int(model.config.in_channels), int(model.config.sample_size)
+    if shape is None:
+        if not getattr(model.config, "sample_size", None):
+            raise DitPruneError(f"{type(model).__name__} has no sample_size: pass the (C, H, W) "
+                                "of its inputs")
+        shape = (int(model.config.in_channels), int(model.config.sample_size),
+                 int(model.config.sample_size))
+    shape = tuple(int(v) for v in shape)
     out: list[torch.Tensor] = []
     bar = tqdm(total=len(seeds), desc=f"sampling ({sampler}, {steps} steps)", disable=not progress)
     for start in range(0, len(seeds), batch_size):
         batch_seeds = seeds[start : start + batch_size]
         batch_labels = labels[start : start + batch_size].to(device)  # (B,)
         x = _denoise(model, scheduler, batch_labels, batch_seeds, steps, guidance_scale, sampler,
-                     (channels, size, size), num_classes)  # (B, C, h, w)
+                     shape, num_classes)  # (B, C, h, w)
         if decode is not None:
             x = decode(x)  # (B, C', H, W) in [-1, 1]
         out.append(((x.clamp(-1, 1) + 1) / 2).cpu())  # (B, C, H, W) in [0, 1]
         bar.update(len(batch_seeds))
     bar.close()
     if not out:
-        return torch.empty(0, channels, size, size)
+        return torch.empty(0, *shape)
     return torch.cat(out)
 
 
@@ -251,7 +260,7 @@ def _denoise(
     null: int,
 ) -> torch.Tensor:
     device = labels.device
-    sched = make_sampling_scheduler(scheduler, sampler, steps)
+    sched = make_sampling_scheduler(scheduler, sampler, steps, image_token_count(model, shape))
     x = initial_noise(seeds, shape).to(device) * getattr(sched, "init_noise_sigma", 1.0)
     generators = seed_generators([s + 1_000_003 for s in seeds]) if sampler == "ddpm" else None
     guided = guidance_scale != 1.0

@@ -52,25 +52,29 @@ def test_decode_latents_inverts_the_latent_scaling():
     torch.testing.assert_close(decode_latents(pipe, latents), direct)
 
 
-@pytest.fixture(scope="module")
-def sd3_inputs(tmp_path_factory):
-    """A saved tiny SD3 pipeline, caption folders (6 training images on 8 rows, 8 held-out)
-    and the toy networks: the run's arguments after `run PIPELINE --out OUT`."""
-    root = tmp_path_factory.mktemp("sd3-run")
-    save_pipeline(tiny_sd3_pipeline(), root / "sd3")
+def _run_inputs(root, pipe) -> tuple:
+    """`pipe` saved under `root`, caption folders of 16×16 RGB images (6 training images on 8
+    rows, 8 held-out) and the toy networks: (pipeline dir, the run's arguments after
+    `run PIPELINE --out OUT`)."""
+    save_pipeline(pipe, root / "pipe")
     gen = torch.Generator().manual_seed(0)
     train = torch.rand(6, 3, 16, 16, generator=gen) * 2 - 1  # (6, 3, 16, 16)
     held = torch.rand(8, 3, 16, 16, generator=gen) * 2 - 1  # (8, 3, 16, 16)
     rows = [0, 1, 2, 3, 4, 5, 0, 1]  # two images listed twice (one training image each)
     write_caption_folder(root / "train", train[rows], [CAPTIONS[r] for r in rows], files=rows)
     write_caption_folder(root / "held", held, [CAPTIONS[i % 6] for i in range(8)])
-    return root / "sd3", [
+    return root / "pipe", [
         "--seeds", "0-11", "--steps", "2", "--budget", "2", "--budget-mode", "neurons",
         "--random-seeds", "1", "--retrigger-targets", "1", "--retrigger-steps", "1",
         "--retrigger-ddim-steps", "2", "--scorer-option", "batches=1",
         "--train", str(root / "train"), "--heldout", str(root / "held"),
         "--copy-detector", _script(_Pooled(4), root / "copy.pt"),
         "--features", _script(_Pooled(2), root / "feat.pt")]
+
+
+@pytest.fixture(scope="module")
+def sd3_inputs(tmp_path_factory):
+    return _run_inputs(tmp_path_factory.mktemp("sd3-run"), tiny_sd3_pipeline())
 
 
 def test_run_on_a_latent_sd3_pipeline_with_caption_folders(sd3_inputs, tmp_path):
@@ -171,3 +175,20 @@ def test_text_recovery_refusals_are_one_line_before_work(sd3_inputs, tmp_path, c
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_run_on_flux_samples_its_packed_latents(tmp_path):
+    """Flux has no sample size: the run samples its 2×2-packed latents at the folders' size,
+    unpacks and decodes them; fine-tuning recovery runs through flow matching."""
+    from dit_prune.pipelines.tiny import tiny_flux_pipeline
+
+    pipe_dir, args = _run_inputs(tmp_path, tiny_flux_pipeline())
+    out = tmp_path / "run"
+    assert main(["run", str(pipe_dir), "--out", str(out), *args, "--recover", "finetune",
+                 "--recover-steps", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["prediction"] == "flow" and report["units_removed"] == {"neuron": 2}
+    assert [s["model"] for s in report["recovery"]["summaries"]] == \
+        ["control", "random_s1_2", "after_2"]
+    assert report["num_train_images"] == 6
+    assert type(load_pruned_pipeline(out / "pruned")).__name__ == "FluxPipeline"

@@ -24,7 +24,7 @@ from dit_prune.pipelines.tiny import (
 )
 from dit_prune.pipelines.vae import encode_images
 from dit_prune.prediction import Prediction
-from dit_prune.sampling import make_sampling_scheduler
+from dit_prune.sampling import make_sampling_scheduler, sample_images
 from dit_prune.scorers import SCORERS, CalibrationData, get_scorer
 from dit_prune.scorers.trajectories import run_trajectories, sample_plan
 from dit_prune.units import adapter_for, enumerate_units
@@ -129,3 +129,6 @@ def test_trajectories_of_a_model_without_sample_size_need_a_shape():
     with pytest.raises(DitPruneError, match="has no sample_size") as info:
         run_trajectories(pipe.transformer, pipe.scheduler, torch.tensor([0]), [0], 2)
     assert "\n" not in str(info.value)
+    with pytest.raises(DitPruneError, match="has no sample_size"):
+        sample_images(pipe.transformer, pipe.scheduler, torch.tensor([0]), [0], 2,
+                      progress=False)

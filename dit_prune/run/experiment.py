@@ -214,8 +214,10 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
                             cache_dir=run_dir / "cache", device=inputs.device,
                             subsets={target[0]: target[1]} if target else None,
                             train_store=inputs.train_store)
-    decode = text.decode if text is not None and text.latent else None  # latent: the VAE
-    sampler = Sampler(cfg, scheduler, store, labels, seeds, progress, condition, decode)
+    latent = text is not None and text.latent
+    decode = text.decode if latent else None  # latent: the VAE
+    shape = text.model_shape if latent else None  # (c, h, w) of a latent model's input
+    sampler = Sampler(cfg, scheduler, store, labels, seeds, progress, condition, decode, shape)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), classes, context)
     kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds
     units = enumerate_units(base, kinds)
@@ -225,7 +227,7 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
                             scheduler, meta.weights_sha256, progress, condition)
     base_cost = macs_and_params(base)
     with condition(base):
-        base_latency = latency_seconds(base, scheduler, cfg, labels)
+        base_latency = latency_seconds(base, scheduler, cfg, labels, shape=shape)
     before.metrics.update(params=base_cost["params"], macs=base_cost["macs"],
                           latency_s=base_latency)
     probe = retrigger_probe(cfg, inputs, target, context)  # None: --retrigger-targets 0
@@ -240,7 +242,8 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
         arm = _evaluate(tag, sampler(model, tag, weights_fingerprint(model)), classes, context)
         cost = macs_and_params(model)
         with condition(model):
-            latency = latency_seconds(model, scheduler, cfg, labels) if timed else None
+            latency = latency_seconds(model, scheduler, cfg, labels, shape=shape) if timed \
+                else None
             if attacked and probe is not None:
                 arm.metrics.update(probe(model))
         arm.metrics.update(params=cost["params"], macs=cost["macs"], latency_s=latency)
@@ -368,11 +371,13 @@ class Sampler:
     def __init__(self, cfg: RunConfig, scheduler: Any, store: ShardStore,
                  labels: torch.Tensor, seeds: list[int], progress: bool = True,
                  condition: Callable[[nn.Module], AbstractContextManager] | None = None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 shape: tuple[int, int, int] | None = None) -> None:
         self.cfg, self.scheduler, self.store = cfg, scheduler, store
         self.labels, self.seeds, self.progress = labels, seeds, progress
         self.condition = condition or _unconditioned  # text runs: caption labels
         self.decode = decode  # latent text runs: the pipeline's VAE decoder
+        self.shape = shape  # latent text runs: (c, h, w) of one model input
 
     def __call__(self, model: nn.Module, tag: str, model_hash: str,
                  labels: torch.Tensor | None = None,
@@ -386,7 +391,7 @@ class Sampler:
                 return sample_images(model, self.scheduler, labels, seeds, steps=cfg.steps,
                                      guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
                                      batch_size=cfg.batch_size, decode=self.decode,
-                                     progress=False)
+                                     progress=False, shape=self.shape)
 
         return self.store.sample(tag, draw, self.labels if labels is None else labels,
                                  self.seeds if seeds is None else seeds, fingerprint,

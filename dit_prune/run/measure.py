@@ -32,10 +32,11 @@ def macs_and_params(model: nn.Module) -> dict[str, int]:
 
 
 def latency_seconds(model: nn.Module, scheduler: Any, cfg: Any, labels: torch.Tensor | None = None,
-                    repeats: int = 3) -> float:
+                    repeats: int = 3, shape: tuple[int, int, int] | None = None) -> float:
     """Median wall time to sample one batch of 64 images with the run's sampler and steps.
 
-    `labels` (N,): the run's labels, cycled to 64 (default: classes 0, 1, ... of the model)."""
+    `labels` (N,): the run's labels, cycled to 64 (default: classes 0, 1, ... of the model);
+    `shape`: the (C, H, W) of one model input when the model has no sample size (Flux)."""
     if labels is None or not len(labels):
         labels = torch.arange(LATENCY_BATCH) % int(model.config.num_embeds_ada_norm)  # (64,)
     else:
@@ -46,6 +47,6 @@ def latency_seconds(model: nn.Module, scheduler: Any, cfg: Any, labels: torch.Te
         started = time.perf_counter()
         sample_images(model, scheduler, labels, seeds, steps=cfg.steps,
                       guidance_scale=cfg.guidance_scale, sampler=cfg.sampler,
-                      batch_size=LATENCY_BATCH, progress=False)
+                      batch_size=LATENCY_BATCH, progress=False, shape=shape)
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]

@@ -22,7 +22,8 @@ controls) works on labels. A text-to-image run gives every distinct caption a la
   the caption folders are the decoded space, where samples (decoded by the pipeline's VAE,
   `decode_latents`), copies and FD are measured; the scorers and the re-trigger attack work on
   their latents (`encode_images`, computed once), the attack comparing decoded samples.
-  Transformers without a sample size (Flux's packed tokens) are refused.
+  Flux runs on its 2×2-packed latents (`flux_model_space`), unpacked before decoding; its image
+  size is the caption folders' (sides divisible by twice the VAE's scale factor).
 
 Example:
     >>> inputs = text_run_inputs(cfg, load_dit(cfg.checkpoint))  # doctest: +SKIP
@@ -44,7 +45,11 @@ import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
-from dit_prune.pipelines.caption_labels import CaptionLabels, caption_conditioning
+from dit_prune.pipelines.caption_labels import (
+    CaptionLabels,
+    caption_conditioning,
+    flux_model_space,
+)
 from dit_prune.text_data import (
     CaptionedImages,
     digits_text_classes,
@@ -88,6 +93,7 @@ class TextRun:
     # input space, (N, c, h, w) and (K, c, h, w); None for pixel-space pipelines
     model_train: torch.Tensor | None = None
     model_heldout: torch.Tensor | None = None
+    packed: bool = False  # Flux: model space = latents with each 2×2 patch as channels
 
     @property
     def latent(self) -> bool:
@@ -106,6 +112,8 @@ class TextRun:
         pipeline's VAE (`dit_prune.pipelines.vae.decode_latents`; differentiable)."""
         from dit_prune.pipelines.vae import decode_latents
 
+        if self.packed:
+            latents = torch.nn.functional.pixel_shuffle(latents, 2)  # (B, C, 2h, 2w)
         return decode_latents(self.pipe, latents)
 
     def seed_rows(self, seeds: Sequence[int]) -> torch.Tensor:
@@ -162,14 +170,21 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
     unique, positions = _distinct(rows)
     train_images = rows.images[positions]  # (N, C, H, W) distinct images
     model = pipe.transformer
-    if not getattr(model.config, "sample_size", None):
-        raise DitPruneError(f"dit-prune run samples transformers with a sample size; "
-                            f"{type(model).__name__} has none (packed tokens): score and prune "
-                            "it with dit_prune.pipelines")
+    packed = type(model).__name__ == "FluxTransformer2DModel"
     latent = pipe.vae is not None and type(pipe.vae).__name__ != "IdentityVAE"
     channels = int(getattr(pipe.vae.config, "in_channels", 3)) if latent else \
         int(model.config.in_channels)
-    expected = (channels, int(model.config.sample_size) * _vae_scale(pipe))
+    if packed:  # no sample size: the folders' size, in whole 2×2 latent patches
+        side = int(train_images.shape[-1])
+        if not latent or side % (2 * _vae_scale(pipe)):
+            raise DitPruneError(f"Flux images must be square with sides divisible by "
+                                f"{2 * _vae_scale(pipe)} (its VAE scale and 2×2 packing), got "
+                                f"{tuple(train_images.shape[1:])}")
+        expected = (channels, side)
+    elif not getattr(model.config, "sample_size", None):
+        raise DitPruneError(f"{type(model).__name__} has no sample size to sample at")
+    else:
+        expected = (channels, int(model.config.sample_size) * _vae_scale(pipe))
     checked = [("training images", train_images), ("held-out images", heldout.images)]
     if recovery_folder is not None:
         checked.append((f"recovery images ({cfg.recover_data})", recovery_folder.images))
@@ -195,7 +210,11 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
         pipe.vae.to(device).eval()
         model_train = encode_images(pipe, train_images)  # (N, c, h, w)
         model_heldout = encode_images(pipe, heldout.images)  # (K, c, h, w)
-    text = TextRun(pipe, labels, rows, unique, classes, memorized, model_train, model_heldout)
+        if packed:
+            model_train = flux_model_space(model_train)  # (N, 4c, h/2, w/2)
+            model_heldout = flux_model_space(model_heldout)  # (K, 4c, h/2, w/2)
+    text = TextRun(pipe, labels, rows, unique, classes, memorized, model_train, model_heldout,
+                   packed)
     heldout_labels = labels.of(list(heldout.captions))  # (K,)
     recovery, recovery_labels = None, None  # in the transformer's input space
     if cfg.recover != "none":
@@ -210,6 +229,8 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
                 from dit_prune.pipelines.vae import encode_images
 
                 recovery = encode_images(pipe, recovery)  # (P, c, h, w)
+                if packed:
+                    recovery = flux_model_space(recovery)  # (P, 4c, h/2, w/2)
             recovery_labels = labels.of(list(recovery_folder.captions))  # (P,)
     return RunInputs(loaded._replace(meta=meta), train_images, train_labels, heldout.images,
                      heldout_labels, device, recovery, recovery_labels, text=text)
