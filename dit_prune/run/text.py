@@ -205,14 +205,9 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
     device = pick_device(cfg.device)
     model_train = model_heldout = None
     if latent:  # encoded once, deterministically (the VAE's mode), for scorers
-        from dit_prune.pipelines.vae import encode_images
-
         pipe.vae.to(device).eval()
-        model_train = encode_images(pipe, train_images)  # (N, c, h, w)
-        model_heldout = encode_images(pipe, heldout.images)  # (K, c, h, w)
-        if packed:
-            model_train = flux_model_space(model_train)  # (N, 4c, h/2, w/2)
-            model_heldout = flux_model_space(model_heldout)  # (K, 4c, h/2, w/2)
+        model_train = _model_space(pipe, train_images, packed)  # (N, c, h, w)
+        model_heldout = _model_space(pipe, heldout.images, packed)  # (K, c, h, w)
     text = TextRun(pipe, labels, rows, unique, classes, memorized, model_train, model_heldout,
                    packed)
     heldout_labels = labels.of(list(heldout.captions))  # (K,)
@@ -224,16 +219,22 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
                         heldout_labels),
         }.get(cfg.recover_data, (None, None))
         if recovery_folder is not None:
-            recovery = recovery_folder.images
+            recovery = recovery_folder.images  # (P, C, H, W)
             if latent:
-                from dit_prune.pipelines.vae import encode_images
-
-                recovery = encode_images(pipe, recovery)  # (P, c, h, w)
-                if packed:
-                    recovery = flux_model_space(recovery)  # (P, 4c, h/2, w/2)
+                recovery = _model_space(pipe, recovery, packed)  # (P, c, h, w)
             recovery_labels = labels.of(list(recovery_folder.captions))  # (P,)
     return RunInputs(loaded._replace(meta=meta), train_images, train_labels, heldout.images,
                      heldout_labels, device, recovery, recovery_labels, text=text)
+
+
+def _model_space(pipe: Any, images: torch.Tensor, packed: bool) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] -> the transformer's input space: the VAE's latents
+    (`encode_images`, (N, c, h, w)), for Flux with each 2×2 patch as channels
+    (`flux_model_space`, (N, 4c, h/2, w/2))."""
+    from dit_prune.pipelines.vae import encode_images
+
+    latents = encode_images(pipe, images)  # (N, c, h, w)
+    return flux_model_space(latents) if packed else latents
 
 
 TEXT_RECOVERIES = ("none", "finetune", "distill")
