@@ -132,3 +132,41 @@ def test_trajectories_of_a_model_without_sample_size_need_a_shape():
     with pytest.raises(DitPruneError, match="has no sample_size"):
         sample_images(pipe.transformer, pipe.scheduler, torch.tensor([0]), [0], 2,
                       progress=False)
+
+
+@pytest.mark.parametrize("name", ["cond-gap", "activation-contrast"])
+def test_scorers_see_the_same_model_under_epsilon_and_v_prediction(name):
+    """A DiT read as ε-prediction, and the same DiT with its output turned into
+    v = sqrt(ā) ε − sqrt(1 − ā) x0 = (ε − sqrt(1 − ā) x_t) / sqrt(ā) under a v-prediction
+    scheduler, are one denoiser: the trajectories, the memorized split and (in ε units) the
+    scores of the sampling-based scorers agree. (The loss scorers use the scheduler's own
+    target, whose error is the ε error divided by sqrt(ā): a per-time weight, by definition.)"""
+    from dit_prune.models import new_dit
+
+    model = new_dit("tiny", 4, 8, 1).eval()
+    eps_sched = diffusers.DDPMScheduler()
+    v_sched = diffusers.DDPMScheduler(prediction_type="v_prediction")
+    alphas = eps_sched.alphas_cumprod  # (T,)
+
+    def as_v(_module, args, kwargs, output):
+        x, t = args[0] if args else kwargs["hidden_states"], kwargs["timestep"]
+        a = alphas[t.long()].sqrt().view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        b = (1 - alphas[t.long()]).sqrt().view(-1, 1, 1, 1)
+        eps = output.sample[:, : x.shape[1]]  # (B, C, H, W)
+        return type(output)(sample=(eps - b * x) / a)  # (B, C, H, W) v
+
+    labels = torch.arange(4)
+    plan, seeds = sample_plan(labels, 4, SAMPLES, seed=0)
+    run = run_trajectories(model, eps_sched, plan, seeds, STEPS)
+    gen = torch.Generator().manual_seed(3)
+    data = CalibrationData(run.samples, plan, torch.rand(4, 1, 8, 8, generator=gen) * 2 - 1,
+                           labels)
+    units = enumerate_units(model, ["head", "neuron"])
+    scorer = get_scorer(name, batches=1, progress=False, **OPTIONS.get(name, {}))
+    reference = scorer.compute(model, units, data, eps_sched).raw
+    handle = model.register_forward_hook(as_v, with_kwargs=True)
+    try:
+        converted = scorer.compute(model, units, data, v_sched).raw
+    finally:
+        handle.remove()
+    torch.testing.assert_close(converted, reference, rtol=1e-3, atol=1e-6)
