@@ -68,7 +68,7 @@ def limit_threads() -> None:
 
 @contextmanager
 def no_latency_measurement() -> Any:
-    """Skip the run's sampling-latency timing (3 × 64 images per model): it is irrelevant to the
+    """Skip the run's sampling-latency timing (3 × 32 images per model): it is irrelevant to the
     ablations and costs more than the evaluation itself on shared CPUs. Latency is reported NaN."""
     import dit_prune.run.experiment as experiment
 

@@ -104,6 +104,31 @@ def test_bootstrap_interval_behaviour() -> None:
     assert all(np.isnan(bootstrap_interval(torch.zeros(0))))
 
 
+def test_shared_resamples_give_the_intervals_drawn_afresh(monkeypatch) -> None:
+    from dit_prune.metrics import bootstrap
+    from dit_prune.metrics.bootstrap import resample_counts, shared_resamples
+
+    gen = torch.Generator().manual_seed(0)
+    vectors = [(torch.rand(n, generator=gen) < p).float() for n in (300, 40) for p in (0.1, 0.6)]
+    afresh = [bootstrap_interval(hits, seed=seed) for seed in (0, 1) for hits in vectors]
+    with shared_resamples():
+        shared = [bootstrap_interval(hits, seed=seed) for seed in (0, 1) for hits in vectors]
+        assert shared == afresh  # bit for bit
+        assert shared[0] != shared[len(vectors)]  # seeds 0 and 1 are kept apart
+        kept = resample_counts(300, 2000, 0)
+        assert resample_counts(300, 2000, 0) is kept  # drawn once, reused
+        assert resample_counts(300, 2000, 1) is not kept
+        with shared_resamples():  # nested: the outer block's counts
+            assert resample_counts(300, 2000, 0) is kept
+        monkeypatch.setattr(bootstrap, "MAX_SHARED_COUNTS", 1000)
+        big = resample_counts(301, 2000, 0)
+        assert resample_counts(301, 2000, 0) is not big  # too large to keep
+        assert np.array_equal(resample_counts(301, 2000, 0), big)
+    assert resample_counts(300, 2000, 0) is not kept  # nothing kept after the block
+    assert np.array_equal(resample_counts(300, 2000, 0), kept)
+    assert not kept.flags.writeable
+
+
 def test_most_replicated_and_histogram() -> None:
     report = memorization_report(torch.cat([TRAIN[:1], TRAIN[:1], TRAIN[1:2]]), TRAIN)
     assert report.most_replicated() == [(0, 2), (1, 1)]

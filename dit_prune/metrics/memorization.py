@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dit_prune.data import check_images
 from dit_prune.errors import DitPruneError
+from dit_prune.metrics.bootstrap import resample_counts
 
 MEMORIZATION_THRESHOLD = 1.0 / 3.0
 DEFAULT_CHUNK_ELEMENTS = 1 << 25  # bounds one distance block to ~128 MiB of float32
@@ -165,12 +166,13 @@ def ratio_histogram(
 def bootstrap_interval(
     hits: torch.Tensor, num_resamples: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of a 0/1 vector."""
+    """Percentile bootstrap interval of the mean of a 0/1 vector (resample counts from
+    `bootstrap.resample_counts`: drawn once per length and seed in a `shared_resamples()`
+    block, with the same result)."""
     values = np.asarray(hits, dtype=np.float64)
     if len(values) == 0:
         return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(values), np.full(len(values), 1 / len(values)), num_resamples)
+    counts = resample_counts(len(values), num_resamples, seed)  # (num_resamples, N)
     means = counts @ values / len(values)  # (num_resamples,)
     alpha = (1 - level) / 2
     return (float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))

@@ -36,6 +36,7 @@ from dit_prune.evaluate import (
     evaluate_noise_control,
     evaluate_samples,
 )
+from dit_prune.metrics.bootstrap import shared_resamples
 from dit_prune.metrics.equal_quality import (
     RandomPoint,
     beats_random,
@@ -187,8 +188,10 @@ def collected_warnings() -> Iterator[list[str]]:
 def run_experiment(cfg: RunConfig, inputs: RunInputs | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Run every stage and return the report dict (also used for report.json); its `warnings`
-    lists what the measurements warned about, each once (`collected_warnings`)."""
-    with collected_warnings() as found:
+    lists what the measurements warned about, each once (`collected_warnings`). The bootstrap
+    intervals of its arms share their resample counts (`shared_resamples`: same numbers, one
+    multinomial draw per sample count instead of one per interval)."""
+    with collected_warnings() as found, shared_resamples():
         result = _run_experiment(cfg, inputs, progress)
     result["warnings"] = found
     return result

@@ -19,7 +19,8 @@ from torch import nn
 from dit_prune.pruning.inputs import example_inputs
 from dit_prune.sampling import sample_images
 
-LATENCY_BATCH = 64
+LATENCY_BATCH = 32  # images per timed draw (64 until 2026-11-30: half the cost, see scale.md)
+LATENCY_REPEATS = 3  # timed draws per model; the median is reported
 
 
 def macs_and_params(model: nn.Module) -> dict[str, int]:
@@ -32,15 +33,17 @@ def macs_and_params(model: nn.Module) -> dict[str, int]:
 
 
 def latency_seconds(model: nn.Module, scheduler: Any, cfg: Any, labels: torch.Tensor | None = None,
-                    repeats: int = 3, shape: tuple[int, int, int] | None = None) -> float:
-    """Median wall time to sample one batch of 64 images with the run's sampler and steps.
+                    repeats: int = LATENCY_REPEATS, shape: tuple[int, int, int] | None = None
+                    ) -> float:
+    """Median wall time (seconds) of `repeats` draws of one batch of `LATENCY_BATCH` (32)
+    images, seeds 0-31, with the run's sampler, steps and guidance.
 
-    `labels` (N,): the run's labels, cycled to 64 (default: classes 0, 1, ... of the model);
+    `labels` (N,): the run's labels, cycled to 32 (default: classes 0, 1, ... of the model);
     `shape`: the (C, H, W) of one model input when the model has no sample size (Flux)."""
     if labels is None or not len(labels):
-        labels = torch.arange(LATENCY_BATCH) % int(model.config.num_embeds_ada_norm)  # (64,)
+        labels = torch.arange(LATENCY_BATCH) % int(model.config.num_embeds_ada_norm)  # (32,)
     else:
-        labels = torch.as_tensor(labels)[torch.arange(LATENCY_BATCH) % len(labels)]  # (64,)
+        labels = torch.as_tensor(labels)[torch.arange(LATENCY_BATCH) % len(labels)]  # (32,)
     seeds = list(range(LATENCY_BATCH))
     times = []
     for _ in range(repeats):

@@ -22,6 +22,7 @@ import numpy as np
 
 from dit_prune.checkpoint import atomic_write_text
 from dit_prune.run.figures import before_after_grid
+from dit_prune.run.measure import LATENCY_BATCH
 from dit_prune.run.tradeoff import tradeoff_plot
 
 METRIC_ROWS = (
@@ -33,7 +34,7 @@ METRIC_ROWS = (
     ("class_agreement", "class agreement"),
     ("params", "parameters"),
     ("macs", "MACs / forward"),
-    ("latency_s", "latency, 64 images (s)"),
+    ("latency_s", f"latency, {LATENCY_BATCH} images (s)"),  # median of LATENCY_REPEATS draws
 )
 
 
