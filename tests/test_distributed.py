@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dit_prune.metrics.copydetect import load_copy_detector
@@ -83,7 +84,10 @@ CLI = """
 import sys
 import torch.distributed as dist
 from dit_prune.cli import main
+from dit_prune.store.distributed import partial_state
 code = main(sys.argv[1:])  # the group is opened (and must be closed) by the command itself
+state = partial_state()
+print(f"rank {state.process_index} of {state.num_processes}", file=sys.stderr)
 if dist.is_initialized():
     sys.exit(17)  # the command left its process group open
 sys.exit(code)
@@ -91,14 +95,17 @@ sys.exit(code)
 
 
 def _launch_two(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2` of dit-prune's CLI with `argv`; each rank exits with the
-    command's status, or 17 when the command left its process group open."""
+    """`torchrun --nproc_per_node 2` of dit-prune's CLI with `argv`; each rank prints "rank i
+    of n" and exits with the command's status, or 17 when it left its process group open."""
     (tmp_path / "cli.py").write_text(CLI)
     torchrun = Path(sys.executable).with_name("torchrun")
     command = [str(torchrun), "--standalone", "--nproc_per_node", "2", str(tmp_path / "cli.py"),
                *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode == 0:
+        assert {"rank 0 of 2", "rank 1 of 2"} <= set(proc.stderr.splitlines()), proc.stderr
+    return proc
 
 
 def test_index_under_two_processes_closes_its_group(tmp_path):
@@ -137,3 +144,35 @@ def test_parts_merge_to_the_whole_search(digits, tmp_path):
         assert torch.equal(getattr(merged, name), getattr(whole, name)), name
     alone = Processes(0, 1, lambda: None)
     assert alone.part is None and alone.mine(5) and isinstance(whole, Candidates)
+
+
+@pytest.mark.filterwarnings("ignore:40 generated samples")
+def test_eval_under_two_processes_writes_what_one_writes(digits, tmp_path):
+    """`dit-prune eval` under torchrun: the sampling batches split across the processes (5
+    batches: 3 and 2), with and without a training store (its searches split too); metrics.json
+    and per_sample.npz (the samples as uint8 included) equal one process's."""
+    import numpy as np
+
+    from dit_prune.cli import main
+
+    from .conftest import train_tiny_checkpoint
+
+    ck = train_tiny_checkpoint(tmp_path / "ck", digits)
+    det = CHECKPOINTS / "digits-copydetect"
+    store = tmp_path / "pool-store"
+    build_store(open_source("digits-pool"), store, 256, load_copy_detector(det), progress=False)
+    common = ["--seeds", "0-39", "--steps", "3", "--batch-size", "8", "--stats-cache", "none",
+              "--device", "cpu", "--copy-detector", str(det), "--grid-pairs", "8"]
+    cases = {"memory": [], "store": ["--train", "digits-pool", "--train-store", str(store)]}
+    for name, extra in cases.items():
+        one, two = tmp_path / f"{name}-one", tmp_path / f"{name}-two"
+        assert main(["eval", str(ck), "--out", str(one), *common, *extra]) == 0
+        proc = _launch_two(tmp_path, "eval", str(ck), "--out", str(two), *common, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got, want = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
+        assert got == want, name
+        assert got["num_samples"] == 40
+        with np.load(two / "per_sample.npz") as a, np.load(one / "per_sample.npz") as b:
+            assert sorted(a.files) == sorted(b.files) and "samples_uint8" in a.files
+            for key in a.files:
+                assert np.array_equal(a[key], b[key]), (name, key)

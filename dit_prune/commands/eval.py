@@ -2,6 +2,9 @@
 
 Writes into the run directory: metrics.json, report.md, nearest.png (each sample beside its
 nearest training image), ratios.png, per_sample.npz and config.resolved.json.
+Under `torchrun --nproc_per_node N` (CPUs) or `accelerate launch --num_processes N` (GPUs) the
+sampling batches, and with --train-store the store searches, are split across the processes;
+the outputs are those of one process.
 
 Example:
     $ dit-prune eval checkpoints/digits-memorized --out runs/eval-memorized
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from dit_prune.checkpoint import atomic_write_text, atomic_write_with, load_dit
 from dit_prune.commands.common import (
@@ -52,6 +56,7 @@ from dit_prune.sampling import (
     parse_seeds,
     sample_images,
 )
+from dit_prune.store.distributed import Processes, command_processes, split_batches
 from dit_prune.store.format import open_store
 
 TRAIN_FROM_CHECKPOINT = "digits-from-checkpoint"
@@ -192,7 +197,17 @@ def validate(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Sample, evaluate, write. Under a launcher of N processes (`torchrun`, `accelerate
+    launch`) each process draws every N-th sampling batch and all get every sample
+    (`split_batches`); with --train-store all of them split the store searches, else the main
+    process evaluates alone; the main process writes --out. The numbers are one process's."""
     run_dir, cache = validate(args)
+    with command_processes() as processes:
+        return _evaluate(args, run_dir, cache, processes)
+
+
+def _evaluate(args: argparse.Namespace, run_dir: Path, cache: Path | None,
+              processes: Processes) -> int:
     store = open_store(args.train_store) if args.train_store else None
     device = pick_device(args.device)
     model, scheduler, meta = load_dit(args.checkpoint, device)
@@ -213,13 +228,28 @@ def run(args: argparse.Namespace) -> int:
     classifier = "features" if getattr(features, "num_classes", None) == meta.num_classes else None
     duplicated = _duplicated_positions(args.train, meta.extra, len(train))
     context = build_context(train, heldout, features, detector, classifier, cache, device,
-                            progress=True,
+                            progress=processes.is_main,
                             subsets={"duplicated": duplicated} if duplicated else None,
                             train_store=store)
-    samples = sample_images(model, scheduler, labels, seeds, steps=args.steps,
-                            guidance_scale=args.guidance_scale, sampler=args.sampler,
-                            batch_size=args.batch_size, progress=True)  # (N, C, H, W) in [0, 1]
-    result = evaluate_samples(samples, labels, context, seed=args.seed, progress=True)
+    bar = tqdm(total=len(seeds), desc=f"sampling ({args.sampler}, {args.steps} steps)",
+               disable=not processes.is_main)
+
+    def draw(start: int, stop: int) -> torch.Tensor:
+        images = sample_images(model, scheduler, labels[start:stop], seeds[start:stop],
+                               steps=args.steps, guidance_scale=args.guidance_scale,
+                               sampler=args.sampler, batch_size=args.batch_size,
+                               progress=False)  # (B, C, H, W) in [0, 1]
+        bar.update((stop - start) * processes.count)
+        return images
+
+    samples = split_batches(draw, len(seeds), args.batch_size, processes)  # (N, C, H, W)
+    bar.close()
+    if store is None and not processes.is_main:
+        return 0  # in-memory searches: the main process evaluates alone
+    result = evaluate_samples(samples, labels, context, seed=args.seed,
+                              progress=processes.is_main)
+    if not processes.is_main:
+        return 0
     described = {**context.describe(), "train_images": train_desc, "heldout_images": heldout_desc}
     with staged_output(run_dir, "eval") as staging:
         write_outputs(staging, args, samples, context, result, described, seeds, meta.to_dict())

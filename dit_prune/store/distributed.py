@@ -5,8 +5,9 @@ i + n, ...): `dit-prune index` writes and embeds every n-th shard, and a store s
 every n-th slice. A search's parts are gathered (`accelerate.utils.gather_object`) and merged
 by `merge_parts`, which keeps what one process keeps (the best two by matmul score, equal
 scores to the lower store index), so the answer is identical to a single process's. On one
-process nothing changes. Every process must make the same calls in the same order (as
-`dit-prune run` does); a search run by the main process alone must not ask for parts.
+process nothing changes. `dit-prune eval` draws every n-th sampling batch (`split_batches`)
+and gathers them. Every process must make the same calls in the same order (as `dit-prune run`
+does); a search run by the main process alone must not ask for parts.
 
 Launching: on GPUs `accelerate launch --multi_gpu --num_processes N -m dit_prune.cli ...`; on
 CPUs `torchrun --nproc_per_node N -m dit_prune.cli ...` (gloo). `accelerate launch --cpu
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 if TYPE_CHECKING:
     from dit_prune.store.search import Candidates
@@ -112,6 +115,30 @@ def _close_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def split_batches(draw: Callable[[int, int], torch.Tensor], count: int, batch_size: int,
+                  processes: Processes | None) -> torch.Tensor:
+    """Rows [0, count) made in batches of `batch_size` (the last one shorter): `draw(start,
+    stop)` returns rows start..stop-1, a tensor (stop - start, ...). Process i of n draws
+    batches i, i + n, ...; every process gets all of them, concatenated in order (on the CPU),
+    so each row is computed in the same batch as one process computes it and the result is
+    identical. Every process must call it with the same `count` and `batch_size`.
+
+    Example:
+        >>> split_batches(lambda a, b: torch.arange(a, b), 5, 2, None).tolist()
+        [0, 1, 2, 3, 4]
+    """
+    starts = range(0, count, batch_size)
+    if processes is None or processes.count == 1:
+        parts = [draw(start, min(start + batch_size, count)) for start in starts]
+        return torch.cat(parts) if parts else torch.empty(0)
+    from accelerate.utils import gather_object
+
+    mine = [(k, draw(start, min(start + batch_size, count)).cpu())
+            for k, start in enumerate(starts) if processes.mine(k)]
+    drawn = dict(gather_object(mine))  # batch number -> rows, from every process
+    return torch.cat([drawn[k] for k in range(len(starts))]) if drawn else torch.empty(0)
 
 
 def gather_candidates(run: Candidates, processes: Processes, descending: bool) -> Candidates:
