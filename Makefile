@@ -17,10 +17,12 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	touch $@
 
 # The duplicated-data regime first (a model that generalizes and copies its 10 duplicated
-# images), then the global memorizer (64 images, copies nearly everything), then the
+# images; MLP neurons by activation-contrast, the configuration that beats random pruning at
+# equal quality there, docs/results.md), then the global memorizer (64 images, copies nearly
+# everything; heads by the default taylor-gap), then the
 # text-to-image default on 300 samples (its memorized prompts): three full reports, < 10 min.
 demo: setup
-	$(BIN)/dit-prune run checkpoints/digits-duplicated --out $(DEMO_OUT)/duplicated --budget 2,1,3 --overwrite
+	$(BIN)/dit-prune run checkpoints/digits-duplicated --out $(DEMO_OUT)/duplicated --scorer activation-contrast --budget-mode neurons --budget 60 --random-budgets 10,20,40,80,160 --overwrite
 	$(BIN)/dit-prune run checkpoints/digits-memorized --out $(DEMO_OUT)/memorized --budget 0.2,0.1 --random-budgets 0.1,0.2,0.3 --overwrite
 	$(BIN)/dit-prune run checkpoints/digits-text --out $(DEMO_OUT)/text --budget 2 --seeds 0-299 --overwrite
 
