@@ -60,6 +60,34 @@ def test_attack_is_deterministic_given_its_seed(tiny_model, digits):
     assert all(p.grad is None for p in tiny_model.parameters())  # only the noise is optimised
 
 
+def test_frozen_parameters_give_the_same_noise_gradient_and_restore_flags(tiny_model, digits):
+    """The attack's backward without parameter edges: the same gradient on the noise, and every
+    parameter's requires_grad flag back as it was (mixed flags, and after an error)."""
+    from dit_prune.metrics.retrigger import ddim_sample, frozen_parameters
+
+    params = list(tiny_model.parameters())
+    params[0].requires_grad_(False)  # a mixed starting state
+    flags = [q.requires_grad for q in params]
+    target = digits.pool_images[:4]  # (4, 1, 8, 8)
+    labels = digits.pool_labels[:4]  # (4,)
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # (4, 1, 8, 8)
+
+    def noise_gradient() -> torch.Tensor:
+        x = z.clone().requires_grad_(True)  # (4, 1, 8, 8)
+        loss = (ddim_sample(tiny_model, DDPMScheduler(), x, labels, 3) - target).pow(2).mean()
+        return torch.autograd.grad(loss, [x])[0]  # (4, 1, 8, 8)
+
+    plain = noise_gradient()
+    with frozen_parameters(tiny_model):
+        assert not any(q.requires_grad for q in params)
+        frozen = noise_gradient()
+    assert torch.equal(plain, frozen) and plain.abs().sum() > 0
+    assert [q.requires_grad for q in params] == flags
+    with pytest.raises(RuntimeError), frozen_parameters(tiny_model):
+        raise RuntimeError("boom")
+    assert [q.requires_grad for q in params] == flags
+
+
 @pytest.mark.parametrize("steps", [0, 3])
 def test_an_exact_memorizer_is_always_retriggered_and_held_out_digits_never(digits, steps):
     from dit_prune.metrics.copydetect import load_copy_detector

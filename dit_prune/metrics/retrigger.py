@@ -207,6 +207,23 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """The model's parameters without `requires_grad` for the block, their flags restored
+    afterwards (also on error). An attack differentiates with respect to its inputs alone:
+    without parameter edges in the graph its backward pass is ~10% faster on a CPU, with the
+    same gradients."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
 def label_tables(model: nn.Module) -> list[nn.Module]:
     """The class-label embedding tables of a class-conditional DiT (one per block), in order."""
     return [m for m in model.modules() if type(m).__name__ == "LabelEmbedding"]
@@ -271,7 +288,7 @@ def optimise_noise(model: nn.Module, scheduler: Any, z: torch.Tensor, targets: t
     optimizer = torch.optim.Adam(groups)
     searched = [z] if offsets is None else [z, offsets]
     losses: list[float] = []
-    with evaluating(model):
+    with evaluating(model), frozen_parameters(model):
         for _ in range(budget.attack_steps):
             with class_embedding_offsets(model, offsets):
                 x0 = ddim_sample(model, scheduler, z, labels, budget.ddim_steps,
