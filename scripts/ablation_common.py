@@ -158,11 +158,11 @@ def scored_and_pruned(base: Any, scorer: str, seed: int, budget: float, mode: st
     import copy
 
     from dit_prune.pruning import prune_units, select_units
-    from dit_prune.pruning.selection import MODE_KINDS
+    from dit_prune.pruning.selection import model_mode_kinds
     from dit_prune.scorers import get_scorer
     from dit_prune.units import enumerate_units
 
-    units = enumerate_units(base, MODE_KINDS[mode])
+    units = enumerate_units(base, model_mode_kinds(mode, base))
     name, options = parse_scorer_spec(scorer)
     if smoke:
         options = {"batches": 1, "max_images": 16, **options}

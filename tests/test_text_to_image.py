@@ -347,4 +347,4 @@ def test_cross_heads_mode_on_a_class_conditional_model_fails_before_work(tmp_pat
     code = main(["run", str(CHECKPOINTS / "digits-duplicated"), "--out", str(out),
                  "--budget-mode", "cross_heads", "--budget", "2"])
     assert code == 2 and not out.exists()
-    assert "no units of kind 'cross_head'" in capsys.readouterr().err
+    assert "finds no cross_head units in DiTTransformer2DModel" in capsys.readouterr().err

@@ -46,6 +46,7 @@ from dit_prune.pruning.recovery_data import (
     recovery_images,
 )
 from dit_prune.pruning.selection import (
+    BUDGET_MODE_HELP,
     BUDGET_MODES,
     DEFAULT_BUDGET_MODE,
     check_budget,
@@ -84,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", required=True,
                    help="a fraction in (0, 1), or a whole number of units such as 3")
     p.add_argument("--budget-mode", default=DEFAULT_BUDGET_MODE, choices=BUDGET_MODES,
-                   help=f"what the budget is a fraction of (default: {DEFAULT_BUDGET_MODE})")
+                   help=f"{BUDGET_MODE_HELP} (default: {DEFAULT_BUDGET_MODE})")
     p.add_argument("--out", required=True, help="output directory of the pruned checkpoint")
     p.add_argument("--recover", default="none", choices=RECOVERY_METHODS,
                    help="recovery after pruning: none, finetune (re-teaches copying on the "
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     scores = load_scores(score_dir)
     check_scored_model(scores, str(score_dir), str(checkpoint), meta.weights_sha256, ancestors)
     units, values, already_gone = _present_units(model, scores.units, scores.scores)
-    check_budget_for(budget, args.budget_mode, _counts(units))
+    check_budget_for(budget, args.budget_mode, _counts(units), model)
     chosen = select_units(units, values, budget, mode=args.budget_mode, model=model)
     if not chosen:
         raise DitPruneError(f"budget {budget} of {args.budget_mode} selects no unit")

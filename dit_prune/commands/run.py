@@ -43,7 +43,12 @@ from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
 from dit_prune.pruning.recovery import RecoveryConfig, check_recovery_flags
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
-from dit_prune.pruning.selection import MODE_KINDS, check_budget_for, parse_budgets
+from dit_prune.pruning.selection import (
+    BUDGET_MODE_HELP,
+    check_budget_for,
+    model_mode_kinds,
+    parse_budgets,
+)
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
 from dit_prune.sampling import parse_seeds
 from dit_prune.store.distributed import command_processes, partial_state
@@ -68,7 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", default=",".join(f"{b:g}" for b in DEFAULTS["budgets"]),
                    help="budget(s), comma-separated: fractions of units in (0, 1) or whole "
                         "numbers of units such as 3")
-    p.add_argument("--budget-mode", default=DEFAULTS["budget_mode"], choices=BUDGET_MODES)
+    p.add_argument("--budget-mode", default=DEFAULTS["budget_mode"], choices=BUDGET_MODES,
+                   help=f"{BUDGET_MODE_HELP} (default: {DEFAULTS['budget_mode']})")
     p.add_argument("--seeds", default=DEFAULTS["seeds"], help="sampling seeds, e.g. 0-999")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     p.add_argument("--sampler", default=DEFAULTS["sampler"], choices=("ddim", "ddpm"))
@@ -245,7 +251,7 @@ def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     noise schedule, and budgets that remove at least one unit (and no more than exist)."""
     from dit_prune.sampling import check_steps
     from dit_prune.scorers import get_scorer
-    from dit_prune.units import HEAD, NEURON, enumerate_units
+    from dit_prune.units import enumerate_units
 
     check_sampling_steps(cfg.steps, loaded.scheduler)
     options = cfg.recovery_options()
@@ -260,12 +266,12 @@ def check_loaded(cfg: RunConfig, loaded: Any) -> None:
         check_steps(cfg.retrigger_ddim_steps, loaded.scheduler, "--retrigger-ddim-steps")
     scorer = get_scorer(cfg.scorer, seed=cfg.seed, **cfg.scorer_options)
     check_scorer_timesteps(scorer, loaded.scheduler)
-    kinds = MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON))
+    kinds = model_mode_kinds(cfg.budget_mode, loaded.model)
     counts: dict[str, int] = {}
     for unit in enumerate_units(loaded.model, list(kinds)):
         counts[unit.kind] = counts.get(unit.kind, 0) + 1
     for budget in cfg.budgets + cfg.random_budget_list():
-        check_budget_for(budget, cfg.budget_mode, counts)
+        check_budget_for(budget, cfg.budget_mode, counts, loaded.model)
 
 
 class _Lock:

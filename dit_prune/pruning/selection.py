@@ -1,20 +1,34 @@
 """Choose which units to prune: the top-scoring ones within a budget.
 
-Budget modes:
-  * ``heads``   — a fraction of the (self-attention) heads;
-  * ``neurons`` — a fraction of the MLP neurons;
-  * ``cross_heads`` — a fraction of the cross-attention heads (text-conditioned models);
+Budget modes, by the category each family declares for its unit kinds (`UnitKind.category`,
+docs/families.md):
+  * ``heads``   — a fraction of the self- and joint-attention heads: every kind of category
+    "head" (DiT/PixArt/Sana/...: `head`; SD3: `joint_head` + `dual_head`; Flux: `joint_head` +
+    `single_head`; Qwen-Image: `joint_head`). Cross-attention heads are not included;
+  * ``neurons`` — a fraction of the MLP neurons: every kind of category "neuron" (SD3,
+    Qwen-Image: `neuron` + `context_neuron`; Flux: those + `single_neuron`);
+  * ``cross_heads`` — a fraction of the cross-attention heads (category "cross_head": PixArt,
+    Sana, HunyuanDiT);
   * ``both``    — that fraction of every unit kind in `units`, each kind counted on its own
-    (heads and neurons, plus cross-attention heads for text-conditioned models);
+    (heads and neurons, plus cross-attention heads when they were scored);
   * ``params``  — a fraction of the parameters held by all units (their q/k/v/out or MLP
     slices), filled greedily by score across kinds; needs the model for unit sizes.
 
+``heads``, ``neurons`` and ``cross_heads`` pool their kinds: the budget is a fraction of (or a
+number of units out of) all units of those kinds together, taken best score first across kinds,
+as ``params`` does. Scores of different kinds are compared as they come: the scorers normalize
+each kind on its own (robust-z by default, `dit_prune.scorers.normalize`), which is what makes
+them comparable; with ``normalize=none`` a kind with larger raw scores is taken first. Where a
+mode has a single kind (DiT, PixArt, Lumina2, ...) this is exactly that kind's selection. A mode
+none of whose kinds is among `units` is refused with one line naming the kinds there and the
+modes that would work.
+
 A budget is a fraction in (0, 1) or a whole number of units (an int >= 1, e.g. 3 = three heads;
 in ``both`` mode that many of each kind; ``params`` takes fractions only). A fraction removes
-``round(budget * n)`` units per kind, and a budget that removes no unit is refused, naming the
-smallest one that does. Every block keeps at least one unit of each kind
-(a unit that would empty its block is skipped and the next-best is taken). Ties are broken by
-the order of `units`, so the result is deterministic.
+``round(budget * n)`` units (n: the mode's units; in ``both`` per kind), and a budget that
+removes no unit is refused, naming the smallest one that does. Every block keeps at least one
+unit of each kind (a unit that would empty its block is skipped and the next-best is taken).
+Ties are broken by the order of `units`, so the result is deterministic.
 
 Grouped-query attention (Lumina2, docs/families.md): a block's query heads share key/value
 heads in G groups of n, and a removal is valid only when every group that keeps heads keeps the
@@ -42,20 +56,103 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import numpy as np
 import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
-from dit_prune.units import CROSS_HEAD, HEAD, NEURON, Unit, adapter_for
+from dit_prune.units import Unit, adapter_for
+from dit_prune.units.anatomy import CROSS_HEAD_CATEGORY, HEAD_CATEGORY, NEURON_CATEGORY
+from dit_prune.units.families import kind_category
 from dit_prune.units.gqa import balance_kv_groups, grouped_blocks, smallest_removal
 
 BUDGET_MODES = ("heads", "neurons", "both", "params", "cross_heads")
 DEFAULT_BUDGET_MODE = "heads"  # the default of select_units, `dit-prune prune` and `run`
-MODE_KINDS = {"heads": (HEAD,), "neurons": (NEURON,), "cross_heads": (CROSS_HEAD,)}
+# the pooled modes -> the category of the kinds they select (read-only)
+MODE_CATEGORIES: Mapping[str, str] = MappingProxyType(
+    {"heads": HEAD_CATEGORY, "neurons": NEURON_CATEGORY, "cross_heads": CROSS_HEAD_CATEGORY})
 Budget = float | int  # a fraction in (0, 1), or a unit count >= 1
+BUDGET_MODE_HELP = (
+    "what the budget is a fraction (or a unit count) of: heads = every self-/joint-attention "
+    "head kind of the model together (DiT, PixArt, Sana, ...: head; SD3: joint_head + "
+    "dual_head; Flux: joint_head + single_head; cross-attention heads excluded); neurons = every "
+    "MLP neuron kind together (SD3: neuron + context_neuron; Flux: also single_neuron); "
+    "cross_heads = cross-attention heads (PixArt, Sana, HunyuanDiT); both = heads and neurons, "
+    "each kind on its own; params = a fraction of their parameters (docs/pruning.md)")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in BUDGET_MODES:
+        raise DitPruneError(f"unknown budget mode {mode!r}; choose one of {BUDGET_MODES}")
+
+
+def _category(kind: str, model: nn.Module | None) -> str:
+    """`kind`'s category, from the model's family anatomy (or, without a model, the one every
+    family declaring `kind` gives it)."""
+    return adapter_for(model).anatomy.category(kind) if model is not None else kind_category(kind)
+
+
+def mode_kinds(mode: str, kinds: Sequence[str], model: nn.Module | None = None,
+               where: str = "") -> tuple[str, ...]:
+    """Of `kinds` (in their order, repeats dropped), the ones a budget of `mode` prunes:
+    ``heads``, ``neurons``, ``cross_heads``: those of the mode's category (`MODE_CATEGORIES`,
+    declared per kind by the family anatomy; `model` gives the family, else every family's
+    declaration is used); ``both``, ``params``: all of them.
+
+    Raises DitPruneError (one line naming `kinds` and the modes that would work) when a pooled
+    mode matches none of them; `where` names them in that error (default: the model's family).
+
+    Example:
+        >>> mode_kinds("heads", ["joint_head", "dual_head", "neuron", "context_neuron"])
+        ('joint_head', 'dual_head')
+        >>> mode_kinds("neurons", ["joint_head", "neuron", "single_neuron"])
+        ('neuron', 'single_neuron')
+    """
+    _check_mode(mode)
+    kinds = tuple(dict.fromkeys(kinds))
+    category = MODE_CATEGORIES.get(mode)
+    if category is None:
+        return kinds
+    categories = {kind: _category(kind, model) for kind in kinds}
+    chosen = tuple(kind for kind in kinds if categories[kind] == category)
+    if not chosen:
+        place = where or (adapter_for(model).family if model is not None else "the units")
+        working = [m for m in BUDGET_MODES
+                   if (MODE_CATEGORIES.get(m) in categories.values()) or
+                   (m not in MODE_CATEGORIES and kinds)]
+        raise DitPruneError(
+            f"budget mode {mode!r} finds no {category} units in {place} (its kinds: "
+            f"{', '.join(kinds) or 'none'}); modes that would work: {', '.join(working) or 'none'}")
+    return chosen
+
+
+def model_mode_kinds(mode: str, model: nn.Module) -> tuple[str, ...]:
+    """The kinds of `model` (those some block holds, in the anatomy's order) whose units a
+    budget of `mode` prunes, i.e. the units to enumerate and score for it: ``heads``,
+    ``neurons``, ``cross_heads`` as `mode_kinds`; ``both`` and ``params``: every head and
+    neuron kind (cross-attention heads only through ``cross_heads``). One-line DitPruneError
+    when the mode matches no kind of the model.
+
+    Example:
+        >>> from dit_prune.models import new_dit
+        >>> model_mode_kinds("heads", new_dit("tiny", 10, 8, 1))
+        ('head',)
+    """
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    present = tuple(k for k in adapter.kinds if any(adapter.spec(b, k) is not None for b in blocks))
+    if mode in MODE_CATEGORIES:
+        return mode_kinds(mode, present, model)
+    _check_mode(mode)
+    return tuple(k for k in present if adapter.anatomy.category(k) != CROSS_HEAD_CATEGORY)
+
+
+def _label(kinds: Sequence[str]) -> str:
+    """How errors name the units of a mode: 'head', or 'joint_head + dual_head'."""
+    return " + ".join(kinds)
 
 
 def check_budget(budget: Budget | str) -> Budget:
@@ -115,21 +212,27 @@ def units_to_remove(budget: Budget, count: int, kind: str = "unit") -> int:
     return target
 
 
-def check_budget_for(budget: Budget, mode: str, counts: dict[str, int]) -> None:
-    """Refuse, before any work, a budget that removes no unit (or more units than exist) of a
-    kind `mode` prunes; `counts` maps unit kind -> number of units (`params`: checked only
-    for a unit count, which it refuses)."""
+def check_budget_for(budget: Budget, mode: str, counts: Mapping[str, int],
+                     model: nn.Module | None = None) -> None:
+    """Refuse, before any work, a budget that removes no unit (or more units than exist) of
+    the kinds `mode` prunes (``both``: each kind on its own; ``heads``/``neurons``/
+    ``cross_heads``: their kinds together), or a mode that matches none of the kinds; `counts`
+    maps unit kind -> number of units, `model` (optional) gives the family whose categories
+    decide the kinds (`mode_kinds`). ``params`` is checked only for a unit count, which it
+    refuses. Raises DitPruneError (one line)."""
     budget = check_budget(budget)
-    if mode not in BUDGET_MODES:
-        raise DitPruneError(f"unknown budget mode {mode!r}; choose one of {BUDGET_MODES}")
+    _check_mode(mode)
     if mode == "params":
         if isinstance(budget, int):
             raise DitPruneError(f"budget mode 'params' takes a fraction in (0, 1), not the unit "
                                 f"count {budget}")
         return
-    for kind in MODE_KINDS.get(mode) or tuple(counts):
-        if counts.get(kind):
+    kinds = mode_kinds(mode, [kind for kind, n in counts.items() if n], model)
+    if mode == "both":
+        for kind in kinds:
             units_to_remove(budget, counts[kind], kind)
+        return
+    units_to_remove(budget, sum(counts[kind] for kind in kinds), _label(kinds))
 
 
 def select_units(
@@ -141,12 +244,16 @@ def select_units(
 ) -> list[Unit]:
     """The units to prune, highest score first, within `budget` (see module docstring).
 
-    `scores` is aligned with `units` (higher = prune first). Block sizes are taken from `model`
-    when given, otherwise from `units` (then `units` must list every unit of those blocks).
+    `scores` (U,) is aligned with `units` (higher = prune first). Block sizes are taken from
+    `model` when given, otherwise from `units` (then `units` must list every unit of those
+    blocks); the kinds a mode prunes come from the model's family anatomy, or without `model`
+    from the category every family declares for the kind (`mode_kinds`).
+
+    Raises DitPruneError (one line) for a bad budget or mode, misaligned or non-finite scores,
+    duplicate units, a mode none of whose kinds is in `units`, or a budget that removes no unit.
     """
     budget = check_budget(budget)
-    if mode not in BUDGET_MODES:
-        raise DitPruneError(f"unknown budget mode {mode!r}; choose one of {BUDGET_MODES}")
+    _check_mode(mode)
     units = list(units)
     values = _scores_array(scores, len(units))
     if len(set(units)) != len(units):
@@ -161,16 +268,20 @@ def select_units(
         costs = _unit_costs(units, model, mode)
         chosen = _select_params(units, order, budget, sizes, costs, model, grouped)
         return sorted(chosen, key=lambda u: rank[position[u]])
-    kinds = MODE_KINDS.get(mode) or tuple(dict.fromkeys(u.kind for u in units))
+    family = f" of {adapter_for(model).family}" if model is not None else ""
+    kinds = mode_kinds(mode, [u.kind for u in units], model, f"the scored units{family}")
+    # both: each kind on its own; heads/neurons/cross_heads: their kinds pooled
+    pools = [(kind,) for kind in kinds] if mode == "both" else [kinds]
     chosen: list[Unit] = []
-    for kind in kinds:
-        candidates = [int(i) for i in order if units[i].kind == kind]
-        if not candidates:
-            raise DitPruneError(f"no {kind} units were scored; cannot apply a {mode} budget")
-        target = units_to_remove(budget, len(candidates), kind)
+    for pool in pools:
+        candidates = [int(i) for i in order if units[i].kind in pool]
+        label = _label(pool)
+        target = units_to_remove(budget, len(candidates), label)
         taken = _take(units, candidates, target, sizes, [1] * len(units), model, grouped)
-        if not taken and any(k == kind for _, k in grouped):
-            _refuse_grouped(model, grouped, kind, f"budget {budget} ({target} of the {kind}s)")
+        grouped_kinds = [k for _, k in sorted(grouped) if k in pool]
+        if not taken and grouped_kinds:
+            _refuse_grouped(model, grouped, grouped_kinds[0],
+                            f"budget {budget} ({target} of the {label}s)")
         chosen.extend(taken)
     return sorted(chosen, key=lambda u: rank[position[u]])
 

@@ -50,7 +50,7 @@ from dit_prune.metrics.subsets import target_copy_rate
 from dit_prune.prediction import Prediction
 from dit_prune.pruning import prune_units, select_units
 from dit_prune.pruning.recovery_data import GENERATED_NOVEL, recovery_images
-from dit_prune.pruning.selection import MODE_KINDS
+from dit_prune.pruning.selection import model_mode_kinds
 from dit_prune.run.config import RunConfig
 from dit_prune.run.measure import latency_seconds, macs_and_params
 from dit_prune.run.recovery import RunRecovery, prepare_recovery
@@ -67,7 +67,7 @@ from dit_prune.scorers import (
 )
 from dit_prune.store.format import ReferenceStore, open_store
 from dit_prune.store.reuse import check_store
-from dit_prune.units import HEAD, NEURON, enumerate_units
+from dit_prune.units import enumerate_units
 
 
 @dataclass
@@ -222,7 +222,7 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
     shape = text.model_shape if latent else None  # (c, h, w) of a latent model's input
     sampler = Sampler(cfg, scheduler, store, labels, seeds, progress, condition, decode, shape)
     before = _evaluate("before", sampler(base, "before", meta.weights_sha256), classes, context)
-    kinds = list(MODE_KINDS.get(cfg.budget_mode, (HEAD, NEURON)))  # both/params: all kinds
+    kinds = list(model_mode_kinds(cfg.budget_mode, base))  # both/params: heads and neurons
     units = enumerate_units(base, kinds)
     data = scoring_data(inputs, target)
     scores = _cached_scores(run_dir / "scores" / cfg.scorer, cfg.scorer,

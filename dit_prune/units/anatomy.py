@@ -7,6 +7,12 @@ grouped-query attention, and the attention module whose bookkeeping (`heads`, `i
 `inner_kv_dim`) follows its head count. Everything else (enumeration, ablation hooks, removal,
 reloading, unit cost) reads these declarations (`dit_prune.units.adapters.BlockAdapter`).
 
+Every kind also declares its `category`, what budget modes select it by
+(`dit_prune.pruning.selection`): "head" (self- or joint-attention heads: the `heads` mode),
+"cross_head" (cross-attention heads to the text: `cross_heads`) or "neuron" (MLP neurons of
+either stream: `neurons`). A kind name has one category in every family
+(`dit_prune.units.families.kind_category`).
+
 Channels of the unit at current position p of a kind of width w (head dimension for heads, 1 for
 neurons), in one site whose layer has C channels along the pruned dimension:
 
@@ -19,9 +25,10 @@ neurons), in one site whose layer has C channels along the pruned dimension:
 
 Example:
     >>> from dit_prune.units.unit import NEURON
-    >>> kind = UnitKind(NEURON, ups=(Site("ff.net.0.proj", glu=True),), downs=(Site("ff.net.2"),))
-    >>> kind.name, [s.path for s in kind.sites]
-    ('neuron', ['ff.net.0.proj', 'ff.net.2'])
+    >>> kind = UnitKind(NEURON, ups=(Site("ff.net.0.proj", glu=True),), downs=(Site("ff.net.2"),),
+    ...                 category=NEURON_CATEGORY)
+    >>> kind.name, kind.category, [s.path for s in kind.sites]
+    ('neuron', 'neuron', ['ff.net.0.proj', 'ff.net.2'])
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ from typing import Any
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+
+HEAD_CATEGORY = "head"  # self- or joint-attention heads: budget mode `heads`
+CROSS_HEAD_CATEGORY = "cross_head"  # cross-attention heads: budget mode `cross_heads`
+NEURON_CATEGORY = "neuron"  # MLP neurons (image, text or single stream): budget mode `neurons`
+CATEGORIES = (HEAD_CATEGORY, CROSS_HEAD_CATEGORY, NEURON_CATEGORY)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,9 @@ class UnitKind:
     projections of a grouped-query attention (a key/value head goes only with its whole group
     of query heads); `count_attr` is a block attribute holding the unit count (Flux single
     blocks' `mlp_hidden_dim`); `where` is a short human description for docs and errors.
+    `category` is one of `CATEGORIES` (module docstring): what the `heads`, `cross_heads` and
+    `neurons` budget modes select the kind by. Raises DitPruneError for any other category, or
+    for a head category without `attention` (or a neuron with one).
     """
 
     name: str
@@ -74,6 +89,15 @@ class UnitKind:
     kv_ups: tuple[Site, ...] = ()
     count_attr: str | None = None
     where: str = ""
+    category: str = ""
+
+    def __post_init__(self) -> None:
+        if self.category not in CATEGORIES:
+            raise DitPruneError(f"unit kind {self.name!r} needs a category, one of {CATEGORIES}; "
+                                f"got {self.category!r}")
+        if (self.category == NEURON_CATEGORY) != (self.attention is None):
+            raise DitPruneError(f"unit kind {self.name!r}: category {self.category!r} does not "
+                                f"fit attention={self.attention!r} (heads have one, neurons not)")
 
     @property
     def sites(self) -> tuple[Site, ...]:
@@ -110,6 +134,29 @@ class Anatomy:
     inputs: InputsFn | None = None
     graph_check: bool = False
     refused: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        categories: dict[str, str] = {}
+        for block_list in self.block_lists:
+            for kind in block_list.kinds:
+                if categories.setdefault(kind.name, kind.category) != kind.category:
+                    raise DitPruneError(f"{self.family}: unit kind {kind.name!r} is declared "
+                                        f"as {categories[kind.name]!r} and {kind.category!r}")
+
+    def category(self, kind: str) -> str:
+        """The category of `kind` (`UnitKind.category`); a one-line error for a kind the
+        family does not declare."""
+        for block_list in self.block_lists:
+            for spec in block_list.kinds:
+                if spec.name == kind:
+                    return spec.category
+        raise DitPruneError(f"{self.family} has no units of kind {kind!r}; its kinds: "
+                            f"{', '.join(self.kinds)}")
+
+    def kinds_of(self, category: str) -> tuple[str, ...]:
+        """The kinds of `category`, in declaration order (e.g. SD3 "head": joint_head,
+        dual_head)."""
+        return tuple(k for k in self.kinds if self.category(k) == category)
 
     @property
     def kinds(self) -> tuple[str, ...]:

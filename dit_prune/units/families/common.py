@@ -11,16 +11,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dit_prune.units.anatomy import Site, UnitKind
+from dit_prune.units.anatomy import HEAD_CATEGORY, NEURON_CATEGORY, Site, UnitKind
 
 QKV = ("to_q", "to_k", "to_v")
 ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
 
 
-def heads(name: str, attn: str, where: str = "", norms: bool = False) -> UnitKind:
+def heads(name: str, attn: str, where: str = "", norms: bool = False,
+          category: str = HEAD_CATEGORY) -> UnitKind:
     """Heads of a diffusers `Attention` at `attn`: rows of to_q/k/v, columns of to_out[0].
     With `norms`, `norm_q`/`norm_k` are declared as 1-D sites (sliced only when they span
-    every head, e.g. `qk_norm="rms_norm_across_heads"`)."""
+    every head, e.g. `qk_norm="rms_norm_across_heads"`). `category`: "head" (self-attention,
+    the default) or "cross_head" (cross-attention to the text)."""
     return UnitKind(
         name,
         ups=tuple(Site(f"{attn}.{p}") for p in QKV),
@@ -29,13 +31,14 @@ def heads(name: str, attn: str, where: str = "", norms: bool = False) -> UnitKin
         norms=(Site(f"{attn}.norm_q", optional=True), Site(f"{attn}.norm_k", optional=True))
         if norms else (),
         where=where or f"{attn}: rows of to_q/to_k/to_v, columns of to_out[0]",
+        category=category,
     )
 
 
 def joint_heads(name: str, attn: str, where: str = "") -> UnitKind:
     """Heads of a joint (image + text stream) attention: rows of the six up-projections,
     columns of `to_out[0]` (image stream) and `to_add_out` (text stream, absent when the
-    block is `context_pre_only`)."""
+    block is `context_pre_only`); category "head" (the `heads` budget mode)."""
     return UnitKind(
         name,
         ups=tuple(Site(f"{attn}.{p}") for p in QKV + ADDED_QKV),
@@ -43,17 +46,19 @@ def joint_heads(name: str, attn: str, where: str = "") -> UnitKind:
         attention=attn,
         where=where or (f"{attn}: rows of to_q/k/v and add_q/k/v_proj, columns of to_out[0] "
                         f"and to_add_out"),
+        category=HEAD_CATEGORY,
     )
 
 
 def ff_neurons(name: str, ff: str, where: str = "") -> UnitKind:
     """Neurons of a diffusers `FeedForward` at `ff`: row j of `net[0].proj` (GEGLU/SwiGLU:
-    rows j and inner + j), column j of `net[2]`."""
+    rows j and inner + j), column j of `net[2]`; category "neuron"."""
     return UnitKind(
         name,
         ups=(Site(f"{ff}.net.0.proj", glu="auto"),),
         downs=(Site(f"{ff}.net.2"),),
         where=where or f"{ff}: row of net[0].proj (two for GEGLU/SwiGLU), column of net[2]",
+        category=NEURON_CATEGORY,
     )
 
 

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_prune.units.anatomy import Anatomy, BlockList, Site, UnitKind
+from dit_prune.units.anatomy import (
+    HEAD_CATEGORY,
+    NEURON_CATEGORY,
+    Anatomy,
+    BlockList,
+    Site,
+    UnitKind,
+)
 from dit_prune.units.families.common import (
     QKV,
     ff_neurons,
@@ -68,6 +75,7 @@ SINGLE_HEADS = UnitKind(
     downs=(Site("proj_out"),),
     attention="attn",
     where="attn: rows of to_q/k/v; columns [h·d, (h+1)·d) of proj_out",
+    category=HEAD_CATEGORY,
 )
 SINGLE_NEURONS = UnitKind(
     SINGLE_NEURON,
@@ -75,6 +83,7 @@ SINGLE_NEURONS = UnitKind(
     downs=(Site("proj_out", after="attn.to_q"),),
     count_attr="mlp_hidden_dim",
     where="row j of proj_mlp, column A + j of proj_out (A: current attention width)",
+    category=NEURON_CATEGORY,
 )
 
 ANATOMY = Anatomy(

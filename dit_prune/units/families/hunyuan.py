@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_prune.units.anatomy import Anatomy, BlockList
+from dit_prune.units.anatomy import CROSS_HEAD_CATEGORY, Anatomy, BlockList
 from dit_prune.units.families.common import (
     config_side,
     ff_neurons,
@@ -59,7 +59,10 @@ def example_inputs(model: nn.Module, batch: int = 1, seed: int = 0,
 ANATOMY = Anatomy(
     family="HunyuanDiT2DModel",
     block_lists=(BlockList("blocks", (
-        heads(HEAD, "attn1"), ff_neurons(NEURON, "ff"), heads(CROSS_HEAD, "attn2"))),),
+        heads(HEAD, "attn1"),
+        ff_neurons(NEURON, "ff"),
+        heads(CROSS_HEAD, "attn2", category=CROSS_HEAD_CATEGORY),
+    )),),
     default_kinds=(HEAD, NEURON, CROSS_HEAD),
     inputs=example_inputs,
 )

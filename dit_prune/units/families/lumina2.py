@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_prune.units.anatomy import Anatomy, BlockList, Site, UnitKind
+from dit_prune.units.anatomy import (
+    HEAD_CATEGORY,
+    NEURON_CATEGORY,
+    Anatomy,
+    BlockList,
+    Site,
+    UnitKind,
+)
 from dit_prune.units.families.common import config_side, first_param, randn, timesteps
 from dit_prune.units.unit import HEAD, NEURON
 
@@ -32,12 +39,14 @@ GQA_HEADS = UnitKind(
     attention="attn",
     kv_ups=(Site("attn.to_k"), Site("attn.to_v")),
     where="attn: query rows of to_q, columns of to_out[0]; to_k/to_v rows with a whole group",
+    category=HEAD_CATEGORY,
 )
 SWIGLU_NEURONS = UnitKind(
     NEURON,
     ups=(Site("feed_forward.linear_1"), Site("feed_forward.linear_3")),
     downs=(Site("feed_forward.linear_2"),),
     where="feed_forward: rows of linear_1 and linear_3, column of linear_2",
+    category=NEURON_CATEGORY,
 )
 KINDS = (GQA_HEADS, SWIGLU_NEURONS)
 

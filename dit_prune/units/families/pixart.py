@@ -10,14 +10,17 @@ Kinds:
 
 from __future__ import annotations
 
-from dit_prune.units.anatomy import Anatomy, BlockList
+from dit_prune.units.anatomy import CROSS_HEAD_CATEGORY, Anatomy, BlockList
 from dit_prune.units.families.common import ff_neurons, heads
 from dit_prune.units.unit import CROSS_HEAD, HEAD, NEURON
 
 ANATOMY = Anatomy(
     family="PixArtTransformer2DModel",
     block_lists=(BlockList("transformer_blocks", (
-        heads(HEAD, "attn1"), ff_neurons(NEURON, "ff"), heads(CROSS_HEAD, "attn2"))),),
+        heads(HEAD, "attn1"),
+        ff_neurons(NEURON, "ff"),
+        heads(CROSS_HEAD, "attn2", category=CROSS_HEAD_CATEGORY),
+    )),),
     default_kinds=(HEAD, NEURON),
     graph_check=True,
 )

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_prune.units.anatomy import Anatomy, BlockList, Site, UnitKind
+from dit_prune.units.anatomy import (
+    CROSS_HEAD_CATEGORY,
+    NEURON_CATEGORY,
+    Anatomy,
+    BlockList,
+    Site,
+    UnitKind,
+)
 from dit_prune.units.families.common import config_side, first_param, heads, randn, timesteps
 from dit_prune.units.unit import CROSS_HEAD, HEAD, NEURON
 
@@ -48,6 +55,7 @@ GLUMBCONV_NEURONS = UnitKind(
     downs=(Site("ff.conv_point"),),
     where="ff (GLUMBConv): channels j and H + j of conv_inverted and conv_depth, input j of "
           "conv_point",
+    category=NEURON_CATEGORY,
 )
 
 ANATOMY = Anatomy(
@@ -55,7 +63,7 @@ ANATOMY = Anatomy(
     block_lists=(BlockList("transformer_blocks", (
         heads(HEAD, "attn1", norms=True),
         GLUMBCONV_NEURONS,
-        heads(CROSS_HEAD, "attn2", norms=True),
+        heads(CROSS_HEAD, "attn2", norms=True, category=CROSS_HEAD_CATEGORY),
     )),),
     default_kinds=(HEAD, NEURON, CROSS_HEAD),
     inputs=example_inputs,
