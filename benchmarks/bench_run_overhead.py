@@ -16,6 +16,8 @@ time, top 40 printed).
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_run_overhead.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_run_overhead.py --scorer \
+        activation-contrast --budget-mode neurons --budget 60 --random-budgets 10,20,40,80,160
     .venv/bin/python benchmarks/bench_run_overhead.py --budget 2 --random-seeds 0 --seeds 0-199
 """
 
@@ -85,6 +87,10 @@ def main() -> None:
     parser.add_argument("--budget", default="2,1,3")
     parser.add_argument("--seeds", default="0-999")
     parser.add_argument("--random-seeds", default="0,1,2")
+    parser.add_argument("--scorer", default=None, help="default: RunConfig's (taylor-gap)")
+    parser.add_argument("--budget-mode", default=None, help="default: RunConfig's (heads)")
+    parser.add_argument("--random-budgets", default=None,
+                        help="e.g. 10,20,40,80,160 (default: the scorer's budgets)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="run directory (default: a temp dir)")
     parser.add_argument("--profile", default=None, help="write cProfile stats to this file")
@@ -103,9 +109,13 @@ def main() -> None:
         shutil.rmtree(out)
     timers = Timers()
     instrument(timers)
+    chosen = {k: v for k, v in (("scorer", args.scorer), ("budget_mode", args.budget_mode))
+              if v is not None}
+    if args.random_budgets:
+        chosen["random_budgets"] = parse_budgets(args.random_budgets)
     cfg = RunConfig(checkpoint=args.checkpoint, out=str(out), budgets=parse_budgets(args.budget),
                     seeds=args.seeds,
-                    random_seeds=tuple(int(s) for s in args.random_seeds.split(",")))
+                    random_seeds=tuple(int(s) for s in args.random_seeds.split(",")), **chosen)
     profiler = cProfile.Profile() if args.profile else None
     started = time.perf_counter()
     if profiler is not None:
@@ -127,7 +137,9 @@ def main() -> None:
     other = wall - sum(timers.seconds.values())
     rows = sorted(timers.seconds.items(), key=lambda kv: -kv[1]) + [("other", other)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cfg.checkpoint}, "
-          f"budgets {args.budget}, seeds {args.seeds}, random seeds {args.random_seeds}")
+          f"scorer {cfg.scorer}, {cfg.budget_mode}, budgets {args.budget}, random budgets "
+          f"{args.random_budgets or 'as the scorer'}, seeds {args.seeds}, random seeds "
+          f"{args.random_seeds}")
     print("| stage | seconds | share of wall | relative to sampling |")
     print("|---|---|---|---|")
     for name, seconds in rows:
