@@ -232,6 +232,9 @@ def open_store(path: str | Path) -> ReferenceStore:
         dit_prune.errors.DitPruneError: reference store not found: /nonexistent/store
     """
     root = Path(path)
+    if root.is_file():
+        raise DitPruneError(f"{root} is a file, not a reference store directory (no "
+                            f"{MANIFEST_NAME}); name the folder `dit-prune index` wrote")
     if not root.is_dir():
         raise DitPruneError(f"reference store not found: {root}")
     manifest = read_manifest(root)
