@@ -1,7 +1,8 @@
 """The `dit-prune` command line: subcommands train, eval, score, prune, run.
 
 User errors (DitPruneError) print one line and exit with status 2, with no traceback; so do
-file-system errors (a read-only or full disk: OSError), naming the path.
+file-system errors (a read-only or full disk: OSError), naming the path, and usage errors (an
+invalid choice, an unknown flag: `OneLineParser`).
 
 Example:
     $ dit-prune train --subset 64 --steps 12000 --out checkpoints/digits-memorized
@@ -14,13 +15,26 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from dit_prune.commands import COMMANDS
 from dit_prune.errors import DitPruneError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors (an invalid choice, an unknown flag, a missing
+    argument) print one line naming the problem and `--help`, not the whole usage block, and
+    exit with status 2; subcommand parsers inherit it (`add_subparsers` uses the parent's
+    class)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `PROG: error: MESSAGE (see PROG --help)` on stderr and exit 2."""
+        detail = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {detail} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dit-prune",
         description="Find and structurally prune the DiT units that reproduce training images.",
     )
@@ -38,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named with the subcommand whose flags they are not
+        parser.prog = f"dit-prune {args.command}"
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.func(args) or 0)
     except DitPruneError as exc:
