@@ -83,6 +83,19 @@ CASES = [
     case("train-overwrite-a-checkpoint-it-did-not-write", "train --steps 1 --out ck --overwrite",
          "not a dit-prune output"),
     case("train-out-dot", "train --steps 1 --out . --overwrite", "current directory"),
+    # a finished output holding a file someone put inside one of its folders
+    *[case(f"{command}-overwrite-file-added-in-a-subfolder", f"{words} --overwrite",
+           f"holds samples/mine.txt, which `dit-prune {command}` did not write",
+           f"nested_{command}")
+      for command, words in (("run", "run ck --out OUT @RUN"), ("eval", "eval ck --out OUT @EVAL"),
+                             ("score", "score ck --out OUT @SCORE"),
+                             ("prune", "prune ck --budget 0.25 --out OUT @PRUNE"),
+                             ("train", "train --steps 1 --out OUT"))],
+    # --train-store naming a file
+    case("run-train-store-is-a-file", "run ck --out OUT @RUN --train-store afile",
+         "afile is a file, not a reference store directory"),
+    case("eval-train-store-is-a-file", "eval ck --out OUT @EVAL --train-store afile",
+         "afile is a file, not a reference store directory"),
     # options validated before any work
     case("run-scorer-option-typo", "run ck --out OUT @RUN --scorer-option batchs=8",
          "unknown option(s) ['batchs']"),
@@ -239,6 +252,15 @@ def prepare_out(kind: str | None, out: Path, workspace: Path, monkeypatch) -> ob
         out.mkdir()
         (out / ".dit_prune_run").write_text(json.dumps({"command": "eval"}))
         (out / "metrics.json").write_text("{}")
+    elif kind is not None and kind.startswith("nested_"):  # a finished output, then a user file
+        out.mkdir()
+        (out / "samples").mkdir()
+        (out / "samples" / "0.png").write_bytes(b"a sample")
+        (out / "metrics.json").write_text("{}")
+        from dit_prune.commands.common import mark_finished
+
+        mark_finished(out, kind.removeprefix("nested_"))
+        (out / "samples" / "mine.txt").write_text("a note kept beside the samples\n")
     elif kind == "locked_run":
         import fcntl
 

@@ -20,8 +20,10 @@ from dit_prune.cli import main
 from dit_prune.commands.common import (
     MARKER_NAME,
     claim_out,
+    foreign_entries,
     mark_finished,
     missing_root,
+    output_entries,
     previous_command,
     undone_on_failure,
 )
@@ -305,7 +307,7 @@ def test_index_marker_lists_its_files_and_overwrite_spares_others(tmp_path, monk
     argv = ["index", "--images", "digits-heldout", "--out", str(out), "--shard-size", "512",
             "--no-progress"]
     assert main(argv) == 0
-    on_disk = sorted(p.name for p in out.iterdir() if p.name != MARKER_NAME)
+    on_disk = sorted(output_entries(out))
     marker = json.loads((out / MARKER_NAME).read_text())
     assert marker["command"] == "index" and marker["files"] == on_disk
     assert {"manifest.json", "images-00000.safetensors", "config.resolved.json"} <= set(on_disk)
@@ -333,10 +335,20 @@ def test_run_marker_lists_its_files_and_overwrite_spares_others(ck, tmp_path, mo
     out = tmp_path / "r"
     argv = ["run", str(ck), "--out", str(out), *RUN, "--retrigger-targets", "0"]
     assert main(argv) == 0
-    on_disk = sorted(p.name for p in out.iterdir() if p.name != MARKER_NAME)
+    on_disk = sorted(output_entries(out))
     marker = json.loads((out / MARKER_NAME).read_text())
     assert marker["command"] == "run" and marker["files"] == on_disk
-    assert {"report.json", "report.md", "pruned", "config.resolved.json"} <= set(on_disk)
+    assert {"report.json", "report.md", "pruned/plan.json", "config.resolved.json"} <= set(
+        on_disk)
+    assert any(name.startswith("samples/") for name in on_disk)  # every file, at any depth
+    (out / "samples" / "precious.txt").write_text("kept beside the samples\n")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 2
+    line = one_error_line(capsys)
+    assert "samples/precious.txt" in line and "did not write" in line, line
+    assert snapshot(out) == before
+    (out / "samples" / "precious.txt").unlink()
     (out / "notes.md").write_text("what I saw in this run\n")
     before = snapshot(out)
     capsys.readouterr()
@@ -344,3 +356,95 @@ def test_run_marker_lists_its_files_and_overwrite_spares_others(ck, tmp_path, mo
     line = one_error_line(capsys)
     assert "notes.md" in line and "did not write" in line, line
     assert snapshot(out) == before
+
+
+def test_overwrite_refuses_files_added_inside_an_outputs_folders(tmp_path):
+    """The marker lists every file at any depth: a file put into one of the output's folders
+    (or a folder added inside one) is foreign, named in the one-line refusal."""
+    out = tmp_path / "ck"
+    (out / "transformer").mkdir(parents=True)
+    (out / "transformer" / "config.json").write_text("{}")
+    (out / "dit_prune.json").write_text("{}")
+    mark_finished(out, "train")
+    assert json.loads((out / MARKER_NAME).read_text())["files"] == ["dit_prune.json",
+                                                                   "transformer/config.json"]
+    assert claim_out(out, "train", {}, overwrite=True) == out.resolve()
+    (out / "transformer" / "notes.txt").write_text("mine\n")
+    with pytest.raises(DitPruneError, match="holds transformer/notes.txt, which `dit-prune "
+                                            "train` did not write"):
+        claim_out(out, "train", {}, overwrite=True)
+    (out / "transformer" / "notes.txt").unlink()
+    (out / "transformer" / "mine").mkdir()
+    (out / "transformer" / "mine" / "a.txt").write_text("mine\n")
+    with pytest.raises(DitPruneError, match="holds transformer/mine/a.txt"):
+        claim_out(out, "train", {}, overwrite=True)
+
+
+def test_a_resumed_output_keeps_nested_foreign_files_out_of_its_marker(tmp_path):
+    """A file put into a finished output's folder stays foreign through a resumed command
+    (`mark_started`, then `mark_finished`), while the command's new files are listed."""
+    from dit_prune.commands.common import mark_started
+
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "0.safetensors").write_text("a shard")
+    mark_finished(out, "run")
+    (out / "samples" / "precious.txt").write_text("mine\n")
+    foreign = foreign_entries(out)
+    assert foreign == ("samples/precious.txt",)
+    mark_started(out, "run", foreign)
+    with pytest.raises(DitPruneError, match="holds samples/precious.txt"):
+        claim_out(out, "run", {}, overwrite=True)
+    (out / "samples" / "1.safetensors").write_text("a new shard")  # the resumed run's work
+    mark_finished(out, "run", foreign)
+    assert json.loads((out / MARKER_NAME).read_text())["files"] == [
+        "samples/0.safetensors", "samples/1.safetensors"]
+    with pytest.raises(DitPruneError, match="holds samples/precious.txt"):
+        claim_out(out, "run", {}, overwrite=True)
+    (out / "samples" / "precious.txt").unlink()
+    assert claim_out(out, "run", {}, overwrite=True) == out.resolve()
+
+
+def test_an_older_marker_listing_top_level_names_still_covers_its_folders(tmp_path):
+    out = tmp_path / "run"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "0.safetensors").write_text("a shard")
+    (out / MARKER_NAME).write_text(json.dumps({"command": "run", "files": ["samples"]}))
+    assert foreign_entries(out) == ()
+    (out / "notes.txt").write_text("mine\n")
+    assert foreign_entries(out) == ("notes.txt",)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_run_resumes_when_paths_are_spelled_differently(ck, tmp_path, monkeypatch, capsys):
+    """Relative, './'-prefixed and absolute spellings of --out and of the checkpoint (and of
+    every other path option) name the same run: it resumes instead of asking for
+    --overwrite; a different checkpoint still does."""
+    monkeypatch.chdir(ck.parent)
+    out = tmp_path / "r"
+    options = [*RUN, "--retrigger-targets", "0"]
+    assert main(["run", str(ck), "--out", str(out), *options]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", f"./{os.path.relpath(ck, tmp_path)}", "--out", "./r", *options]) == 0
+    assert "holds a run with other options" not in capsys.readouterr().err
+    other = tmp_path / "ck2"
+    shutil.copytree(ck, other)
+    assert main(["run", str(other), "--out", "r", *options]) == 2
+    assert "holds a run with other options" in one_error_line(capsys)
+
+
+def test_resolved_paths_follow_existing_paths_and_keep_hub_ids(tmp_path, monkeypatch):
+    from dit_prune.commands.run import resolved_paths
+    from dit_prune.run.config import RunConfig
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "train").mkdir()
+    monkeypatch.chdir(tmp_path)
+    one = resolved_paths(RunConfig(checkpoint="./ck", out="r", train="train",
+                                   heldout="org/held-out"))
+    two = resolved_paths(RunConfig(checkpoint=str(tmp_path / "ck"), out="/x/r",
+                                   train=str(tmp_path / "train"), heldout="org/held-out"))
+    assert one == two
+    assert one["checkpoint"] == str((tmp_path / "ck").resolve()) and one["heldout"] == (
+        "org/held-out") and one["recover_data"] == "train" and one["features"] is None

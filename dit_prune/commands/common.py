@@ -3,8 +3,9 @@
 Every subcommand claims its `--out` with `claim_out` before any long work (claiming writes
 nothing): the output may not be, contain or lie inside an input, and `--overwrite` replaces only
 a directory that an earlier run of the same subcommand wrote: it carries the `.dit_prune_run`
-marker, and when the marker lists the files that run wrote (a finished output), it holds
-nothing else, nor anything the marker names as foreign (an unfinished `run` or `index` resumed
+marker, and when the marker lists the files that run wrote (every file, at any depth, as a path
+relative to --out: a finished output), it holds nothing else, in any subfolder, nor anything
+the marker names as foreign (an unfinished `run` or `index` resumed
 in a directory holding files it did not write). A directory
 without the marker (a shipped checkpoint, one written by hand or by an older version) is never
 replaced. Outputs are then built in a temporary sibling (`staged_output`) and renamed into place,
@@ -47,7 +48,9 @@ from dit_prune.checkpoint import atomic_directory, atomic_write_text
 from dit_prune.errors import DitPruneError
 
 RESOLVED_CONFIG_NAME = "config.resolved.json"
-MARKER_NAME = ".dit_prune_run"  # {"command": "eval", "files": [...]}: what --overwrite replaces
+# {"command": "eval", "files": ["metrics.json", "samples/0.png", ...], "nested": true}: the
+# entries --overwrite may replace, as paths relative to --out, at any depth
+MARKER_NAME = ".dit_prune_run"
 RECORDED_COMMAND = (RESOLVED_CONFIG_NAME, "dit_prune.json", "config.json")  # hold "command"
 
 
@@ -64,14 +67,32 @@ def write_marker(run_dir: Path, command: str, **extra: Any) -> None:
     atomic_write_text(run_dir / MARKER_NAME, json.dumps({"command": command, **extra}) + "\n")
 
 
+def output_entries(root: Path) -> set[str]:
+    """Every entry of output directory `root` as a path relative to it ('samples/0.png'): its
+    files, its symbolic links and its empty folders, at any depth (the marker aside). This is
+    what a marker's file list must cover for `--overwrite` to replace the directory."""
+    found: set[str] = set()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder).relative_to(root)
+        for name in list(dirs):
+            if (Path(folder) / name).is_symlink():  # a link to a folder: one entry, not walked
+                dirs.remove(name)
+                files.append(name)
+        found.update((here / name).as_posix() for name in files)
+        if not dirs and not files and here != Path("."):
+            found.add(here.as_posix())
+    found.discard(MARKER_NAME)
+    return found
+
+
 def mark_finished(run_dir: Path, command: str, foreign: tuple[str, ...] = (),
                   **extra: Any) -> None:
-    """Mark `run_dir` as a finished `dit-prune <command>` output: the marker lists its top-level
-    entries but `foreign` (what someone else put there before a resumed command, see
-    `mark_started`), and `--overwrite` refuses the directory once it holds more."""
-    files = sorted(p.name for p in run_dir.iterdir()
-                   if p.name != MARKER_NAME and p.name not in foreign)
-    write_marker(run_dir, command, files=files, **extra)
+    """Mark `run_dir` as a finished `dit-prune <command>` output: the marker lists every entry
+    in it, at any depth (`output_entries`), but `foreign` (what someone else put there before a
+    resumed command, see `mark_started`), and `--overwrite` refuses the directory once it holds
+    more."""
+    files = sorted(output_entries(run_dir) - set(foreign))
+    write_marker(run_dir, command, files=files, nested=True, **extra)
 
 
 def mark_started(run_dir: Path, command: str, foreign: tuple[str, ...] = (),
@@ -84,21 +105,30 @@ def mark_started(run_dir: Path, command: str, foreign: tuple[str, ...] = (),
 
 
 def foreign_entries(path: Path) -> tuple[str, ...]:
-    """Top-level entries of output directory `path` that its marker says the tool did not
-    write: those a finished output's file list does not name, and those an unfinished one
-    records as foreign (sorted; empty without a marker, or for an unfinished output that
-    recorded none). Take them before the marker is rewritten."""
+    """Entries of output directory `path` (relative paths, at any depth: `output_entries`)
+    that its marker says the tool did not write: those a finished output's file list does not
+    cover, and those an unfinished one records as foreign (sorted; empty without a marker, or
+    for an unfinished output that recorded none). Take them before the marker is rewritten.
+
+    A marker written by an older version (without "nested": true) lists top-level names only:
+    a listed name that is a folder then covers what lies inside it."""
     marker = read_marker(path) if path.is_dir() else None
     if marker is None:
         return ()
     listed = marker.get("files")
     recorded = marker.get("foreign")
-    names = {p.name for p in path.iterdir() if p.name != MARKER_NAME}
+    names = output_entries(path)
     found = set()
     if isinstance(listed, list):
-        found |= names - set(listed)
+        covered = {str(name) for name in listed}
+        folders = () if marker.get("nested") is True else tuple(
+            f"{name}/" for name in covered
+            if (path / name).is_dir() and not (path / name).is_symlink())
+        found |= {name for name in names - covered if not name.startswith(folders)}
     if isinstance(recorded, list):
-        found |= names & set(recorded)
+        kept = {str(name) for name in recorded}
+        found |= {name for name in names
+                  if name in kept or any(name.startswith(f"{k}/") for k in kept)}
     return tuple(sorted(found))
 
 

@@ -220,7 +220,8 @@ def _run(args: argparse.Namespace) -> int:
         if state.is_main_process:
             foreign = foreign_entries(run_dir)  # files someone else put beside a resumed run
             lock = _claim_run_dir(run_dir, cfg, args.overwrite, foreign)
-            dump_resolved_config(run_dir, args, resolved=cfg.to_json())
+            dump_resolved_config(run_dir, args, resolved=cfg.to_json(),
+                                 resolved_paths=resolved_paths(cfg))
         state.wait_for_everyone()
         result = run_experiment(cfg, inputs, progress=state.is_main_process)
     if not state.is_main_process:
@@ -310,7 +311,7 @@ def _claim_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool,
     try:
         if previous.is_file():
             try:
-                same = json.loads(previous.read_text()).get("resolved") == cfg.to_json()
+                same = _same_options(json.loads(previous.read_text()), cfg)
             except (json.JSONDecodeError, AttributeError):
                 same = False
             if not same and not overwrite:
@@ -330,6 +331,45 @@ def _claim_run_dir(run_dir: Path, cfg: RunConfig, overwrite: bool,
     finally:
         if held is not None:
             held.close()
+
+
+# RunConfig's path options: compared by the absolute paths they resolve to when deciding
+# whether a run resumes (--out is the run directory itself: not compared)
+PATH_OPTIONS = ("checkpoint", "train", "heldout", "features", "copy_detector", "train_store",
+                "recover_data")
+
+
+def resolved_paths(cfg: RunConfig) -> dict[str, str | None]:
+    """`cfg`'s path options, each as the absolute path it names (symlinks followed) when it
+    exists, else as typed (a hub id, a recovery source such as 'train', unset)."""
+    paths: dict[str, str | None] = {}
+    for name in PATH_OPTIONS:
+        value = getattr(cfg, name)
+        if name == "recover_data" and value in RECOVERY_SOURCES:
+            paths[name] = value
+        elif value is not None and str(value).strip() and Path(value).expanduser().exists():
+            paths[name] = str(Path(value).expanduser().resolve())
+        else:
+            paths[name] = value
+    return paths
+
+
+def _same_options(previous: dict[str, Any], cfg: RunConfig) -> bool:
+    """Whether an earlier run's `config.resolved.json` (`previous`) holds `cfg`'s options:
+    path options compare by the absolute paths they resolved to (`resolved_paths`), so `./ck`,
+    `ck` and its absolute path are one checkpoint, and --out is not compared (it is this run
+    directory). A dump of an older version, without resolved paths, compares as typed."""
+    current = cfg.to_json()
+    recorded = previous.get("resolved")
+    paths = previous.get("resolved_paths")
+    if not isinstance(recorded, dict):
+        return False
+    if not isinstance(paths, dict):
+        return recorded == current
+    ignored = {"out", *PATH_OPTIONS}
+    return (paths == resolved_paths(cfg)
+            and {k: v for k, v in recorded.items() if k not in ignored}
+            == {k: v for k, v in current.items() if k not in ignored})
 
 
 def _check_still_ours(run_dir: Path, lock: _Lock | None) -> None:
