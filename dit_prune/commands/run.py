@@ -7,8 +7,10 @@ that fails before any work removes the --out it created. The run directory is cl
 lock: a second run into the same --out *while the first is working* fails at once instead of
 mixing its files with the first one's. Once a run has stopped, the same command again continues
 from the sample shards and scores it finished (and a finished run writes its report again);
-other options need --overwrite. A finished run's `.dit_prune_run` marker lists the files it
-wrote, so `--overwrite` refuses a run directory that holds anything else.
+path options count as the absolute paths they resolve to (`./ck`, `ck` and its absolute path
+are one checkpoint; hub ids compare as typed), other options need --overwrite. A finished
+run's `.dit_prune_run` marker lists every file it wrote, at any depth, so `--overwrite` refuses
+a run directory that holds anything else, also inside its folders (samples/, pruned/).
 
 Example:
     $ dit-prune run checkpoints/digits-memorized --out runs/demo --budget 0.1,0.2
