@@ -150,3 +150,84 @@ def test_feature_network_folder_is_named_for_what_it_is(tmp_path, capsys):
         from dit_prune.checkpoint import load_dit
 
         load_dit(CHECKPOINTS / "digits-features")
+
+
+def test_fd_change_prints_one_percent_sign(text_run):
+    """'+0.2% [+0.1, +0.3]': the interval after the change carries no second percent sign."""
+    from dit_prune.run.report import _pct, _pct_interval
+
+    assert f"{_pct(0.002)} {_pct_interval([0.001, 0.003])}" == "+0.2% [+0.1, +0.3]"
+    out, _ = text_run
+    row = next(line for line in (out / "report.md").read_text().splitlines()
+               if "change vs before" in line)
+    cells = row.split("(paired 95%)")[1]
+    assert "]%" not in cells and cells.count("%") == 2  # after and random, one sign each
+
+
+def test_eval_names_text_to_image_pipelines_for_what_they_are(tmp_path, capsys):
+    code = main(["eval", str(CHECKPOINTS / "digits-text"), "--out", str(tmp_path / "e"),
+                 "--seeds", "0-19", "--steps", "2", "--stats-cache", "none", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "text-to-image pipelines are not supported by eval" in err and "dit-prune run" in err
+    assert "latent" not in err
+
+
+def _class_recovery(method: str, **extra) -> dict:
+    """report.json's "recovery" of a class-conditional run recovered with `method`."""
+    from dit_prune.run.config import RunConfig
+    from dit_prune.run.recovery import RunRecovery
+
+    cfg = RunConfig("ckpt", "out", recover=method, **extra)
+    images = torch.zeros(2, 1, 8, 8)
+    recovery = RunRecovery(method, images, torch.zeros(2, dtype=torch.long), torch.nn.Identity(),
+                           None, cfg.recovery_options(), {"source": "train", "num_images": 2})
+    return recovery.describe()
+
+
+def test_finetune_recovery_states_no_t_range():
+    """finetune draws t over the whole schedule: report.json holds no t range for it, report.md
+    says so; distill keeps its range."""
+    from dit_prune.run.recovery import FINETUNE_TIMESTEPS
+    from dit_prune.run.report import recovery_sentence
+
+    finetune = _class_recovery("finetune")
+    assert "t_min" not in finetune["options"] and "t_max" not in finetune["options"]
+    assert finetune["options"]["timesteps"] == FINETUNE_TIMESTEPS
+    sentence = recovery_sentence({"recovery": finetune})
+    assert "whole noise schedule" in sentence and "[500, 999]" not in sentence
+    distill = _class_recovery("distill")
+    assert (distill["options"]["t_min"], distill["options"]["t_max"]) == (500, 999)
+    assert "t in [500, 999]" in recovery_sentence({"recovery": distill})
+
+
+def test_recovery_on_the_heldout_set_is_flagged(tmp_path, monkeypatch):
+    """The keyword `heldout` (while it is the run's held-out set) and a folder that resolves to
+    `--heldout` are flagged as contaminating FD; other data is not."""
+    from dit_prune.run.config import RunConfig
+    from dit_prune.run.recovery import heldout_contamination
+
+    (tmp_path / "held").mkdir()
+    monkeypatch.chdir(tmp_path)
+    same = RunConfig("c", "o", recover="distill", recover_data="./held/",
+                     heldout=str(tmp_path / "held"))
+    assert "contaminated" in heldout_contamination(same, text=False)
+    keyword = RunConfig("c", "o", recover="distill", recover_data="heldout")
+    assert "--recover-data heldout" in heldout_contamination(keyword, text=False)
+    other_heldout = RunConfig("c", "o", recover="distill", recover_data="heldout",
+                              heldout=str(tmp_path / "held"))  # trains on the digits held-out
+    assert heldout_contamination(other_heldout, text=False) is None
+    assert heldout_contamination(other_heldout, text=True) is not None  # the run's held-out rows
+    assert heldout_contamination(RunConfig("c", "o", recover="distill"), text=False) is None
+
+
+def test_retrigger_sentence_names_what_the_attack_conditions_on():
+    from dit_prune.run.report import retrigger_sentence
+
+    r = {"source": "duplicated", "targets": 2, "heldout_targets": 2, "lr": 0.1,
+         "attack_steps": 1, "prior_weight": 1.0, "ddim_steps": 2, "seed": 0,
+         "copy_threshold": 0.5, "models_attacked": 3, "seconds": 1.0}
+    assert "given the target's class" in retrigger_sentence({"retrigger": r, "text": None})
+    text = retrigger_sentence({"retrigger": r, "text": {"num_rows": 4}})
+    assert "given the target's caption" in text and "target's class" not in text

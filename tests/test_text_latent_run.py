@@ -195,3 +195,68 @@ def test_run_on_flux_samples_its_packed_latents(tmp_path):
         ["control", "random_s1_2", "after_2"]
     assert report["num_train_images"] == 6
     assert type(load_pruned_pipeline(out / "pruned")).__name__ == "FluxPipeline"
+
+
+def test_text_run_reports_its_store_finetune_range_and_heldout_recovery(sd3_inputs, tmp_path,
+                                                                         capsys):
+    """A text run with `--train-store` and `--recover finetune` on the held-out folder: report.json
+    records the store (absolute path, content hash) and no t range for finetune; report.md says
+    the store was searched, that finetune's t spans the whole schedule and warns that the
+    recovery data is the held-out set; the re-trigger conditions on the target's caption."""
+    from dit_prune.run.recovery import FINETUNE_TIMESTEPS
+
+    pipe_dir, args = sd3_inputs
+    train = args[args.index("--train") + 1]
+    held = args[args.index("--heldout") + 1]
+    detector = args[args.index("--copy-detector") + 1]
+    assert main(["index", "--images", train, "--out", str(tmp_path / "store"),
+                 "--copy-detector", detector, "--no-progress"]) == 0
+    capsys.readouterr()
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    out = tmp_path / "run"
+    assert main(["run", str(pipe_dir), "--out", str(out), *args, "--recover", "finetune",
+                 "--recover-steps", "1", "--recover-data", held + "/",
+                 "--train-store", str(tmp_path / "store")]) == 0
+    err = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_store"] == {"path": str((tmp_path / "store").resolve()),
+                                     "content_hash": manifest["content_hash"]}
+    options = report["recovery"]["options"]
+    assert "t_min" not in options and "t_max" not in options
+    assert options["timesteps"] == FINETUNE_TIMESTEPS
+    contamination = [w for w in report["warnings"] if "held-out images" in w and "FD" in w]
+    assert len(contamination) == 1 and f"warning: {contamination[0]}" in err
+    markdown = (out / "report.md").read_text()
+    measured = markdown.split("## What was measured")[1]
+    assert "searched the reference store" in measured
+    assert str((tmp_path / "store").resolve()) in measured and manifest["content_hash"] in measured
+    assert "whole noise schedule" in measured and "[500, 999]" not in markdown
+    assert f"- {contamination[0]}" in markdown.split("## Warnings")[1]
+    assert "given the target's caption" in markdown and "target's class" not in markdown
+    assert "]%" not in markdown  # FD change: one percent sign
+
+
+def test_text_run_names_the_folder_of_wrongly_sized_images(sd3_inputs, tmp_path, capsys):
+    pipe_dir, args = sd3_inputs
+    big = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    write_caption_folder(tmp_path / "big", big, CAPTIONS)
+    args = list(args)
+    args[args.index("--train") + 1] = str(tmp_path / "big")
+    assert main(["run", str(pipe_dir), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"training images (--train {tmp_path / 'big'}) are (3, 32, 32)" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_quiet_libraries_silences_and_restores():
+    """Pipeline loading hides transformers' warnings and log messages only inside the block."""
+    from transformers.utils import logging as transformers_logging
+
+    from dit_prune.run.text import quiet_libraries
+
+    before = transformers_logging.get_verbosity()
+    with quiet_libraries(), warnings.catch_warnings(record=True) as caught:
+        assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+        warnings.warn("`CLIPImageProcessor` requires torchvision", UserWarning, stacklevel=1)
+    assert transformers_logging.get_verbosity() == before
+    assert caught == []

@@ -211,6 +211,9 @@ def _evaluate(args: argparse.Namespace, run_dir: Path, cache: Path | None,
     store = open_store(args.train_store) if args.train_store else None
     device = pick_device(args.device)
     model, scheduler, meta = load_dit(args.checkpoint, device)
+    if meta.pipeline_dir is not None and not meta.num_classes:
+        raise DitPruneError("eval samples class-conditional DiTs; text-to-image pipelines are "
+                            "not supported by eval: use `dit-prune run`")
     if meta.pipeline_dir is not None:
         raise DitPruneError("eval samples pixel-space DiTs; latent pipelines (with a VAE) are not "
                             "supported yet")

@@ -124,7 +124,11 @@ def prepare_inputs(cfg: RunConfig) -> RunInputs:
         split = digits_split()
         heldout_images, heldout_labels = split.heldout_images, split.heldout_labels
     expected = (meta.channels, meta.image_size, meta.image_size)
-    for what, images in (("training images", train_images), ("held-out images", heldout_images)):
+    named = ((f"training images (--train {cfg.train})" if cfg.train else "training images",
+              train_images),
+             (f"held-out images (--heldout {cfg.heldout})" if cfg.heldout else "held-out images",
+              heldout_images))
+    for what, images in named:
         if tuple(images.shape[1:]) != expected and meta.pipeline_dir is None:
             raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the model makes "
                                 f"{expected} (C, H, W)")

@@ -20,7 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,11 +32,32 @@ from dit_prune.errors import DitPruneError
 from dit_prune.pruning.recovery import RecoveryConfig, recover
 from dit_prune.pruning.recovery_data import (
     GENERATED_NOVEL,
+    RECOVERY_SOURCES,
     check_enough_novel,
     generated_seeds,
     novel_filter,
 )
 from dit_prune.sampling import labels_for_seeds
+
+FINETUNE_TIMESTEPS = "all"  # report.json: finetune's t, uniform over the whole noise schedule
+
+
+def heldout_contamination(cfg: Any, text: bool) -> str | None:
+    """The warning for recovery data that is the run's held-out set (FD's and τ's reference),
+    or None: the keyword ``heldout`` (on a class-conditional run, only while the held-out set
+    is the default digits one) or a folder that resolves to `--heldout`'s."""
+    if cfg.recover == "none":
+        return None
+    data = str(cfg.recover_data)
+    same = False
+    if data == "heldout":
+        same = text or not cfg.heldout
+    elif cfg.heldout and data not in RECOVERY_SOURCES:
+        same = Path(data).expanduser().resolve() == Path(cfg.heldout).expanduser().resolve()
+    if not same:
+        return None
+    return (f"recovery trains on the held-out images (--recover-data {data}), which FD is "
+            "measured against: FD after recovery is contaminated (biased low)")
 
 
 @dataclass
@@ -83,6 +106,10 @@ class RunRecovery:
         options = {k: v for k, v in self.options.items() if k != "config"}
         if "config" in self.options:
             options.update(vars(self.options["config"]))
+        if self.method == "finetune":  # the trainer draws t over the whole schedule
+            options.pop("t_min", None)
+            options.pop("t_max", None)
+            options["timesteps"] = FINETUNE_TIMESTEPS
         out: dict[str, Any] = {"method": self.method, "options": options,
                                "data": self.data_info, "models_recovered": len(self.summaries)}
         if self.targets is not None:
@@ -100,6 +127,9 @@ def prepare_recovery(cfg: Any, inputs: Any, base: nn.Module, context: Any, sampl
     """
     if cfg.recover == "none":
         return None
+    contaminated = heldout_contamination(cfg, text=getattr(inputs, "text", None) is not None)
+    if contaminated:  # collected into the report's warnings (and stderr) by the run
+        warnings.warn(contaminated, UserWarning, stacklevel=2)
     options = cfg.recovery_options()
     if cfg.recover_data == GENERATED_NOVEL:
         seeds = generated_seeds(cfg.recover_pool)

@@ -83,6 +83,7 @@ def build_report(result: dict[str, Any]) -> dict[str, Any]:
         "control_fd_change": control["fd_change"] if control else None,
         "budgets": budgets,
         "text": _text_description(result),
+        "train_store": _store_description(ctx),
         "warnings": run_warnings(result, names),
     })
 
@@ -95,6 +96,24 @@ def _text_description(result: dict[str, Any]) -> dict[str, Any] | None:
     return {"num_rows": len(text.rows), "num_distinct_prompts": len(set(text.rows.captions)),
             "classes_known": text.row_classes is not None,
             "latent": bool(getattr(text, "latent", False))}
+
+
+def _store_description(context: Any) -> dict[str, Any] | None:
+    """The `--train-store` the ratio test and the copy rate searched: its absolute path and its
+    manifest's content hash (None without a store)."""
+    store = getattr(context, "train_store", None)
+    if store is None:
+        return None
+    return {"path": str(Path(store.root).resolve()), "content_hash": store.content_hash}
+
+
+def _store_lines(report: dict[str, Any]) -> list[str]:
+    """report.md's line on the `--train-store` that both measures searched (none without)."""
+    store = report.get("train_store")
+    if not store:
+        return []
+    return [f"- Training images: the ratio test and the copy rate searched the reference store "
+            f"`{store['path']}` (`--train-store`, content hash `{store['content_hash']}`)."]
 
 
 def run_warnings(result: dict[str, Any], names: dict[str, Any]) -> list[str]:
@@ -242,7 +261,7 @@ def _pct(value: Any) -> str:
 def _pct_interval(interval: Any) -> str:
     if not has_interval(interval):
         return "[no interval]"
-    return f"[{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]%"
+    return f"[{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}]"
 
 
 def _subset(metrics: dict[str, Any] | None, target: str) -> dict[str, Any] | None:
@@ -327,6 +346,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"τ = {report['copy_threshold']:.4f} (99th percentile of {report['num_heldout_images']} "
         f"held-out images{_maximum_note(report)}; their false-copy rate "
         f"{fmt_rate(report['heldout_false_copy_rate'])}).",
+        *_store_lines(report),
         f"- {fd_name}: Fréchet distance on `{report['feature_extractor']}` features against the "
         "held-out images (bootstrap interval); precision/recall with k-NN manifolds; "
         f"{_agreement_sentence(report)}.",
@@ -410,7 +430,9 @@ def recovery_sentence(report: dict[str, Any]) -> str:
     options, data = recovery["options"], recovery["data"]
     text = (f"Recovery after pruning: {recovery['method']}, {options.get('steps')} steps, seed "
             f"{options.get('seed')}")
-    if recovery["method"] != "finetune":
+    if recovery["method"] == "finetune":
+        text += ", t uniform over the whole noise schedule (the training recipe)"
+    else:
         text += f", distillation at t in [{options.get('t_min')}, {options.get('t_max')}]"
     if data.get("source") == "generated-novel":
         text += (f", on samples of the unpruned model that the copy detector calls novel: "
@@ -443,8 +465,9 @@ def retrigger_sentence(report: dict[str, Any]) -> str:
             f"{r['heldout_targets']} held-out images, the initial noise was optimised with Adam "
             f"(lr {r['lr']:g}, {r['attack_steps']} steps, prior weight {r['prior_weight']:g}) "
             f"through a differentiable {r['ddim_steps']}-step {sampler} sampler given the "
-            f"target's class, seed {r['seed']}; a success when the sample's nearest image "
-            "(pixel L2, training images and held-out targets) is the target and its copy "
+            f"target's {'caption' if report.get('text') else 'class'}, seed {r['seed']}; a "
+            "success when the sample's nearest image (pixel L2, training images and held-out "
+            "targets) is the target and its copy "
             f"similarity is ≥ τ = {r['copy_threshold']:.4f}. The held-out success is the floor "
             "(noise optimisation without memorization); intervals are bootstrap over targets; "
             f"{r['models_attacked']} models attacked in {r['seconds']:.0f} s. Reported beside "

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,16 +186,21 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
         raise DitPruneError(f"{type(model).__name__} has no sample size to sample at")
     else:
         expected = (channels, int(model.config.sample_size) * _vae_scale(pipe))
-    checked = [("training images", train_images), ("held-out images", heldout.images)]
+    train_from = f"--train {cfg.train}" if cfg.train else "the checkpoint's digits"
+    heldout_from = f"--heldout {cfg.heldout}" if cfg.heldout else "the held-out digits"
+    checked = [(f"training images ({train_from})", train_images),
+               (f"held-out images ({heldout_from})", heldout.images)]
     if recovery_folder is not None:
-        checked.append((f"recovery images ({cfg.recover_data})", recovery_folder.images))
+        checked.append((f"recovery images (--recover-data {cfg.recover_data})",
+                        recovery_folder.images))
     for what, images in checked:
         if tuple(images.shape[1:]) != (expected[0], expected[1], expected[1]):
             raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the pipeline makes "
                                 f"{(expected[0], expected[1], expected[1])} (C, H, W)")
     extra_captions = list(recovery_folder.captions) if recovery_folder is not None else []
-    labels = CaptionLabels.build(pipe, list(rows.captions) + list(heldout.captions)
-                                 + extra_captions)
+    with quiet_libraries():  # the text encoders' library warnings
+        labels = CaptionLabels.build(pipe, list(rows.captions) + list(heldout.captions)
+                                     + extra_captions)
     null = labels.null
     if null and labels.num_labels > null:
         raise DitPruneError(f"{labels.num_labels} distinct captions, but this transformer's "
@@ -223,8 +229,16 @@ def text_run_inputs(cfg: Any, loaded: Any) -> Any:
             if latent:
                 recovery = _model_space(pipe, recovery, packed)  # (P, c, h, w)
             recovery_labels = labels.of(list(recovery_folder.captions))  # (P,)
+    store = None  # --train-store: a store of the distinct training images, as in class runs
+    if cfg.train_store:
+        from dit_prune.store.format import open_store
+        from dit_prune.store.reuse import check_store
+
+        store = open_store(cfg.train_store)
+        check_store(store, train_images)
     return RunInputs(loaded._replace(meta=meta), train_images, train_labels, heldout.images,
-                     heldout_labels, device, recovery, recovery_labels, text=text)
+                     heldout_labels, device, recovery, recovery_labels, text=text,
+                     train_store=store)
 
 
 def _model_space(pipe: Any, images: torch.Tensor, packed: bool) -> torch.Tensor:
@@ -261,20 +275,34 @@ def _recovery_folder(cfg: Any) -> CaptionedImages | None:
 
 def _quiet_load(path: str | Path) -> Any:
     """The pipeline, loaded without diffusers' "Loading pipeline components" and transformers'
-    "Loading weights" progress bars."""
+    "Loading weights" progress bars, and without the libraries' warnings and log messages
+    (e.g. "`CLIPImageProcessor` requires torchvision" for SD3's and Sana's unused processors);
+    `quiet_libraries` restores every setting afterwards."""
+    from dit_prune.pipelines.io import load_pruned_pipeline
+
+    with quiet_libraries():
+        return load_pruned_pipeline(path)
+
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside the block: diffusers' and transformers' progress bars off, their loggers at error
+    level and Python warnings ignored; every setting is restored on exit."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from dit_prune.pipelines.io import load_pruned_pipeline
-
-    enabled = [(lib, lib.is_progress_bar_enabled())
-               for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in enabled:
+    libs = (diffusers_logging, transformers_logging)
+    enabled = [(lib, lib.is_progress_bar_enabled(), lib.get_verbosity()) for lib in libs]
+    for lib in libs:
         lib.disable_progress_bar()
+        lib.set_verbosity_error()
     try:
-        return load_pruned_pipeline(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
-        for lib, was in enabled:
+        for lib, was, verbosity in enabled:
+            lib.set_verbosity(verbosity)
             if was:
                 lib.enable_progress_bar()
 
