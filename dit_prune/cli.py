@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """Write one line to stderr in a single write, flushed: processes launched together (torchrun)
+    that fail together print whole lines, not interleaved pieces."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -59,12 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DitPruneError as exc:
-        print(f"dit-prune {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"dit-prune {args.command}: error: {exc}")
         return 2
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         detail = exc.strerror or " ".join(str(exc).split())
-        print(f"dit-prune {args.command}: error: {where}{detail}", file=sys.stderr)
+        _say(f"dit-prune {args.command}: error: {where}{detail}")
         return 2
     except KeyboardInterrupt:
         kept = ("finished sample shards are kept: the same command resumes"
@@ -76,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "resumes from it" if args.command == "train" and
                 getattr(args, "model", "dit") in ("dit", "text") else
                 "no partial output was kept")
-        print(f"dit-prune {args.command}: interrupted; {kept}", file=sys.stderr)
+        _say(f"dit-prune {args.command}: interrupted; {kept}")
         return 130
 
 
