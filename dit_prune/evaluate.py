@@ -118,7 +118,9 @@ class EvalContext:
             "num_train_images": len(self.train_images),
             "num_heldout_images": len(self.heldout_images),
             "reference_key": self.reference.key,
-            **({"train_store": str(self.train_store.root)} if self.train_store else {}),
+            **({"train_store": str(self.train_store.root.resolve()),
+                "train_store_content_hash": self.train_store.content_hash}
+               if self.train_store else {}),
         }
 
 
@@ -151,11 +153,12 @@ def build_context(
     if len(train_images) < 2:
         raise DitPruneError(f"the evaluator needs at least 2 training images, got "
                             f"{len(train_images)}")
+    if train_store is not None:  # before any long work: its images, detector and shard files
+        check_store(train_store, train_images, copy_detector)
     device = torch.device(device)
     reference = reference_stats(heldout_images, features, cache_dir, progress)
     processes = None
     if train_store is not None:  # the store's embeddings: no re-embedding, a bounded search
-        check_store(train_store, train_images, copy_detector)
         processes = current_processes()
         fp = copy_detector.fingerprint
         train_emb = torch.cat([train_store.read_embeddings(fp, k)

@@ -2,7 +2,7 @@
 several devices; on CPUs accelerate itself needs MPI): `dit-prune index` writes and embeds every
 other shard, and a store search scans every other slice; the store and the search results are
 identical to one process's; the command's processes meet at a last barrier and close their
-process group, on success and on error."""
+process group, on success and on error. Both write byte-identical shard files and manifests."""
 
 from __future__ import annotations
 
@@ -69,6 +69,9 @@ def test_two_processes_index_and_search_like_one(digits, tmp_path):
                       progress=False)
     two = open_store(tmp_path / "store")
     assert json.loads((tmp_path / "store" / "manifest.json").read_text()) == one.manifest
+    for file in sorted((tmp_path / "one").glob("*.safetensors")) + [tmp_path / "one" /
+                                                                    "manifest.json"]:
+        assert (tmp_path / "store" / file.name).read_bytes() == file.read_bytes(), file.name
     fp = detector.fingerprint
     for k in range(one.num_shards):
         assert torch.equal(two.read_images(k), one.read_images(k))

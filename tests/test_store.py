@@ -297,7 +297,8 @@ def test_eval_with_a_train_store_gives_the_same_numbers(tiny_checkpoint, digits,
     for key in ("memorization_rate", "memorization_interval", "copy_rate", "copy_interval",
                 "copy_threshold", "heldout_false_copy_rate", "most_replicated", "most_copied"):
         assert docs[0][key] == docs[1][key], key
-    assert docs[1]["train_store"] == str(store) and "train_store" not in docs[0]
+    assert docs[1]["train_store"] == str(store.resolve()) and "train_store" not in docs[0]
+    assert docs[1]["train_store_content_hash"] == open_store(store).content_hash
     arrays = [np.load(tmp_path / d / "per_sample.npz") for d in ("mem", "st")]
     for key in ("d1", "d2", "nearest", "copy_similarities", "copy_nearest"):
         assert np.array_equal(arrays[0][key], arrays[1][key]), key

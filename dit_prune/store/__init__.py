@@ -12,7 +12,7 @@ Example:
 from dit_prune.store.build import build_store
 from dit_prune.store.format import ReferenceStore, open_store
 from dit_prune.store.reports import store_copy_report, store_memorization_report
-from dit_prune.store.reuse import check_store, images_content_hash
+from dit_prune.store.reuse import check_store, images_content_hash, verify_shards
 from dit_prune.store.search import (
     store_block_shape,
     store_nearest_cosine,
@@ -25,5 +25,5 @@ __all__ = [
     "FolderSource", "ReferenceStore", "TensorSource", "build_store", "check_store",
     "images_content_hash", "open_source", "open_store",
     "store_block_shape", "store_copy_report", "store_memorization_report",
-    "store_nearest_cosine", "store_nearest_two", "store_search_bound",
+    "store_nearest_cosine", "store_nearest_two", "store_search_bound", "verify_shards",
 ]

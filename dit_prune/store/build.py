@@ -1,10 +1,13 @@
 """Build a reference store: images (and copy-detection embeddings) in shards, resumably.
 
 Each shard is written to a temporary sibling and renamed into place, so a shard file is either
-complete or absent. Its safetensors metadata records the source key, its first row and row
-count (image shards) or the image shard's SHA-256 and the detector fingerprint (embedding
-shards); a rerun keeps every shard whose metadata matches and writes only the rest. The
-manifest is written last: a store without one is unfinished, and `open_store` refuses it.
+complete or absent. Its safetensors metadata records the store version, the source key, its
+first row and row count (image shards) or the image shard's SHA-256 and the detector
+fingerprint (embedding shards); a rerun keeps every shard whose metadata matches and writes only
+the rest. The files are byte-reproducible (`format.write_shard`). The manifest is written last,
+by the main process, with every shard file's size and SHA-256 (image and embedding shards:
+it reads each shard file once more); a store without one is unfinished, and `open_store`
+refuses it. A finished store of an older version is not resumed (`--overwrite` rebuilds it).
 
 Memory: one shard of images (shard_size * C*H*W * 4 bytes) plus its embeddings at a time.
 
@@ -27,10 +30,9 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from dit_prune.checkpoint import atomic_write_text, atomic_write_with
+from dit_prune.checkpoint import atomic_write_text, atomic_write_with, file_sha256
 from dit_prune.data import check_images
 from dit_prune.errors import DitPruneError
 from dit_prune.store.distributed import Processes
@@ -43,6 +45,7 @@ from dit_prune.store.format import (
     image_hashes,
     image_shard_name,
     read_manifest,
+    write_shard,
 )
 
 
@@ -89,6 +92,10 @@ def build_store(
         _remove_partial_files(out)
     procs.barrier()
     old = read_manifest(out)
+    if old is not None and old.get("version") != STORE_VERSION:
+        raise DitPruneError(f"--out {out} holds a store of version {old.get('version')}, not "
+                            f"{STORE_VERSION} (without shard hashes); pass --overwrite to "
+                            "rebuild it")
     if old is not None and (old["source_key"] != source.key or
                             int(old["shard_size"]) != shard_size):
         raise DitPruneError(f"--out {out} holds a store of {old['source']} (shard size "
@@ -99,15 +106,16 @@ def build_store(
             raise DitPruneError(f"--out {out} holds an unfinished store of another input; pass "
                                 "--overwrite to replace it")
     num_shards = math.ceil(source.count / shard_size)
+    recorded = _recorded_hashes(old)  # a kept shard must still be the file the manifest records
     bar = tqdm(total=source.count, desc="indexing images", unit="img",
                disable=not (progress and procs.is_main))
     expected = []
     for k in range(num_shards):
         start, stop = k * shard_size, min(source.count, (k + 1) * shard_size)
-        expected.append({"source_key": source.key, "start": str(start),
-                         "rows": str(stop - start)})
+        expected.append({"store_version": str(STORE_VERSION), "source_key": source.key,
+                         "start": str(start), "rows": str(stop - start)})
         file = out / image_shard_name(k)
-        if procs.mine(k) and _kept_metadata(file, expected[k]) is None:
+        if procs.mine(k) and _kept_shard(file, expected[k], recorded) is None:
             _write_image_shard(source, file, start, stop)
             if on_shard is not None:
                 on_shard("images", k)
@@ -123,26 +131,43 @@ def build_store(
     content = hashlib.sha256(json.dumps(list(source.shape)).encode())
     for digest in shard_hashes:
         content.update(digest.encode())
-    embeddings = dict(old.get("embeddings", {})) if old is not None else {}
+    rows = [min(shard_size, source.count - k * shard_size) for k in range(num_shards)]
+    dim = None
     if detector is not None:
-        rows = [min(shard_size, source.count - k * shard_size) for k in range(num_shards)]
-        embeddings[detector.fingerprint] = _write_embeddings(out, detector, shard_hashes,
-                                                              rows, progress, on_shard, procs)
-    manifest: dict[str, Any] = {
-        "format": STORE_FORMAT, "version": STORE_VERSION, "source": _describe(source),
-        "source_key": source.key, "count": source.count, "shape": list(source.shape),
-        "dtype": "float32", "value_range": [-1.0, 1.0], "shard_size": shard_size,
-        "labels": has_labels, "content_hash": content.hexdigest(),
-        "shards": [{"file": image_shard_name(k), "rows": min(shard_size,
-                    source.count - k * shard_size), "sha256": h}
-                   for k, h in enumerate(shard_hashes)],
-        "embeddings": embeddings,
-    }
-    if procs.is_main:
+        dim = _write_embeddings(out, detector, shard_hashes, rows, progress, on_shard, procs,
+                                recorded)
+    if procs.is_main:  # the others read the manifest it writes: the files are hashed once
+        embeddings = dict(old.get("embeddings", {})) if old is not None else {}
+        if detector is not None:
+            embeddings[detector.fingerprint] = {
+                "detector": detector.name, "dim": dim,
+                "shards": [{"file": name, "rows": n, **_file_record(out / name)}
+                           for name, n in ((embedding_shard_name(detector.fingerprint, k), n)
+                                           for k, n in enumerate(rows))]}
+        manifest: dict[str, Any] = {
+            "format": STORE_FORMAT, "version": STORE_VERSION, "source": _describe(source),
+            "source_key": source.key, "count": source.count, "shape": list(source.shape),
+            "dtype": "float32", "value_range": [-1.0, 1.0], "shard_size": shard_size,
+            "labels": has_labels, "content_hash": content.hexdigest(),
+            "shards": [{"file": image_shard_name(k), "rows": n, "sha256": h,
+                        **_file_record(out / image_shard_name(k))}
+                       for k, (n, h) in enumerate(zip(rows, shard_hashes, strict=True))],
+            "embeddings": dict(sorted(embeddings.items())),
+        }
         atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
         (out / MANIFEST_NAME).chmod(0o644)
     procs.barrier()
-    return ReferenceStore(out, manifest)
+    written = read_manifest(out)
+    if written is None:  # not reached: the main process wrote it before the barrier
+        raise DitPruneError(f"--out {out}: no {MANIFEST_NAME} after indexing; run the same "
+                            "command again")
+    return ReferenceStore(out, written)
+
+
+def _file_record(file: Path) -> dict[str, Any]:
+    """What the manifest records of a shard file to verify it: its size and SHA-256 (the file
+    is read once)."""
+    return {"bytes": file.stat().st_size, "file_sha256": file_sha256(file)}
 
 
 def _write_image_shard(source: ImageSource, file: Path, start: int,
@@ -153,8 +178,8 @@ def _write_image_shard(source: ImageSource, file: Path, start: int,
     tensors = {"images": images, "hashes": image_hashes(images)}  # (n, C, H, W), (n, 16)
     if labels is not None:
         tensors["labels"] = labels.to(torch.int64).contiguous()  # (n,)
-    meta = {"source_key": source.key, "start": str(start), "rows": str(stop - start),
-            "labels": "1" if labels is not None else "0",
+    meta = {"store_version": str(STORE_VERSION), "source_key": source.key, "start": str(start),
+            "rows": str(stop - start), "labels": "1" if labels is not None else "0",
             "shard_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
     atomic_write_with(file, lambda tmp: _save(tensors, tmp, meta))
     return meta
@@ -162,38 +187,62 @@ def _write_image_shard(source: ImageSource, file: Path, start: int,
 
 def _write_embeddings(out: Path, detector: Embedder, shard_hashes: list[str], rows: list[int],
                       progress: bool, on_shard: Callable[[str, int], None] | None,
-                      procs: Processes) -> dict[str, Any]:
+                      procs: Processes, recorded: dict[str, str]) -> int:
+    """Write (or keep) the embedding shards of `detector` (this process's share); returns the
+    embeddings' dimension, read from the first shard once every process is done."""
+    expected = {"store_version": str(STORE_VERSION), "fingerprint": detector.fingerprint}
     bar = tqdm(total=sum(rows), desc=f"embedding ({detector.name})", unit="img",
                disable=not (progress and procs.is_main))
     for k, digest in enumerate(shard_hashes):
         file = out / embedding_shard_name(detector.fingerprint, k)
-        meta = _kept_metadata(file, {"fingerprint": detector.fingerprint,
-                                     "image_sha256": digest})
-        if meta is None and procs.mine(k):
+        if procs.mine(k) and _kept_shard(file, {**expected, "image_sha256": digest},
+                                         recorded) is None:
             with safe_open(str(out / image_shard_name(k)), framework="pt") as handle:
                 images = handle.get_tensor("images")  # (n, C, H, W)
             emb = detector.embed(images).float().contiguous()  # (n, E)
-            meta = {"fingerprint": detector.fingerprint, "image_sha256": digest,
-                    "dim": str(emb.shape[1])}
+            meta = {**expected, "image_sha256": digest, "dim": str(emb.shape[1])}
             atomic_write_with(file, lambda tmp, e=emb, m=meta: _save({"embeddings": e}, tmp, m))
             if on_shard is not None:
                 on_shard("embeddings", k)
         bar.update(rows[k])
     bar.close()
     procs.barrier()
-    first = _kept_metadata(out / embedding_shard_name(detector.fingerprint, 0),
-                           {"fingerprint": detector.fingerprint, "image_sha256": shard_hashes[0]})
-    if first is None:
+    metas = [_kept_metadata(out / embedding_shard_name(detector.fingerprint, k),
+                            {**expected, "image_sha256": digest})
+             for k, digest in enumerate(shard_hashes)]
+    if any(meta is None for meta in metas):
         raise DitPruneError(f"--out {out}: an embedding shard is missing after indexing; run "
                             "the same command again")
-    return {"detector": detector.name, "dim": int(first["dim"]),
-            "files": [embedding_shard_name(detector.fingerprint, k)
-                      for k in range(len(shard_hashes))]}
+    return int(metas[0]["dim"])
 
 
 def _save(tensors: dict[str, torch.Tensor], tmp: Path, meta: dict[str, str]) -> None:
-    save_file(tensors, str(tmp), metadata=meta)
+    """Write a shard reproducibly (`write_shard`), readable by everyone."""
+    write_shard(tmp, tensors, meta)
     tmp.chmod(0o644)  # mkstemp makes it private; a store is shared like a checkpoint
+
+
+def _recorded_hashes(manifest: dict[str, Any] | None) -> dict[str, str]:
+    """File name -> SHA-256 of every shard a finished store's manifest records (none without
+    one)."""
+    if manifest is None:
+        return {}
+    entries = list(manifest.get("shards", []))
+    for entry in manifest.get("embeddings", {}).values():
+        entries += entry.get("shards", [])
+    return {e["file"]: e["file_sha256"] for e in entries if isinstance(e, dict)
+            and isinstance(e.get("file"), str) and isinstance(e.get("file_sha256"), str)}
+
+
+def _kept_shard(file: Path, expected: dict[str, str],
+                recorded: dict[str, str]) -> dict[str, str] | None:
+    """`_kept_metadata`, and, when the manifest of the finished store records the file, only
+    if its SHA-256 is still the recorded one (a shard changed since that build, its metadata
+    kept, is written again; that reads the kept file once)."""
+    meta = _kept_metadata(file, expected)
+    if meta is not None and file.name in recorded and file_sha256(file) != recorded[file.name]:
+        return None
+    return meta
 
 
 def _kept_metadata(file: Path, expected: dict[str, str]) -> dict[str, str] | None:

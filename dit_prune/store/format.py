@@ -14,7 +14,13 @@ Every shard holds `shard_size` images (the last one fewer) and records in its sa
 metadata the source key and its first row, so a resumed build can tell a finished shard from
 one of another input. The manifest's `content_hash` is the SHA-256 over the shape and the
 images' values in store order (chained per shard), the key a cache of anything derived from the
-references should use, with the detector's `fingerprint` for embeddings.
+references should use, with the detector's `fingerprint` for embeddings. The manifest also
+records every shard file's size (`bytes`) and SHA-256 (`file_sha256`), image and embedding
+shards alike, which `reuse.check_store` verifies before a store is searched.
+
+Shard files are written by `write_shard`, byte for byte the same for the same tensors and
+metadata (safetensors' own writer orders the metadata keys differently on every call): a store
+built twice, or by one process and by several, has identical files.
 
 Reading never loads the whole store: `read_images(shard, start, stop)` reads rows of one shard
 through a memory map (only those rows are copied into memory); `map_images` and
@@ -33,8 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -44,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 from dit_prune.errors import DitPruneError
 
 STORE_FORMAT = "dit_prune-reference-store"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: per-shard file sizes and SHA-256 in the manifest, reproducible bytes
 MANIFEST_NAME = "manifest.json"
 HASH_BYTES = 16  # per-image content hash (blake2b digest size)
 
@@ -55,6 +62,45 @@ def image_shard_name(index: int) -> str:
 
 def embedding_shard_name(fingerprint: str, index: int) -> str:
     return f"embeddings-{fingerprint}-{index:05d}.safetensors"
+
+
+SAFETENSORS_DTYPES = MappingProxyType({torch.float32: "F32", torch.float64: "F64",
+                                       torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"})
+
+
+def write_shard(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` and string `metadata` to `file` in the safetensors format, reproducibly:
+    the metadata keys sorted, the tensors by element size (largest first, so every tensor
+    stays aligned) then name, compact JSON padded with spaces to 8 bytes, the data little
+    endian. Same tensors and metadata: same bytes (readable by `safetensors.safe_open`).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "x.safetensors"
+        >>> write_shard(path, {"a": torch.arange(3)}, {"k": "v"})
+        >>> with safe_open(str(path), "pt") as f:
+        ...     f.metadata(), f.get_tensor("a").tolist()
+        ({'k': 'v'}, [0, 1, 2])
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    arrays, offset = [], 0
+    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+        tensor = tensors[name].detach().cpu().contiguous()
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise DitPruneError(f"store shards hold no {tensor.dtype} tensors ({name})")
+        array = tensor.numpy()
+        array = array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        arrays.append(array.view(np.uint8))
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for array in arrays:
+            handle.write(array.data)
 
 
 def image_hashes(images: torch.Tensor) -> torch.Tensor:
@@ -75,10 +121,15 @@ def image_hashes(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ReferenceStore:
-    """A finished store: its manifest and the shard files' paths. Holds no arrays."""
+    """A finished store: its manifest and the shard files' paths. Holds no arrays.
+
+    `verified` names the shard files `reuse.check_store` has read and found equal to the
+    manifest's SHA-256 through this object (each is hashed once however often it is checked).
+    """
 
     root: Path
     manifest: dict[str, Any]
+    verified: set[str] = field(default_factory=set, compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -111,7 +162,7 @@ class ReferenceStore:
         return sorted(self.manifest.get("embeddings", {}))
 
     def embedding_dim(self, fingerprint: str) -> int:
-        return int(self._embedding_entry(fingerprint)["dim"])
+        return int(self.embedding_entry(fingerprint)["dim"])
 
     def read_images(self, shard: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of image shard `shard`: (n, C, H, W) float32."""
@@ -129,7 +180,7 @@ class ReferenceStore:
     def read_embeddings(self, fingerprint: str, shard: int, start: int = 0,
                         stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of the embedding shard of detector `fingerprint`: (n, E)."""
-        self._embedding_entry(fingerprint)
+        self.embedding_entry(fingerprint)
         return self._read(self.root / embedding_shard_name(fingerprint, shard), "embeddings",
                           start, stop)
 
@@ -140,7 +191,7 @@ class ReferenceStore:
     def map_embeddings(self, fingerprint: str, shard: int, start: int = 0,
                        stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of the embeddings (n, E) by detector `fingerprint`, memory-mapped."""
-        self._embedding_entry(fingerprint)
+        self.embedding_entry(fingerprint)
         return self._map(self.root / embedding_shard_name(fingerprint, shard), "embeddings",
                          start, stop)
 
@@ -158,8 +209,9 @@ class ReferenceStore:
         keep[torch.from_numpy(order[starts])] = True
         return list(keep.split(self.shard_rows))
 
-
-    def _embedding_entry(self, fingerprint: str) -> dict[str, Any]:
+    def embedding_entry(self, fingerprint: str) -> dict[str, Any]:
+        """The manifest's entry of detector `fingerprint`'s embeddings (detector name, dim and
+        per-shard file, rows, bytes and SHA-256); a one-line error when the store has none."""
         entry = self.manifest.get("embeddings", {}).get(fingerprint)
         if entry is None:
             have = ", ".join(self.embedding_fingerprints()) or "none"
@@ -241,7 +293,9 @@ def open_store(path: str | Path) -> ReferenceStore:
     if manifest is None:
         raise DitPruneError(f"{root} is an unfinished reference store (no {MANIFEST_NAME}); run "
                             "the same dit-prune index command again to finish it")
-    if int(manifest.get("version", 0)) != STORE_VERSION:
+    if manifest.get("version") != STORE_VERSION:
         raise DitPruneError(f"{root}: store version {manifest.get('version')} is not "
-                            f"{STORE_VERSION}; rebuild it with dit-prune index --overwrite")
+                            f"{STORE_VERSION} (version 1 records no shard hashes); rebuild it "
+                            f"with dit-prune index --images {manifest.get('source', 'IMAGES')} "
+                            f"--out {root} --overwrite (and the same --copy-detector)")
     return ReferenceStore(root, manifest)
