@@ -113,8 +113,8 @@ def _launch_two(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
 
 def test_index_under_two_processes_closes_its_group(tmp_path):
     """Both ranks of `dit-prune index` exit 0 with the group closed; on a bad input (an absent
-    copy detector, found once the group is open) both print the one-line error, close the
-    group and exit 2."""
+    copy detector, found once the group is open) each rank prints the one-line error, closes
+    the group and exits 2 (torchrun may SIGTERM the slower rank once the first has failed)."""
     store = tmp_path / "store"
     proc = _launch_two(tmp_path, "index", "--images", "digits-pool", "--out", str(store),
                        "--shard-size", "512", "--no-progress")
@@ -126,10 +126,13 @@ def test_index_under_two_processes_closes_its_group(tmp_path):
                        "--copy-detector", str(missing))
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dit-prune index:")]
-    assert len(errors) == 2, proc.stderr[-2000:]  # one line from each rank, no traceback
     assert all(f"error: copy detector not found: {missing} " in line for line in errors)
     codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", proc.stderr, re.M)  # torchrun's summary
-    assert sorted(codes) == ["2", "2"], proc.stderr[-2000:]
+    # a rank that exits 2 first makes torchrun stop the other with SIGTERM (-15) if it is
+    # still closing: timing, not a failure; no rank may end any other way, and every rank that
+    # exited 2 printed its one line
+    assert "2" in codes and set(codes) <= {"2", "-15"} and len(codes) == 2, proc.stderr[-2000:]
+    assert codes.count("2") <= len(errors) <= 2, proc.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
 
 
