@@ -84,13 +84,16 @@ def test_two_processes_index_and_search_like_one(digits, tmp_path):
 
 
 CLI = """
+import os
 import sys
 import torch.distributed as dist
 from dit_prune.cli import main
 from dit_prune.store.distributed import partial_state
 code = main(sys.argv[1:])  # the group is opened (and must be closed) by the command itself
 state = partial_state()
-print(f"rank {state.process_index} of {state.num_processes}", file=sys.stderr)
+# one write call per line: both ranks share torchrun's stderr pipe, and print() may write the
+# text and its newline separately, so two ranks' lines could run together
+os.write(2, f"rank {state.process_index} of {state.num_processes}\\n".encode())
 if dist.is_initialized():
     sys.exit(17)  # the command left its process group open
 sys.exit(code)
