@@ -37,6 +37,20 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
+def save_untrained_checkpoint(path: Path) -> Path:
+    """An untrained tiny DiT (seed 0, 10 classes, 8x8x1, DDPM 1000 steps) saved at `path`: enough
+    for the CLI tests that only need a loadable checkpoint."""
+    import diffusers
+
+    from dit_prune.checkpoint import save_checkpoint
+    from dit_prune.models import new_dit
+
+    torch.manual_seed(0)
+    save_checkpoint(new_dit("tiny", 10, 8, 1).eval(),
+                    diffusers.DDPMScheduler(num_train_timesteps=1000), path)
+    return path
+
+
 def train_tiny_checkpoint(path: Path, digits, data_extra: dict | None = None) -> Path:
     """A DiT trained 30 steps on 20 balanced digits, saved at `path` with its training indices
     (and `data_extra` merged into its `dit_prune.json` "data"): the tiny model of the run tests."""

@@ -25,7 +25,7 @@ from dit_prune.store import (
     store_search_bound,
 )
 
-from .conftest import CHECKPOINTS
+from .conftest import CHECKPOINTS, save_untrained_checkpoint
 
 CHUNK = 8 * 64  # the search may hold 8 references of 64 pixels per slice
 
@@ -266,16 +266,7 @@ def test_faiss_recall_against_exact(digits, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    import diffusers
-
-    from dit_prune.checkpoint import save_checkpoint
-    from dit_prune.models import new_dit
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(new_dit("tiny", 10, 8, 1).eval(),
-                    diffusers.DDPMScheduler(num_train_timesteps=1000), path)
-    return path
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.mark.filterwarnings("ignore:20 generated samples")

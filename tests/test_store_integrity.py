@@ -18,7 +18,7 @@ from dit_prune.metrics.copydetect import load_copy_detector
 from dit_prune.store import TensorSource, build_store, check_store, open_source, open_store
 from dit_prune.store.format import embedding_shard_name, image_shard_name, write_shard
 
-from .conftest import CHECKPOINTS
+from .conftest import CHECKPOINTS, save_untrained_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -160,16 +160,7 @@ def test_a_store_of_version_1_is_refused(digits, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    import diffusers
-
-    from dit_prune.checkpoint import save_checkpoint
-    from dit_prune.models import new_dit
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    save_checkpoint(new_dit("tiny", 10, 8, 1).eval(),
-                    diffusers.DDPMScheduler(num_train_timesteps=1000), path)
-    return path
+    return save_untrained_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.mark.filterwarnings("ignore:20 generated samples")
