@@ -71,3 +71,10 @@ def disable_block_label_dropout(model: nn.Module) -> None:
 def null_class(model: DiTTransformer2DModel) -> int:
     """Index of the unconditional ("null") class: the number of real classes."""
     return int(model.config.num_embeds_ada_norm)
+
+
+def null_label(model: nn.Module) -> int:
+    """The label the class-label code paths pass for "unconditional": the class count of a
+    class-conditional DiT (`null_class`), 0 for a transformer without class embeddings (caption
+    models, whose label 0 is the empty caption)."""
+    return int(getattr(model.config, "num_embeds_ada_norm", None) or 0)

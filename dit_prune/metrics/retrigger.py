@@ -47,6 +47,7 @@ from torch import nn
 
 from dit_prune.errors import DitPruneError
 from dit_prune.metrics.memorization import bootstrap_interval
+from dit_prune.models import null_label
 from dit_prune.sampling import (
     image_token_count,
     initial_noise,
@@ -187,7 +188,7 @@ def ddim_sample(model: nn.Module, scheduler: Any, z: torch.Tensor, labels: torch
     sched = make_sampling_scheduler(scheduler, "ddim", steps,
                                     image_token_count(model, tuple(z.shape[1:])))
     x = z * getattr(sched, "init_noise_sigma", 1.0)  # (B, c, h, w)
-    null = int(getattr(model.config, "num_embeds_ada_norm", None) or 0)  # caption models: 0
+    null = null_label(model)  # caption models: 0
     for t in sched.timesteps:
         out = predict_noise(model, x, t, labels, None, null)  # (B, c, h, w): ε, v or velocity
         x = sched.step(out, t, x, return_dict=False)[0]  # (B, c, h, w)
@@ -353,7 +354,7 @@ def attack_success(model: nn.Module, scheduler: Any, targets: RetriggerTargets,
     model: `decode` and the noise `shape`, as in `attack`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     images = targets.images.to(device)  # (B, C, H, W)
-    null = int(getattr(model.config, "num_embeds_ada_norm", None) or 0)
+    null = null_label(model)
     labels = targets.labels if targets.labels is not None else \
         torch.full((len(images),), null, dtype=torch.long)  # (B,)
     seeds = [SEED_STRIDE * budget.seed + i for i in range(len(images))]

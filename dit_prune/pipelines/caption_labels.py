@@ -36,12 +36,14 @@ import torch
 from torch import nn
 
 from dit_prune.errors import DitPruneError
+from dit_prune.models import null_label
 from dit_prune.pipelines.text_encoding import CaptionCache
 
 
 def model_null_label(model: nn.Module) -> int:
-    """The label the class-label code paths use for "unconditional" with this model."""
-    return int(getattr(model.config, "num_embeds_ada_norm", None) or 0)
+    """The label the class-label code paths use for "unconditional" with this model
+    (`dit_prune.models.null_label`)."""
+    return null_label(model)
 
 
 @dataclass(frozen=True)

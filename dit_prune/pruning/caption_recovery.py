@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from dit_prune.data import check_fits_model
 from dit_prune.errors import DitPruneError
+from dit_prune.models import null_label
 from dit_prune.prediction import Prediction
 from dit_prune.pruning.recovery import RecoveryConfig, RecoveryResult, distill
 from dit_prune.text_training import _update_ema
@@ -62,7 +63,7 @@ def caption_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if labels is None or len(labels) != len(images):
         raise DitPruneError("caption fine-tuning needs one caption label per recovery image")
     device = next(model.parameters()).device
-    null = int(getattr(model.config, "num_embeds_ada_norm", None) or 0)
+    null = null_label(model)
     images, labels = images.to(device), labels.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)

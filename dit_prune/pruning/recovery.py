@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from dit_prune.data import check_fits_model
 from dit_prune.errors import DitPruneError
 from dit_prune.legacy import family_name
-from dit_prune.models import disable_block_label_dropout, null_class
+from dit_prune.models import disable_block_label_dropout, null_class, null_label
 from dit_prune.prediction import Prediction
 
 RECOVERY_METHODS = ("none", "finetune", "distill", "adversarial")
@@ -235,7 +235,7 @@ def distill(
     `caption_conditioning` by `dit_prune.pruning.caption_recovery`), x_t, the time range and the
     model's time input follow the scheduler's prediction type (t is the time index k, larger =
     noisier; flow matching: σ_k), labels are caption labels and the null label is the model's
-    (`model_null_label`); otherwise the project's DDPM schedule and a class-conditional DiT.
+    (`models.null_label`); otherwise the project's DDPM schedule and a class-conditional DiT.
     """
     if prediction is None:
         _require_class_conditional(student)
@@ -255,7 +255,7 @@ def distill(
         null = null_class(student)
     else:
         alphas = prediction.schedule.to(device)  # (T,) only its device is read then
-        null = int(getattr(student.config, "num_embeds_ada_norm", None) or 0)
+        null = null_label(student)
     losses: list[float] = []
     started = time.perf_counter()
     bar = tqdm(range(config.steps), desc="distilling", disable=not progress)
