@@ -110,9 +110,7 @@ def train_text_pipeline(
         crow = torch.where(drop.to(device), null_row, caption_rows[idx.to(device)])  # (B,)
         k = torch.randint(steps_total, (config.batch_size,), generator=gen).to(device)  # (B,)
         noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
-        x_t = prediction.noisy(x0, noise, k)  # (B, C, H, W)
-        out = model(x_t, timestep=prediction.model_time(k), **cache.model_kwargs(crow)).sample
-        loss = F.mse_loss(out[:, : x0.shape[1]], prediction.target(x0, noise, k))
+        loss = denoising_loss(model, prediction, x0, noise, k, **cache.model_kwargs(crow))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
@@ -146,6 +144,18 @@ def _run_key(rows: CaptionedImages, config: TextTrainConfig, model: Any) -> str:
     digest = hashlib.sha256(text.encode())
     digest.update(rows.images.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def denoising_loss(model: torch.nn.Module, prediction: Prediction, x0: torch.Tensor,
+                   noise: torch.Tensor, k: torch.Tensor, **conditioning: Any) -> torch.Tensor:
+    """The scheduler's training loss of one batch: MSE between the model's output (its first C
+    channels; a learned-variance model outputs 2C) on x_t = `prediction.noisy(x0, noise, k)` at
+    time `prediction.model_time(k)` and `prediction.target(x0, noise, k)` (ε, v or ε − x0).
+    x0 and noise (B, C, H, W), k (B,) time indices; `conditioning` goes to the model as is
+    (caption kwargs, or `class_labels` inside `caption_conditioning`). A scalar."""
+    out = model(prediction.noisy(x0, noise, k), timestep=prediction.model_time(k),
+                **conditioning).sample  # (B, C', H, W)
+    return F.mse_loss(out[:, : x0.shape[1]], prediction.target(x0, noise, k))
 
 
 @torch.no_grad()

@@ -30,7 +30,6 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,7 +38,7 @@ from dit_prune.errors import DitPruneError
 from dit_prune.models import null_label
 from dit_prune.prediction import Prediction
 from dit_prune.pruning.recovery import RecoveryConfig, RecoveryResult, distill
-from dit_prune.text_training import _update_ema
+from dit_prune.text_training import _update_ema, denoising_loss
 
 CAPTION_RECOVERIES = ("none", "finetune", "distill")
 CAPTION_DROPOUT = 0.1  # the text trainer's default (TextTrainConfig.caption_dropout)
@@ -82,9 +81,7 @@ def caption_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                 k = torch.randint(prediction.num_train_timesteps, (config.batch_size,),
                                   generator=gen).to(device)  # (B,)
                 noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
-                out = model(prediction.noisy(x0, noise, k), timestep=prediction.model_time(k),
-                            class_labels=y).sample  # (B, C', H, W)
-                loss = F.mse_loss(out[:, : x0.shape[1]], prediction.target(x0, noise, k))
+                loss = denoising_loss(model, prediction, x0, noise, k, class_labels=y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
