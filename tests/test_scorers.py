@@ -199,6 +199,8 @@ def test_deterministic_and_batch_size_independent(planted, name):
     if name == "ye2025":
         units = units[:16]
     extra = SAMPLING if name in ("cond-gap", "activation-contrast") else {}
+    if name == "given":
+        extra = {"units": "head:0.0,neuron:3.1"}
     common = {"batches": 1, "progress": False, "seed": 3, "normalize": "none", **extra}
     first = get_scorer(name, batch_size=64, **common).score(planted.model, units, planted.data)
     again = get_scorer(name, batch_size=64, **common).score(planted.model, units, planted.data)

@@ -190,7 +190,13 @@ class RunConfig:
         if reserved:
             raise DitPruneError(f"scorer option {reserved[0]!r} is set by the run itself "
                                 f"(use --seed for the scoring seed)")
-        get_scorer(self.scorer, seed=self.seed, **self.scorer_options)
+        scorer = get_scorer(self.scorer, seed=self.seed, **self.scorer_options)
+        if self.scorer == "given":  # budgets beyond the named units would prune ties
+            named = len(scorer.named)
+            wrong = [b for b in self.budgets if not isinstance(b, int) or b > named]
+            if wrong:
+                raise DitPruneError(f"scorer 'given' names {named} unit(s): give budgets as "
+                                    f"unit counts up to {named}, got {wrong[0]:g}")
 
     def seed_list(self) -> list[int]:
         return parse_seeds(self.seeds)

@@ -32,6 +32,7 @@ from dit_prune.scorers.baselines import Magnitude, Random
 from dit_prune.scorers.calibration import CalibrationData
 from dit_prune.scorers.condgap import CondGap
 from dit_prune.scorers.contrast import ActivationContrast
+from dit_prune.scorers.given import Given
 from dit_prune.scorers.io import SavedScores, load_scores, save_scores, scoring_code_fingerprint
 from dit_prune.scorers.iterative import Iterative
 from dit_prune.scorers.learned_gates import LearnedGates
@@ -49,7 +50,7 @@ __all__ = [
 SCORERS: MappingProxyType[str, type[Scorer]] = MappingProxyType({
     cls.name: cls
     for cls in (TaylorGap, AblationGap, ActivationContrast, CondGap, Ye2025, Sensitivity,
-                Magnitude, Random, LearnedGates, Iterative)
+                Magnitude, Random, LearnedGates, Iterative, Given)
 })
 SHARED_OPTIONS = tuple(f.name for f in fields(ScorerOptions))
 
