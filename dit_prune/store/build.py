@@ -3,11 +3,13 @@
 Each shard is written to a temporary sibling and renamed into place, so a shard file is either
 complete or absent. Its safetensors metadata records the store version, the source key, its
 first row and row count (image shards) or the image shard's SHA-256 and the detector
-fingerprint (embedding shards); a rerun keeps every shard whose metadata matches and writes only
-the rest. The files are byte-reproducible (`format.write_shard`). The manifest is written last,
-by the main process, with every shard file's size and SHA-256 (image and embedding shards:
-it reads each shard file once more); a store without one is unfinished, and `open_store`
-refuses it. A finished store of an older version is not resumed (`--overwrite` rebuilds it).
+fingerprint (embedding shards), and the SHA-256 of its own tensors (`data_sha256`). A rerun
+keeps every shard whose metadata matches and whose data still hashes to what it recorded (in a
+finished store: whose file is the one the manifest records) and writes only the rest. The
+files are byte-reproducible (`format.write_shard`). The manifest is written last, by the main
+process, with every shard file's size and SHA-256 (image and embedding shards: it reads each
+shard file once more); a store without one is unfinished, and `open_store` refuses it. A
+finished store of an older version is not resumed (`--overwrite` rebuilds it).
 
 Memory: one shard of images (shard_size * C*H*W * 4 bytes) plus its embeddings at a time.
 
@@ -180,7 +182,8 @@ def _write_image_shard(source: ImageSource, file: Path, start: int,
         tensors["labels"] = labels.to(torch.int64).contiguous()  # (n,)
     meta = {"store_version": str(STORE_VERSION), "source_key": source.key, "start": str(start),
             "rows": str(stop - start), "labels": "1" if labels is not None else "0",
-            "shard_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+            "shard_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest(),
+            "data_sha256": tensors_sha256(tensors)}
     atomic_write_with(file, lambda tmp: _save(tensors, tmp, meta))
     return meta
 
@@ -200,7 +203,8 @@ def _write_embeddings(out: Path, detector: Embedder, shard_hashes: list[str], ro
             with safe_open(str(out / image_shard_name(k)), framework="pt") as handle:
                 images = handle.get_tensor("images")  # (n, C, H, W)
             emb = detector.embed(images).float().contiguous()  # (n, E)
-            meta = {**expected, "image_sha256": digest, "dim": str(emb.shape[1])}
+            meta = {**expected, "image_sha256": digest, "dim": str(emb.shape[1]),
+                    "data_sha256": tensors_sha256({"embeddings": emb})}
             atomic_write_with(file, lambda tmp, e=emb, m=meta: _save({"embeddings": e}, tmp, m))
             if on_shard is not None:
                 on_shard("embeddings", k)
@@ -236,13 +240,35 @@ def _recorded_hashes(manifest: dict[str, Any] | None) -> dict[str, str]:
 
 def _kept_shard(file: Path, expected: dict[str, str],
                 recorded: dict[str, str]) -> dict[str, str] | None:
-    """`_kept_metadata`, and, when the manifest of the finished store records the file, only
-    if its SHA-256 is still the recorded one (a shard changed since that build, its metadata
-    kept, is written again; that reads the kept file once)."""
+    """`_kept_metadata`, and only if the file's data is still what was written: when the
+    manifest of a finished store records the file, its SHA-256 must be the recorded one; in an
+    unfinished store (no manifest yet) its tensors must hash to what its own metadata recorded
+    when it was written (`data_sha256`; a shard without it is written again). A shard that
+    fails is written again; the check reads the kept file once."""
     meta = _kept_metadata(file, expected)
-    if meta is not None and file.name in recorded and file_sha256(file) != recorded[file.name]:
+    if meta is None:
         return None
-    return meta
+    if file.name in recorded:
+        return meta if file_sha256(file) == recorded[file.name] else None
+    with safe_open(str(file), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return meta if meta.get("data_sha256") == tensors_sha256(tensors) else None
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a shard's tensors: each name, dtype, shape and bytes, in name order (what an
+    image or embedding shard records as `data_sha256` when it is written).
+
+    Example:
+        >>> len(tensors_sha256({"a": torch.zeros(2, 3)}))
+        64
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].contiguous()
+        digest.update(json.dumps([name, str(value.dtype), list(value.shape)]).encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _kept_metadata(file: Path, expected: dict[str, str]) -> dict[str, str] | None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -124,12 +125,25 @@ class ReferenceStore:
     """A finished store: its manifest and the shard files' paths. Holds no arrays.
 
     `verified` names the shard files `reuse.check_store` has read and found equal to the
-    manifest's SHA-256 through this object (each is hashed once however often it is checked).
+    manifest's SHA-256 through this object (each is hashed once however often it is checked);
+    `matched` holds the image tensors found to be the store's images, with their version
+    counter then (an unchanged tensor is not hashed again; one changed in place is).
     """
 
     root: Path
     manifest: dict[str, Any]
     verified: set[str] = field(default_factory=set, compare=False, repr=False)
+    matched: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict, compare=False,
+                                                        repr=False)
+
+    def images_matched(self, images: torch.Tensor) -> bool:
+        """Whether this very tensor, unchanged since, was found to hold the store's images."""
+        entry = self.matched.get(id(images))
+        return entry is not None and entry[0]() is images and entry[1] == images._version
+
+    def remember_match(self, images: torch.Tensor) -> None:
+        """Record that `images` holds the store's images (by identity and version counter)."""
+        self.matched[id(images)] = (weakref.ref(images), images._version)
 
     def __len__(self) -> int:
         return int(self.manifest["count"])

@@ -50,13 +50,18 @@ def check_store(store: ReferenceStore, train_images: torch.Tensor, detector: Any
     """`store` when it holds exactly `train_images` (M, C, H, W) and embeddings of `detector`
     (anything with `.name` and `.fingerprint`; None: not checked), and its image shards (and
     that detector's embedding shards) are intact (`verify_shards`); else a one-line
-    DitPruneError naming `option` and how to rebuild the store."""
+    DitPruneError naming `option` and how to rebuild the store. Checking the same, unchanged
+    tensor against the same store object again (`dit-prune run` checks the images when it
+    loads them and the detector's embeddings when it builds the evaluator) does not hash the
+    images again."""
     if tuple(train_images.shape[1:]) != store.shape or len(train_images) != len(store):
         raise DitPruneError(f"{option} {store.root} holds {len(store)} images of {store.shape}, "
                             f"but the training images are {len(train_images)} of "
                             f"{tuple(train_images.shape[1:])}: index them with dit-prune index")
     shard_size = int(store.manifest["shard_size"])
-    if images_content_hash(train_images, shard_size) != store.content_hash:
+    if store.images_matched(train_images):
+        pass  # these very images, unchanged since they matched: not hashed again
+    elif images_content_hash(train_images, shard_size) != store.content_hash:
         raise DitPruneError(f"{option} {store.root} was built over other images than the "
                             f"training images (content hash {store.content_hash[:12]}... "
                             "differs): index the training images with dit-prune index")
@@ -66,6 +71,7 @@ def check_store(store: ReferenceStore, train_images: torch.Tensor, detector: Any
                             f"(embeddings: {have}), not {detector.name} (fingerprint "
                             f"{detector.fingerprint}): run dit-prune index --out {store.root} "
                             "--copy-detector PATH with the evaluation's detector")
+    store.remember_match(train_images)
     verify_shards(store, None if detector is None else detector.fingerprint, option)
     return store
 
