@@ -56,7 +56,12 @@ from dit_prune.sampling import (
     parse_seeds,
     sample_images,
 )
-from dit_prune.store.distributed import Processes, command_processes, split_batches
+from dit_prune.store.distributed import (
+    Processes,
+    command_processes,
+    release_others,
+    split_batches,
+)
 from dit_prune.store.format import open_store
 
 TRAIN_FROM_CHECKPOINT = "digits-from-checkpoint"
@@ -247,8 +252,8 @@ def _evaluate(args: argparse.Namespace, run_dir: Path, cache: Path | None,
 
     samples = split_batches(draw, len(seeds), args.batch_size, processes)  # (N, C, H, W)
     bar.close()
-    if store is None and not processes.is_main:
-        return 0  # in-memory searches: the main process evaluates alone
+    if store is None and not release_others(processes):
+        return 0  # in-memory searches: the main process evaluates alone, the others leave
     result = evaluate_samples(samples, labels, context, seed=args.seed,
                               progress=processes.is_main)
     if not processes.is_main:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +39,7 @@ class Processes:
     index: int
     count: int
     barrier: Callable[[], None]
+    release: Callable[[], None] | None = None  # closes the group early (`release_others`)
 
     @property
     def part(self) -> tuple[int, int] | None:
@@ -97,16 +98,36 @@ def command_processes() -> Iterator[Processes]:
     import torch.distributed as dist
 
     opened_here = not (dist.is_available() and dist.is_initialized())
-    processes = current_processes()
+    processes = replace(current_processes(), release=_close_group if opened_here else None)
     try:
         yield processes
     except BaseException:
         if opened_here:
             _close_group()
         raise
-    processes.barrier()
+    if dist.is_available() and dist.is_initialized():  # not released by the command
+        processes.barrier()
     if opened_here:
         _close_group()
+
+
+def release_others(processes: Processes) -> bool:
+    """Every process meets here and the process group is closed (when the command opened it,
+    `command_processes`): from here the main process works on alone (no more collective calls)
+    and the others return at once instead of waiting at the command's last barrier, a wait
+    the process group's timeout bounds (30 minutes by default: a main process evaluating for
+    longer would have the waiting processes fail). The command's last barrier is then skipped.
+    A group a caller opened before the command stays open, and its barrier the caller's.
+    Returns whether this process goes on: the main process, or a process alone.
+
+    Example:
+        >>> release_others(Processes(0, 1, lambda: None))
+        True
+    """
+    if processes.count > 1 and processes.release is not None:
+        processes.barrier()
+        processes.release()
+    return processes.is_main
 
 
 def _close_group() -> None:
