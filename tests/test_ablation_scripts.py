@@ -141,3 +141,18 @@ def test_regimes_smoke(tmp_path: Path) -> None:
         load_script("regimes").main(["--smoke", "--out", str(tmp_path), "--checkpoints",
                                      "checkpoints/digits-memorized", "--scorers", "cond-gap",
                                      "--from-reports"])
+
+
+def test_head_subsets_smoke_resumes_to_the_same_rows(tmp_path: Path) -> None:
+    script = load_script("head_subsets")
+    result = script.main(["--smoke", "--out", str(tmp_path)])
+    log = tmp_path / "subsets.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 17 and rows[0]["subset"] == []  # the unpruned model and 16 single heads
+    assert (tmp_path / "head_subsets.png").is_file()
+    assert "| 1 | all subsets (random) | 16 subsets |" in result["table"].read_text()
+    log.write_text("\n".join(log.read_text().splitlines()[:5]) + "\n")  # interrupted
+    script.main(["--smoke", "--out", str(tmp_path)])
+    again = [json.loads(line) for line in log.read_text().splitlines()]
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == strip
