@@ -10,8 +10,9 @@ machine:
     M <= 10^5, the ratio-test search `store_nearest_two` on the same vectors as pixels;
     optionally pixel stores (`--pixels`, uniform random CxHxW images);
   * the plain float32 matmul of the same (N, P) x (P, M) product into one preallocated block,
-    references in memory, in the search's tile shape and in the in-memory search's block shape
-    (the faster one is the reference): the machine's matmul rate for this product;
+    references in memory, in the search's tile shape (samples x references, and references x
+    samples as the search computes it) and in the in-memory search's block shape (the fastest
+    is the reference): the machine's matmul rate for this product;
   * ratio = median over the turns of (mean matmul time around the turn) / (search time);
   * peak extra resident memory during the search (sampled every 2 ms) next to
     `store_search_bound` (inputs, i.e. the queries, excluded);
@@ -133,22 +134,28 @@ def make_queries(source: ClusteredSource, n: int, seed: int = 1) -> torch.Tensor
     return torch.cat([copies, fresh_rows])
 
 
-def gemm_seconds(n: int, m: int, dim: int, rows: int, cols: int, span: int) -> float:
+def gemm_seconds(n: int, m: int, dim: int, rows: int, cols: int, span: int,
+                 refs_first: bool = False) -> float:
     """Seconds of the plain float32 matmuls of the same (n, dim) x (dim, m) product, in blocks
     of (rows, cols) written into one preallocated output, against `span` distinct references
     held in memory (the search's slice; cycled to cover m): the matmul alone, no reading,
-    no top-2, no merging."""
+    no top-2, no merging. `refs_first` computes each block transposed, references x samples
+    (cols, rows), as the store search's tiles are."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, dim, generator=gen)  # (N, P)
     b = torch.randn(-(-min(m, span) // cols) * cols, dim, generator=gen)  # (S', P) whole tiles
     out = torch.empty(rows * cols)
+    blocks = [a[i : i + rows].T.contiguous() if refs_first else a[i : i + rows]
+              for i in range(0, n, rows)]  # (P, r) or (r, P) each
     start = time.perf_counter()
     for j in range(0, m, cols):
         first = j % len(b)
         ref = b[first : first + min(cols, m - j)]  # (c, P)
-        for i in range(0, n, rows):
-            block = a[i : i + rows]  # (r, P)
-            torch.mm(block, ref.T, out=out[: len(block) * len(ref)].view(len(block), len(ref)))
+        for block in blocks:
+            if refs_first:
+                torch.mm(ref, block, out=out[: len(ref) * block.shape[1]].view(len(ref), -1))
+            else:
+                torch.mm(block, ref.T, out=out[: len(block) * len(ref)].view(len(block), -1))
     return time.perf_counter() - start
 
 
