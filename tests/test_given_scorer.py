@@ -28,6 +28,7 @@ def test_named_heads_are_selected_in_the_order_named() -> None:
 
 def test_neurons_by_kind_and_unknown_units_refused() -> None:
     assert parse_units("neuron:2.17, 0.1") == (Unit(NEURON, 2, 17), Unit(HEAD, 0, 1))
+    assert parse_units("2.0 head:2.1;2.3") == (Unit(HEAD, 2, 0), Unit(HEAD, 2, 1), Unit(HEAD, 2, 3))
     for bad, text in [("", "needs units="), ("2.x", "cannot read unit '2.x'"),
                       ("head:1.1,1.1", "named twice"), ("bogus:1.1", "unknown unit kind")]:
         with pytest.raises(DitPruneError, match=text):

@@ -2,10 +2,11 @@
 
 For judging a selection made elsewhere (an exhaustive search over head subsets, a published
 list, an analysis of one's own) with the run's full report: copies and FD before and after,
-random pruning at equal quality, the verdict. Units are written `KIND:BLOCK.INDEX`, comma
-separated; a bare `BLOCK.INDEX` is a self-attention head (`head`). The first named unit gets the
-highest score, every other unit 0, so a budget of k units removes the first k named; a run
-refuses budgets beyond the list (`dit_prune.run.config`), since the rest would tie.
+random pruning at equal quality, the verdict. Units are written `KIND:BLOCK.INDEX`, separated
+by commas (or semicolons or spaces, as in a script's comma-separated scorer list); a bare
+`BLOCK.INDEX` is a self-attention head (`head`). The first named unit gets the highest score,
+every other unit 0, so a budget of k units removes the first k named; a run refuses budgets
+beyond the list (`dit_prune.run.config`), since the rest would tie.
 
 Example:
     >>> from dit_prune.units import Unit
@@ -18,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +31,8 @@ from dit_prune.units import HEAD, UNIT_KINDS, Unit
 
 
 def parse_units(spec: str) -> tuple[Unit, ...]:
-    """'head:2.2,neuron:0.17,3.1' -> units (a bare BLOCK.INDEX is a head); one-line errors.
+    """'head:2.2,neuron:0.17,3.1' -> units (a bare BLOCK.INDEX is a head; commas, semicolons or
+    spaces separate them); one-line errors.
 
     Example:
         >>> parse_units("neuron:0.17")
@@ -39,11 +42,11 @@ def parse_units(spec: str) -> tuple[Unit, ...]:
         raise DitPruneError("scorer 'given' needs units=KIND:BLOCK.INDEX,... (e.g. "
                             "units=head:2.2,head:3.0)")
     units = []
-    for item in spec.split(","):
-        kind, _, place = item.strip().rpartition(":")
+    for item in re.split(r"[,;\s]+", spec.strip()):
+        kind, _, place = item.rpartition(":")
         block, dot, index = place.partition(".")
         if not dot or not block.isdigit() or not index.isdigit():
-            raise DitPruneError(f"scorer 'given': cannot read unit {item.strip()!r}; write "
+            raise DitPruneError(f"scorer 'given': cannot read unit {item!r}; write "
                                 "KIND:BLOCK.INDEX such as head:2.2")
         units.append(Unit(kind or HEAD, int(block), int(index)))
     if len(set(units)) != len(units):
