@@ -11,11 +11,12 @@ machine:
     optionally pixel stores (`--pixels`, uniform random CxHxW images);
   * the plain float32 matmul of the same (N, P) x (P, M) product into one preallocated block,
     references in memory, in the search's tile shape (samples x references, and references x
-    samples as the search computes it) and in the in-memory search's block shape (the fastest
-    is the reference): the machine's matmul rate for this product;
+    samples as the search computes it), in the in-memory search's block shape and in 128 x 2048
+    blocks (the fastest is the reference): the machine's matmul rate for this product;
   * ratio = median over the turns of (mean matmul time around the turn) / (search time);
   * peak extra resident memory during the search (sampled every 2 ms) next to
-    `store_search_bound` (inputs, i.e. the queries, excluded);
+    `store_search_bound` (inputs, i.e. the queries, excluded), plus for the ratio test the
+    samples' augmented copy [s, 1] that the search makes (4*N*(P + 1) bytes);
   * faiss IVF-Flat (nlist = sqrt(M), k-means on 32*nlist rows): build time, search time and
     recall@1 against exact search at a few nprobe values.
 Queries: N/2 noisy copies of random references (the copies a memorization test looks for) and
@@ -160,19 +161,24 @@ def gemm_seconds(n: int, m: int, dim: int, rows: int, cols: int, span: int,
 
 
 def timed_search(fn, dim: int, num: int, shard: int, chunk: int, count: int, flops: float,
-                 repeats: int = 3):
+                 repeats: int = 3, l2: bool = False):
     """The search `fn` and the plain matmul of the same product, measured in turns (matmul,
     search, matmul) `repeats` times on this shared machine: ratio = median over the turns of
     (mean of the two matmul times) / (search time), so slow drifts in the load cancel. The
-    matmul runs in the search's tile shape and in the in-memory search's block shape
-    (`chunk_shape`); the faster of the two (picked in the first turn) is the reference."""
+    matmul runs in the search's tile shape, both as samples x references and as the search
+    computes it (references x samples), in the in-memory search's block shape (`chunk_shape`)
+    and in 128 x 2048 blocks (both ways); the fastest (picked in the first turn) is the
+    reference."""
     rows, cols, span = store_block_shape(num, shard, chunk, dim)
     block_rows, block_cols = chunk_shape(num, shard, chunk, dim)
-    shapes = [(rows, cols), (block_rows, block_cols)]
+    narrow = min(rows, 128)  # 128 x 2048 blocks: often the fastest plain matmul on a CPU
+    narrow_cols = min(-(-span // 64) * 64, max(64, (1 << 18) // narrow // 64 * 64))
+    shapes = [(rows, cols, False), (rows, cols, True), (block_rows, block_cols, False),
+              (narrow, narrow_cols, False), (narrow, narrow_cols, True)]
 
     def gemm() -> float:
-        times = [gemm_seconds(num, count, dim, r, c, span) for r, c in shapes]
-        shapes[:] = [shapes[times.index(min(times))]]  # keep the faster shape
+        times = [gemm_seconds(num, count, dim, r, c, span, t) for r, c, t in shapes]
+        shapes[:] = [shapes[times.index(min(times))]]  # keep the fastest shape
         return min(times)
 
     ratios, searches, peak_extra, result = [], [], 0.0, None
@@ -192,7 +198,8 @@ def timed_search(fn, dim: int, num: int, shard: int, chunk: int, count: int, flo
         "block": f"{rows}x{cols}", "s": seconds, "search_gf": flops / seconds / 1e9,
         "gemm_gf": flops / seconds / ratio / 1e9, "ratio": ratio,
         "peak_mib": peak_extra / MIB,
-        "bound_mib": store_search_bound(num, shard, chunk, dim) / MIB,
+        "bound_mib": (store_search_bound(num, shard, chunk, dim)
+                      + (4 * num * (dim + 1) if l2 else 0)) / MIB,  # + the samples' [s, 1]
     }
 
 
@@ -216,7 +223,7 @@ def bench_embeddings(m: int, n: int, shard: int, chunk: int, root: Path, nprobes
     lines = [row("embeddings, cosine", n, m, dim, r)]
     if pixels_too:
         _, r_pix = timed_search(lambda: store_nearest_two(q.view(n, dim, 1, 1), store, chunk),
-                                dim, n, shard, chunk, m, flops)
+                                dim, n, shard, chunk, m, flops, l2=True)
         lines.append(row("same vectors as pixels, ratio test", n, m, dim, r_pix))
     print(f"# M={m:,}: store built in {build_s:.1f} s ({store.num_shards} shards)", flush=True)
     try:
@@ -253,7 +260,7 @@ def bench_pixels(spec: str, n: int, shard: int, chunk: int, root: Path) -> str:
     samples = RandomPixels(n, image, seed=1).read(0, n)[0]  # (N, C, H, W)
     dim = math.prod(image)
     _, r = timed_search(lambda: store_nearest_two(samples, store, chunk), dim, n,
-                        max(store.shard_rows), chunk, m, 2.0 * n * m * dim)
+                        max(store.shard_rows), chunk, m, 2.0 * n * m * dim, l2=True)
     shutil.rmtree(root / f"pix{m}", ignore_errors=True)
     return row(f"pixels {shape_text}, ratio test", n, m, dim, r)
 

@@ -109,10 +109,10 @@ def test_embedding_search_over_store_matches_in_memory(digits, tmp_path):
     assert torch.equal(got.nearest, want.nearest)
 
 
-@pytest.mark.parametrize("chunk, tile", [(1 << 16, (64, 512, 1024)),
-                                         (1 << 19, (128, 2048, 4096))])
+@pytest.mark.parametrize("chunk, tile", [(1 << 16, (64, 128, 1024)),
+                                         (1 << 19, (128, 512, 4096))])
 def test_wide_tiles_match_in_memory(digits, tmp_path, chunk, tile):
-    """Slices of one and several tiles of 512 or 2048 columns: the grouped first pass, the skip
+    """Slices of several tiles of 128 or 512 columns: the grouped first pass, the skip
     of samples that a slice cannot improve, the merge of the few that it can, on exact copies,
     ties, near-duplicates and noisy queries."""
     gen = torch.Generator().manual_seed(1)
@@ -141,11 +141,11 @@ def test_wide_tiles_match_in_memory(digits, tmp_path, chunk, tile):
 
 
 def improving_and_tied(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
-    """300 queries and 4096 references (64 pixels each) in 4 runs of 1024, each run holding,
-    for every query, a reference nearer than all earlier ones (every sample improves in every
-    slice of 1024), plus exact duplicate pairs straddling fine groups, coarse groups, tiles and
-    slices, each the nearest pair of one extra query: (queries (310, 64), refs (4096, 64),
-    the pairs)."""
+    """1098 queries and 4096 references (64 pixels each) in 4 runs of 1024: each run holds,
+    for each of the first 300 queries, a reference nearer than all earlier ones (those samples
+    improve in every slice of 1024), then 790 more queries, and exact duplicate pairs
+    straddling fine groups, coarse groups, tiles and slices, each the nearest pair of one of
+    the queries 1090-1095: (queries (1098, 64), refs (4096, 64), the pairs)."""
     queries = torch.randn(300, 64, generator=gen)
     runs = []
     for s in range(4):
@@ -153,8 +153,8 @@ def improving_and_tied(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
         filler = 8 + torch.randn(724, 64, generator=gen)  # (724, 64) far from every query
         runs.append(torch.cat([near, filler])[torch.randperm(1024, generator=gen)])
     refs = (torch.cat(runs) / 16).clamp(-1, 1)  # (4096, 64) pixels in [-1, 1]
-    queries = queries / 16
-    pairs = [(3, 35), (3 + 300, 67), (500, 520), (1000, 1030), (2040, 2050), (100, 4095)]
+    queries = torch.cat([queries, torch.randn(790, 64, generator=gen)]) / 16  # (1090, 64)
+    pairs = [(3, 35), (303, 67), (500, 520), (1000, 1030), (2040, 2050), (100, 4095)]
     extra = []
     for k, (a, b) in enumerate(pairs):
         refs[a] = refs[b] = (-8 - k + 0.1 * torch.randn(64, generator=gen)) / 16  # apart
@@ -162,22 +162,23 @@ def improving_and_tied(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat([queries, torch.stack(extra), refs[[3, 500]]]), refs, pairs
 
 
-@pytest.mark.parametrize("chunk", [1 << 16, 1 << 22])
+@pytest.mark.parametrize("chunk", [1 << 16, 1 << 23])
 def test_many_improving_samples_and_ties_across_boundaries(tmp_path, chunk):
-    """Every sample improves in every slice (the candidate stage with all rows, several blocks
-    per batch and a short last block at 1 << 22, one block and a few rows at a time at 1 << 16);
-    exact ties between duplicates in the same fine group, across coarse groups, tiles (512 or
-    2048 columns) and slices go to the lower index, as in memory."""
+    """Samples that improve in every slice (the candidate stage with most rows: 18 blocks of
+    64, tiles of 128 at 1 << 16; one slice, one batch of blocks of 512, 512 and 74 (a short
+    last one) and candidates scored 448 rows at a time at 1 << 23); exact ties between
+    duplicates in one fine group, across coarse groups, tiles and slices go to the lower
+    index, as in memory."""
     gen = torch.Generator().manual_seed(3)
     queries, refs, pairs = improving_and_tied(gen)
-    lowest = torch.tensor([min(p) for p in pairs])
+    lowest, tied = torch.tensor([min(p) for p in pairs]), slice(1090, 1096)
     store = build_store(TensorSource(refs.view(-1, 1, 8, 8), None, "ties"), tmp_path / "s",
                         shard_size=4096, progress=False)
     d1, d2, idx = store_nearest_two(queries.view(-1, 1, 8, 8), store, chunk_elements=chunk,
                                     distinct=False)
     want = nearest_two(queries.view(-1, 1, 8, 8), refs.view(-1, 1, 8, 8))
     assert torch.equal(d1, want[0]) and torch.equal(d2, want[1]) and torch.equal(idx, want[2])
-    assert torch.equal(idx[300:306], lowest) and torch.equal(d1[300:306], d2[300:306])
+    assert torch.equal(idx[tied], lowest) and torch.equal(d1[tied], d2[tied])
     units = torch.nn.functional.normalize(refs, dim=1)  # (4096, 64)
     emb = build_store(TensorSource(units.view(-1, 64, 1, 1), None, "ties-emb"), tmp_path / "e",
                       shard_size=4096, detector=IdentityDetector(), progress=False)
@@ -185,8 +186,7 @@ def test_many_improving_samples_and_ties_across_boundaries(tmp_path, chunk):
     sims, found = store_nearest_cosine(q, emb, IdentityDetector.fingerprint, chunk_elements=chunk)
     want_sims, want_idx = nearest_cosine(q, emb.read_embeddings(IdentityDetector.fingerprint, 0))
     assert torch.equal(sims, want_sims) and torch.equal(found, want_idx)
-    assert torch.equal(found[300:306], lowest)
-
+    assert torch.equal(found[tied], lowest)
 
 class IdentityDetector:
     """Unit vectors stored as (E, 1, 1) images, embedded as themselves."""
