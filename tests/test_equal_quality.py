@@ -126,3 +126,18 @@ def test_verdict_uses_the_paired_fd_interval_and_the_equal_quality_rule():
     assert verdict(before, after, noise, lost, {"beats": True}) == "quality lost: FD"
     assert verdict(before, after, noise, held, {"beats": False}) == \
         "not beyond random at equal quality"
+
+
+def test_the_ceiling_is_the_cut_of_a_method_that_leaves_no_copy():
+    from dit_prune.run.experiment import equal_quality_entry
+
+    before = {"fd": 10.0, "copy_rate": 0.3, "copy_interval": [0.27, 0.33]}
+    after = {"fd": 13.0, "copy_rate": 0.1, "copy_interval": [0.08, 0.12]}
+    entry = equal_quality_entry(before, after, _points(), "all")
+    assert entry["max_cut_ratio"] == pytest.approx(0.3 / (0.3 - 0.225))  # 4x: random cut 0.075
+    assert entry["copy_cut_ratio"] == pytest.approx(0.2 / 0.075)
+    assert entry["copy_cut_ratio"] <= entry["max_cut_ratio"]
+    # where random already removes two thirds of the copies, no method reaches 3x
+    strong = [RandomPoint(s, 1, 10.0, 0.1) for s in range(3)]
+    assert equal_quality_entry(before, {**after, "fd": 10.0}, strong,
+                               "all")["max_cut_ratio"] == pytest.approx(1.5)

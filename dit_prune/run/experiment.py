@@ -362,6 +362,8 @@ def equal_quality_entry(before: dict[str, Any], after: dict[str, Any],
             "scorer_rate": after_rate, "scorer_interval": after_interval,
             "beats": beats_random(after_interval, random),
             "copy_cut_ratio": copy_cut_ratio(before_rate, after_rate, random),
+            # what a method leaving no copies at this FD would get: above it no method can go
+            "max_cut_ratio": copy_cut_ratio(before_rate, 0.0, random),
             "num_random_seeds": len(random.per_seed)}
 
 

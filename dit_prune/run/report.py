@@ -241,6 +241,10 @@ def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
         "**does not beat random at equal quality**"
     ratio = eq["copy_cut_ratio"]
     cut = f"; it removes {ratio:.1f}× the copies random removes" if _finite(ratio) else ""
+    ceiling = eq.get("max_cut_ratio")
+    if _finite(ceiling):
+        cut += (f" (at this quality no method can exceed {ceiling:.1f}×, the ratio of one that "
+                "leaves no copy)")
     clamped = " (the FD lies below every point of some random path: its best-FD point was " \
         "used)" if eq["clamped"] else ""
     if eq.get("censored"):
@@ -304,10 +308,12 @@ def render_markdown(report: dict[str, Any]) -> str:
               "(the unpruned model, then its random models in budget order, joined by straight "
               f"segments) among the points with {fd_name} at most the scorer's: random at equal "
               "or better quality. The interval is Student-t over seeds. The rule: the scorer's "
-              "interval lies entirely below random's.", "",
+              "interval lies entirely below random's. The ceiling is the copy cut vs random of "
+              "a method that leaves no copy at the scorer's quality: before / (before − random "
+              "at equal quality); no method can exceed it there.", "",
               f"| budget | {fd_name} after | copies after | random at the same {fd_name} | "
-              "per random seed | copy cut vs random | beats random |",
-              "|---|---|---|---|---|---|---|"]
+              "per random seed | copy cut vs random | ceiling (no copy left) | beats random |",
+              "|---|---|---|---|---|---|---|---|"]
     for b in sorted(report["budgets"], key=lambda b: b["budget"]):
         eq = b["equal_quality"]
         lines.append(
@@ -316,7 +322,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{fmt_random_rate(eq)}{' (clamped)' if eq['clamped'] else ''}"
             f"{' (censored)' if eq.get('censored') else ''} | "
             f"{', '.join(fmt_rate(v) for v in eq['per_seed'])} | "
-            f"{fmt_ratio(eq['copy_cut_ratio'])} | {'yes' if eq['beats'] else 'no'} |")
+            f"{fmt_ratio(eq['copy_cut_ratio'])} | {fmt_ratio(eq.get('max_cut_ratio'))} | "
+            f"{'yes' if eq['beats'] else 'no'} |")
     if len(report["budgets"]) > 1:
         lines += ["", "## All budgets", "",
                   "| budget | removed | memorization after | copy after | "
