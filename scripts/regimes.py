@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         reports, strict=True)]})
     header = ["checkpoint", "scorer", "budget", "copies before", "copies after",
               "FD change (paired)", "random at same FD", "copy cut vs random",
-              "beats random", "mitigated"]
+              "ceiling (no copy left)", "beats random", "mitigated"]
     write_table(out / "regimes.md", header, rows)
     with open(out / "regimes.md", "a") as table:
         table.write(f"\nScoring code of these reports: {', '.join(sorted(codes))}\n")
@@ -146,6 +146,7 @@ def table_rows(model: str, scorer: str, reports: list[dict[str, Any]]) -> list[l
             _pct(mean_std(e["fd_change"]["relative"] for e in entries), signed=True),
             _pct(mean_std(eq["rate"] for eq in eqs)),
             _ratio(mean_std(eq["copy_cut_ratio"] for eq in eqs)),
+            _ratio(mean_std(eq["max_cut_ratio"] for eq in eqs)),
             f"{sum(eq['beats'] for eq in eqs)}/{len(eqs)}",
             f"{sum(e['verdict'] == 'mitigated' for e in entries)}/{len(entries)}",
         ])
