@@ -109,8 +109,8 @@ def _launch_two(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
                *argv]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode == 0:
-        assert {"rank 0 of 2", "rank 1 of 2"} <= set(proc.stderr.splitlines()), proc.stderr
+    if proc.returncode == 0:  # a rank that ends early may write after another's progress bar
+        assert set(re.findall(r"rank (\d) of 2$", proc.stderr, re.M)) == {"0", "1"}, proc.stderr
     return proc
 
 
