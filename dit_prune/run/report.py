@@ -132,6 +132,8 @@ def _budget_entry(entry: dict[str, Any]) -> dict[str, Any]:
     return {
         "budget": entry["budget"],
         "units_removed": entry["after_plan"].counts,
+        # which units, unpruned numbering: [kind, block, index] each
+        "removed": [u.to_json() for u in entry["after_plan"].removed],
         "after": entry["after"].metrics,
         "random_baseline": entry["random_baseline"].metrics,
         "noise_control": entry["noise_control"],
@@ -245,6 +247,8 @@ def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
     if _finite(ceiling):
         cut += (f" (at this quality no method can exceed {ceiling:.1f}×, the ratio of one that "
                 "leaves no copy)")
+    elif _finite(eq.get("rate")) and eq["rate"] >= _before_target_rate(report, eq):
+        cut = "; random pruning removes no copies at this quality, so no ratio is given"
     clamped = " (the FD lies below every point of some random path: its best-FD point was " \
         "used)" if eq["clamped"] else ""
     if eq.get("censored"):
@@ -256,6 +260,25 @@ def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
             f"same {report['fd_name']}: {fmt_random_rate(eq)} over "
             f"{eq['num_random_seeds']} random seed{'s' if eq['num_random_seeds'] != 1 else ''}"
             f"{clamped}: the scorer {beats}{cut}.")
+
+
+def removed_text(removed: list[list[Any]], most: int = 24) -> str:
+    """'head 2.0, head 2.1' for the first `most` removed units, then how many more.
+
+    Example:
+        >>> removed_text([["head", 2, 0], ["neuron", 1, 7]])
+        'head 2.0, neuron 1.7'
+    """
+    names = [f"{kind} {block}.{index}" for kind, block, index in removed[:most]]
+    more = f" and {len(removed) - most} more" if len(removed) > most else ""
+    return (", ".join(names) + more) if names else "none recorded"
+
+
+def _before_target_rate(report: dict[str, Any], eq: dict[str, Any]) -> float:
+    """The unpruned model's copy rate on the comparison's target."""
+    before = report["before"]
+    counted = before if eq["target"] == "all" else _subset(before, eq["target"]) or {}
+    return float(counted.get("copy_rate", float("nan")))
 
 
 def _pct(value: Any) -> str:
@@ -324,6 +347,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{', '.join(fmt_rate(v) for v in eq['per_seed'])} | "
             f"{fmt_ratio(eq['copy_cut_ratio'])} | {fmt_ratio(eq.get('max_cut_ratio'))} | "
             f"{'yes' if eq['beats'] else 'no'} |")
+    lines += ["", "## Units removed", "", "Unpruned numbering, `kind block.index` (report.json: "
+              "`budgets[i].removed`).", ""]
+    lines += [f"- budget {b['budget']:g}: {removed_text(b.get('removed', []))}"
+              for b in sorted(report["budgets"], key=lambda b: b["budget"])]
     if len(report["budgets"]) > 1:
         lines += ["", "## All budgets", "",
                   "| budget | removed | memorization after | copy after | "

@@ -49,8 +49,10 @@ def parse_units(spec: str) -> tuple[Unit, ...]:
             raise DitPruneError(f"scorer 'given': cannot read unit {item!r}; write "
                                 "KIND:BLOCK.INDEX such as head:2.2")
         units.append(Unit(kind or HEAD, int(block), int(index)))
-    if len(set(units)) != len(units):
-        raise DitPruneError("scorer 'given': a unit is named twice")
+    twice = [u for i, u in enumerate(units) if u in units[:i]]
+    if twice:
+        raise DitPruneError(f"scorer 'given': unit {twice[0].kind}:{twice[0].block}."
+                            f"{twice[0].index} is named twice")
     return tuple(units)
 
 
