@@ -43,17 +43,47 @@ from ablation_common import (  # noqa: E402
 )
 from tqdm.auto import tqdm  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def parse_args(argv: list[str] | None = None) -> Any:
     parser = base_parser(__doc__.splitlines()[0], "runs/head_subsets")
-    parser.set_defaults(checkpoint="checkpoints/digits-duplicated", seeds="1000-1299")
-    parser.add_argument("--max-size", type=int, default=3, help="largest subset size k")
+    parser.set_defaults(checkpoint=str(REPO / "checkpoints" / "digits-duplicated"),
+                        seeds="1000-1299")
+    parser.add_argument("--max-size", type=int, default=3,
+                        help="largest subset size k (subsets that would empty a block are "
+                        "skipped)")
     parser.add_argument("--fd-limits", default="0,5,10",
                         help="FD rises (%% of unpruned) at which the best subsets are listed")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seeds, args.steps, args.max_size = "1000-1019", 3, 1
+        args.seeds, args.steps, args.max_size = "1000-1029", 5, 1
+    if args.max_size < 1:
+        parser.error(f"--max-size must be at least 1, got {args.max_size}")
     return args
+
+
+def check_paths(args: Any) -> None:
+    """The output may not be, contain or lie inside the checkpoint (one-line SystemExit)."""
+    ck, out = Path(args.checkpoint).resolve(), Path(args.out).resolve()
+    if ck.exists() and (out == ck or ck in out.parents or out in ck.parents):
+        raise SystemExit(f"head_subsets: --out {args.out} overlaps the checkpoint "
+                         f"{args.checkpoint}: choose another folder")
+
+
+def check_resume(args: Any, path: Path, checkpoint_sha256: str) -> None:
+    """Record what the enumeration measures next to it, or refuse to continue one made with
+    other options (its rows would be mislabelled)."""
+    settings = {"checkpoint_sha256": checkpoint_sha256, "seeds": args.seeds,
+                "steps": args.steps}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changed = ", ".join(k for k in settings if stored.get(k) != settings[k])
+            raise SystemExit(f"head_subsets: {path.parent} holds subsets measured with another "
+                             f"{changed}; choose another --out or delete it")
+    else:
+        path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 class SubsetMeter:
@@ -78,6 +108,16 @@ class SubsetMeter:
                                      *evaluation_nets(cfg), cache_dir=Path(args.out) / "cache",
                                      subsets={target[0]: target[1]} if target else None)
         self.heads = enumerate_units(self.base, (HEAD,))
+        self.weights_sha256 = meta.weights_sha256
+
+    def removable(self, subset: tuple[int, ...]) -> bool:
+        """Whether removing `subset` leaves every block at least one head."""
+        per_block: dict[int, int] = {}
+        for unit in self.heads:
+            per_block[unit.block] = per_block.get(unit.block, 0) + 1
+        for i in subset:
+            per_block[self.heads[i].block] -= 1
+        return min(per_block.values()) > 0
 
     def measure(self, subset: tuple[int, ...]) -> dict[str, float]:
         """Copy rate on the target, FD and class agreement of the model without `subset`."""
@@ -110,7 +150,8 @@ def enumerate_subsets(meter: SubsetMeter, max_size: int, path: Path) -> list[dic
                 row = json.loads(line)
                 done[tuple(row["subset"])] = row
     subsets = [s for k in range(max_size + 1)
-               for s in itertools.combinations(range(len(meter.heads)), k)]
+               for s in itertools.combinations(range(len(meter.heads)), k)
+               if meter.removable(s)]
     todo = [s for s in subsets if s not in done]
     with path.open("a") as log:
         for subset in tqdm(todo, desc="head subsets"):
@@ -200,14 +241,25 @@ def _plot(rows: list[dict[str, Any]], fd0: float, c0: float, args: Any, path: Pa
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from dit_prune.errors import DitPruneError
+
     args = parse_args(argv)
     limit_threads()
     done = timed("head_subsets")
     out = Path(args.out)
+    check_paths(args)
+    try:
+        meter = SubsetMeter(args)
+    except DitPruneError as exc:
+        raise SystemExit(f"head_subsets: {exc}") from None
+    if args.max_size >= len(meter.heads):
+        raise SystemExit(f"head_subsets: --max-size {args.max_size} is not below the model's "
+                         f"{len(meter.heads)} heads")
     out.mkdir(parents=True, exist_ok=True)
-    meter = SubsetMeter(args)
+    check_resume(args, out / "subsets.config.json", meter.weights_sha256)
     total = sum(math.comb(len(meter.heads), k) for k in range(args.max_size + 1))
-    print(f"{len(meter.heads)} heads, {total} subsets of 0..{args.max_size}", flush=True)
+    print(f"{len(meter.heads)} heads, {total} subsets of 0..{args.max_size} (those that would "
+          "empty a block are skipped)", flush=True)
     rows = enumerate_subsets(meter, args.max_size, out / "subsets.jsonl")
     result = summarize(rows, args, meter, out)
     done()
