@@ -94,3 +94,19 @@ def test_the_same_images_are_hashed_once_per_store(digits, tmp_path, monkeypatch
         check_store(store, images)
     assert calls == [200, 200, 200]
     assert torch.equal(source.images[:1], digits.pool_images[:1])
+
+
+def test_the_duplicate_mask_is_computed_once_per_store(digits, tmp_path, monkeypatch):
+    from dit_prune.store import open_store
+
+    images = torch.cat([digits.pool_images[:100], digits.pool_images[:20]])  # 20 repeated
+    build_store(TensorSource(images, None, "dups"), tmp_path / "s", 64, progress=False)
+    store = open_store(tmp_path / "s")
+    reads: list[int] = []
+    original = type(store).read_hashes
+    monkeypatch.setattr(type(store), "read_hashes",
+                        lambda self, k: reads.append(k) or original(self, k))
+    first = store.distinct_mask()
+    assert torch.cat(first).tolist() == [True] * 100 + [False] * 20
+    again = store.distinct_mask()
+    assert reads == [0, 1] and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

@@ -135,6 +135,7 @@ class ReferenceStore:
     verified: set[str] = field(default_factory=set, compare=False, repr=False)
     matched: dict[int, tuple[weakref.ref, int]] = field(default_factory=dict, compare=False,
                                                         repr=False)
+    distinct: list[torch.Tensor] = field(default_factory=list, compare=False, repr=False)
 
     def images_matched(self, images: torch.Tensor) -> bool:
         """Whether this very tensor, unchanged since, was found to hold the store's images."""
@@ -211,8 +212,12 @@ class ReferenceStore:
 
     def distinct_mask(self) -> list[torch.Tensor]:
         """Per shard, a bool mask (n,) of the images that are the first occurrence of their
-        values in store order (what `distinct_references` keeps). Reads only the hashes.
-        Memory: about 40 bytes per stored image (the hashes and their sort)."""
+        values in store order (what `distinct_references` keeps). Reads only the hashes, once
+        per store object (a run searches the same store for every arm; the masks are kept,
+        one byte per stored image). Memory while computing: about 40 bytes per
+        stored image (the hashes and their sort)."""
+        if self.distinct:
+            return list(self.distinct)
         hashes = torch.cat([self.read_hashes(k) for k in range(self.num_shards)])  # (M, 16)
         keys = hashes.view(torch.int64).numpy()  # (M, 2): the 16 hash bytes as two integers
         order = np.lexsort((keys[:, 1], keys[:, 0]))  # (M,) stable: equal keys by position
@@ -221,7 +226,8 @@ class ReferenceStore:
         starts[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
         keep = torch.zeros(len(keys), dtype=torch.bool)  # (M,)
         keep[torch.from_numpy(order[starts])] = True
-        return list(keep.split(self.shard_rows))
+        self.distinct.extend(keep.split(self.shard_rows))
+        return list(self.distinct)
 
     def embedding_entry(self, fingerprint: str) -> dict[str, Any]:
         """The manifest's entry of detector `fingerprint`'s embeddings (detector name, dim and
