@@ -27,6 +27,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +110,12 @@ class SubsetMeter:
                                      subsets={target[0]: target[1]} if target else None)
         self.heads = enumerate_units(self.base, (HEAD,))
         self.weights_sha256 = meta.weights_sha256
+        self.per_block = Counter(unit.block for unit in self.heads)  # heads in each block
 
     def removable(self, subset: tuple[int, ...]) -> bool:
         """Whether removing `subset` leaves every block at least one head."""
-        per_block: dict[int, int] = {}
-        for unit in self.heads:
-            per_block[unit.block] = per_block.get(unit.block, 0) + 1
-        for i in subset:
-            per_block[self.heads[i].block] -= 1
-        return min(per_block.values()) > 0
+        taken = Counter(self.heads[i].block for i in subset)
+        return all(taken[block] < count for block, count in self.per_block.items())
 
     def measure(self, subset: tuple[int, ...]) -> dict[str, float]:
         """Copy rate on the target, FD and class agreement of the model without `subset`."""

@@ -83,7 +83,7 @@ def test_the_report_names_the_units_each_budget_removed(tmp_path) -> None:
 def test_no_ratio_is_claimed_when_random_removes_no_copies() -> None:
     from dit_prune.run.report import equal_quality_sentence
 
-    report = {"before": {"copy_rate": 0.2}, "fd_name": "FD"}
+    report = {"before": {"copy_rate": 0.2, "copy_interval": [0.1, 0.3]}, "fd_name": "FD"}
     eq = {"target": "all", "beats": False, "copy_cut_ratio": None, "max_cut_ratio": None,
           "clamped": True, "rate": 0.2, "interval": [0.2, 0.2], "per_seed": [0.2],
           "scorer_rate": 0.1, "scorer_interval": [0.05, 0.15], "fd": 10.0,

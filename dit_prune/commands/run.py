@@ -274,8 +274,7 @@ def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     units = enumerate_units(loaded.model, list(kinds))
     for unit in units:
         counts[unit.kind] = counts.get(unit.kind, 0) + 1
-    if cfg.scorer == "given":
-        scorer.raw_scores_for(units)  # every named unit exists among the mode's units
+    scorer.check_units(units)  # e.g. `given`: every named unit is among the mode's units
     for budget in cfg.budgets + cfg.random_budget_list():
         check_budget_for(budget, cfg.budget_mode, counts, loaded.model)
 

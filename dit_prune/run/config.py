@@ -191,16 +191,7 @@ class RunConfig:
             raise DitPruneError(f"scorer option {reserved[0]!r} is set by the run itself "
                                 f"(use --seed for the scoring seed)")
         scorer = get_scorer(self.scorer, seed=self.seed, **self.scorer_options)
-        if self.scorer == "given":  # budgets beyond the named units would prune ties
-            if self.budget_mode in ("both", "params"):
-                raise DitPruneError(f"scorer 'given' prunes the units named, in order: use "
-                                    f"--budget-mode heads, neurons or cross_heads, not "
-                                    f"{self.budget_mode} (which takes units of every kind)")
-            named = len(scorer.named)
-            wrong = [b for b in self.budgets if not isinstance(b, int) or b > named]
-            if wrong:
-                raise DitPruneError(f"scorer 'given' names {named} unit(s): give budgets as "
-                                    f"unit counts up to {named}, got {wrong[0]:g}")
+        scorer.check_budgets(self.budgets, self.budget_mode)
 
     def seed_list(self) -> list[int]:
         return parse_seeds(self.seeds)

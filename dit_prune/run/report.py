@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from dit_prune.checkpoint import atomic_write_text
+from dit_prune.metrics.subsets import target_copy_rate
 from dit_prune.run.figures import before_after_grid
 from dit_prune.run.measure import LATENCY_BATCH
 from dit_prune.run.tradeoff import tradeoff_plot
@@ -247,7 +248,8 @@ def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
     if _finite(ceiling):
         cut += (f" (at this quality no method can exceed {ceiling:.1f}×, the ratio of one that "
                 "leaves no copy)")
-    elif _finite(eq.get("rate")) and eq["rate"] >= _before_target_rate(report, eq):
+    elif _finite(eq.get("rate")) and \
+            eq["rate"] >= target_copy_rate(report["before"], eq["target"])[0]:
         cut = "; random pruning removes no copies at this quality, so no ratio is given"
     clamped = " (the FD lies below every point of some random path: its best-FD point was " \
         "used)" if eq["clamped"] else ""
@@ -272,13 +274,6 @@ def removed_text(removed: list[list[Any]], most: int = 24) -> str:
     names = [f"{kind} {block}.{index}" for kind, block, index in removed[:most]]
     more = f" and {len(removed) - most} more" if len(removed) > most else ""
     return (", ".join(names) + more) if names else "none recorded"
-
-
-def _before_target_rate(report: dict[str, Any], eq: dict[str, Any]) -> float:
-    """The unpruned model's copy rate on the comparison's target."""
-    before = report["before"]
-    counted = before if eq["target"] == "all" else _subset(before, eq["target"]) or {}
-    return float(counted.get("copy_rate", float("nan")))
 
 
 def _pct(value: Any) -> str:

@@ -138,6 +138,13 @@ class Scorer:
     def raw_scores(self, ctx: ScoringContext, units: list[Unit]) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_budgets(self, budgets: Sequence[float], budget_mode: str) -> None:
+        """Refuse (DitPruneError) budgets this scorer cannot rank; every budget by default."""
+
+    def check_units(self, units: Sequence[Unit]) -> None:
+        """Refuse (DitPruneError) a run whose scored units this scorer cannot rank, before any
+        sampling; every unit list by default."""
+
     def config(self) -> dict[str, Any]:
         """Scorer name, shared options and scorer-specific options (JSON-ready)."""
         specific = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}

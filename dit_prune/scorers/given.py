@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -75,11 +76,28 @@ class Given(Scorer):
     def raw_scores(self, ctx: ScoringContext, units: list[Unit]) -> torch.Tensor:
         return self.raw_scores_for(units)
 
+    def check_budgets(self, budgets: Sequence[float], budget_mode: str) -> None:
+        """Budgets beyond the named units, or modes taking units of every kind, would prune
+        units that tie at 0."""
+        if budget_mode in ("both", "params"):
+            raise DitPruneError(f"scorer 'given' prunes the units named, in order: use "
+                                f"--budget-mode heads, neurons or cross_heads, not "
+                                f"{budget_mode} (which takes units of every kind)")
+        named = len(self.named)
+        wrong = [b for b in budgets if not isinstance(b, int) or b > named]
+        if wrong:
+            raise DitPruneError(f"scorer 'given' names {named} unit(s): give budgets as "
+                                f"unit counts up to {named}, got {wrong[0]:g}")
+
+    def check_units(self, units: Sequence[Unit]) -> None:
+        """Every named unit is among the units the run scores."""
+        self.raw_scores_for(list(units))
+
     def raw_scores_for(self, units: list[Unit]) -> torch.Tensor:
         """(U,) float64 scores aligned with `units`; a named unit missing from them is an
         error (a pruned one, or one of another budget mode's kinds)."""
-        named = self.named
-        missing = [u for u in named if u not in set(units)]
+        named, scored = self.named, set(units)
+        missing = [u for u in named if u not in scored]
         if missing:
             u = missing[0]
             raise DitPruneError(f"scorer 'given': unit {u.kind}:{u.block}.{u.index} is not "
