@@ -437,9 +437,9 @@ def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.M
     key = {"scorer": name, "options": options, "model": model_hash,
            "units": [u.to_json() for u in units], "code": scoring_code_fingerprint()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    from accelerate import PartialState
+    from dit_prune.store.distributed import partial_state
 
-    state = PartialState()
+    state = partial_state()
     if state.is_main_process and not _cache_hit(folder, digest, units):
         scorer = get_scorer(name, progress=progress, **options)
         started = time.perf_counter()

@@ -40,9 +40,9 @@ class ShardStore:
         `draw(labels, seeds)` returns images in [0, 1]; `fingerprint` names the model and
         sampling settings, so shards of another model are never reused.
         """
-        from accelerate import PartialState
+        from dit_prune.store.distributed import partial_state
 
-        state = PartialState()
+        state = partial_state()
         folder = self.root / tag
         folder.mkdir(parents=True, exist_ok=True)
         seeds = list(seeds)

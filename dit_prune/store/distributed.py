@@ -21,9 +21,12 @@ Example (2 CPU processes):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,16 +58,50 @@ class Processes:
         return piece % self.count == self.index
 
 
+GROUP_TIMEOUT_ENV = "DIT_PRUNE_GROUP_TIMEOUT"  # minutes a process waits for the others
+DEFAULT_GROUP_TIMEOUT_MIN = 24 * 60
+
+
+def group_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+    """How long a process waits at a barrier for the others: `DIT_PRUNE_GROUP_TIMEOUT` minutes
+    (a positive number), 24 hours by default. torch's own default, 30 minutes, is shorter than
+    the stages one process does alone while the others wait (`run`'s scoring, an evaluation
+    without a store); a process that dies still ends the others' wait at once (its connection
+    closes), so only a hang waits this long.
+
+    Raises:
+        DitPruneError: the variable is set but not a positive number of minutes.
+
+    Example:
+        >>> group_timeout({"DIT_PRUNE_GROUP_TIMEOUT": "90"})
+        datetime.timedelta(seconds=5400)
+    """
+    from dit_prune.errors import DitPruneError
+
+    text = (os.environ if environ is None else environ).get(GROUP_TIMEOUT_ENV, "").strip()
+    if not text:
+        return timedelta(minutes=DEFAULT_GROUP_TIMEOUT_MIN)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not math.isfinite(minutes) or minutes <= 0:
+        raise DitPruneError(f"{GROUP_TIMEOUT_ENV}={text!r}: expected a positive number of "
+                            "minutes")
+    return timedelta(minutes=minutes)
+
+
 def partial_state() -> Any:
     """accelerate's `PartialState`, told to use CPU processes (gloo) when there is no GPU or
     `ACCELERATE_USE_CPU` is set: a bare `PartialState()` treats CPU processes started by
-    `torchrun` as unrelated single processes. The state is shared: the first call decides."""
+    `torchrun` as unrelated single processes. The process group it opens waits `group_timeout()`
+    at a barrier. The state is shared: the first call decides."""
     import torch
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=not torch.cuda.is_available()
-                        or parse_flag_from_env("ACCELERATE_USE_CPU"))
+                        or parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=group_timeout())
 
 
 def current_processes() -> Processes:
@@ -114,9 +151,8 @@ def command_processes() -> Iterator[Processes]:
 def release_others(processes: Processes) -> bool:
     """Every process meets here and the process group is closed (when the command opened it,
     `command_processes`): from here the main process works on alone (no more collective calls)
-    and the others return at once instead of waiting at the command's last barrier, a wait
-    the process group's timeout bounds (30 minutes by default: a main process evaluating for
-    longer would have the waiting processes fail). The command's last barrier is then skipped.
+    and the others return at once instead of waiting at the command's last barrier (a wait
+    `group_timeout` bounds). The command's last barrier is then skipped.
     A group a caller opened before the command stays open, and its barrier the caller's.
     Returns whether this process goes on: the main process, or a process alone.
 
