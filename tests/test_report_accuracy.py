@@ -231,3 +231,17 @@ def test_retrigger_sentence_names_what_the_attack_conditions_on():
     assert "given the target's class" in retrigger_sentence({"retrigger": r, "text": None})
     text = retrigger_sentence({"retrigger": r, "text": {"num_rows": 4}})
     assert "given the target's caption" in text and "target's class" not in text
+
+
+def test_the_verdict_says_when_the_noise_control_cannot_be_passed() -> None:
+    from dit_prune.run.report import noise_floor_note
+
+    failed = {"verdict": "not beyond noise control: memorization rate, copy rate",
+              "noise_control": {"memorization_interval": [0.0, 0.004],
+                                "copy_interval": [0.02, 0.05]}}
+    note = noise_floor_note(failed)
+    assert "no memorization rate to go below" in note and "copy rate to go" not in note
+    above_zero = dict(failed, noise_control={"memorization_interval": [0.001, 0.004],
+                                             "copy_interval": [0.02, 0.05]})
+    assert noise_floor_note(above_zero) == ""
+    assert noise_floor_note(dict(failed, verdict="quality lost: FD")) == ""

@@ -230,10 +230,35 @@ def verdict_sentence(report: dict[str, Any]) -> str:
         what = "memorization was **mitigated**: both measures fell below the noise control " \
                "and the quality guards held"
     else:
-        what = f"**not mitigated** ({report['verdict']})"
+        what = f"**not mitigated** ({report['verdict']})" + noise_floor_note(report)
     return (f"Pruning {budget} chosen by `{report['scorer']}`: {what}. "
             f"Random units at the same budget: {report['random_verdict']}. "
             + equal_quality_sentence(report, report["equal_quality"], report["fd_change"]))
+
+
+def noise_floor_note(report: dict[str, Any]) -> str:
+    """Why "not beyond noise control" cannot be passed at this sample count: the noise
+    control's interval reaches 0 for a measure, so no "after" interval can lie strictly below
+    it (guards.verdict). Empty when the verdict did not fail that way.
+
+    Example:
+        >>> noise_floor_note({"verdict": "not beyond noise control: copy rate",
+        ...                   "noise_control": {"memorization_interval": [0.01, 0.03],
+        ...                                     "copy_interval": [0.0, 0.004]}})[:45]
+        ': the noise control leaves no copy rate to go'
+    """
+    if "not beyond noise control" not in str(report.get("verdict")):
+        return ""
+    noise = report.get("noise_control") or {}
+    floor = [label for key, label in (("memorization", "memorization rate"),
+                                      ("copy", "copy rate"))
+             if has_interval(noise.get(f"{key}_interval"))
+             and float(noise[f"{key}_interval"][0]) <= 0.0]
+    if not floor:
+        return ""
+    return (f": the noise control leaves no {' or '.join(floor)} to go below (its interval "
+            "reaches 0: noise as large as the samples' change already removes those copies), "
+            "so no pruned model can pass this test at this sample count")
 
 
 def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
