@@ -90,3 +90,4 @@ def test_no_ratio_is_claimed_when_random_removes_no_copies() -> None:
           "num_random_seeds": 1}
     text = equal_quality_sentence(report, eq, {"relative": 0.0, "interval": [-0.1, 0.1]})
     assert "random pruning removes no copies at this quality, so no ratio is given" in text
+
