@@ -125,7 +125,7 @@ def rejudge(report: dict[str, Any]) -> dict[str, Any]:
     curve = [RandomPoint(**p) for p in report["random_curve"]]
     for entry in report["budgets"]:
         entry["equal_quality"] = equal_quality_entry(report["before"], entry["after"], curve,
-                                                     report["target"])
+                                                     report["target"], entry["fd_change"])
         entry["verdict"] = verdict(report["before"], entry["after"], entry["noise_control"],
                                    entry["fd_change"], entry["equal_quality"])
     return report

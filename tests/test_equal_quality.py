@@ -72,7 +72,9 @@ def test_random_at_equal_fd_interpolates_each_seed_and_averages():
 
 def test_random_at_equal_fd_outside_the_random_path():
     better = random_at_fd(_points(), 10.0, 0.3, fd=9.0)  # better FD than any random model
-    assert better.clamped and better.rate == pytest.approx(0.3)  # only "prune nothing" gets it
+    assert better.clamped and better.unmatched  # no bound given: no random point qualifies
+    assert better.rate == pytest.approx(0.3)  # the lowest-FD vertex ("prune nothing") is shown
+    assert not beats_random([0.0, 0.01], better)  # and no win can be claimed
     worse = random_at_fd(_points(), 10.0, 0.3, fd=20.0)  # every random model is within it ...
     assert not worse.clamped and worse.rate == pytest.approx(0.2)
     assert worse.censored  # ... but random's paths stop at FD 14: larger budgets might cut more
@@ -133,11 +135,39 @@ def test_the_ceiling_is_the_cut_of_a_method_that_leaves_no_copy():
 
     before = {"fd": 10.0, "copy_rate": 0.3, "copy_interval": [0.27, 0.33]}
     after = {"fd": 13.0, "copy_rate": 0.1, "copy_interval": [0.08, 0.12]}
-    entry = equal_quality_entry(before, after, _points(), "all")
+    entry = equal_quality_entry(before, after, _points(), "all", None)
     assert entry["max_cut_ratio"] == pytest.approx(0.3 / (0.3 - 0.225))  # 4x: random cut 0.075
     assert entry["copy_cut_ratio"] == pytest.approx(0.2 / 0.075)
     assert entry["copy_cut_ratio"] <= entry["max_cut_ratio"]
     # where random already removes two thirds of the copies, no method reaches 3x
     strong = [RandomPoint(s, 1, 10.0, 0.1) for s in range(3)]
     assert equal_quality_entry(before, {**after, "fd": 10.0}, strong,
-                               "all")["max_cut_ratio"] == pytest.approx(1.5)
+                               "all", None)["max_cut_ratio"] == pytest.approx(1.5)
+
+
+def test_a_scorer_fd_below_the_path_by_noise_meets_random_within_its_interval():
+    # the scorer's FD 9.5 is below every random path (which starts at the unpruned 10.0), but its
+    # own FD interval reaches 12.0: random's best up to there is its first budget (0.25, +-0.01),
+    # not the unpruned model's 0.3 that the lowest-FD vertex would give
+    eq = random_at_fd(_points(), 10.0, 0.3, fd=9.5, fd_upper=12.0)
+    assert eq.clamped and not eq.unmatched and eq.fd_upper == 12.0
+    assert eq.per_seed == pytest.approx((0.24, 0.25, 0.26))
+    assert beats_random([0.10, 0.20], eq) and not beats_random([0.10, 0.245], eq)
+    # an interval that stops before the path's first point: unmatched, never a win
+    short = random_at_fd(_points(), 10.0, 0.3, fd=9.5, fd_upper=9.8)
+    assert short.unmatched and not beats_random([0.0, 0.01], short)
+    # a bound below the FD itself changes nothing where the FD is within the path
+    inside = random_at_fd(_points(), 10.0, 0.3, fd=13.0, fd_upper=12.5)
+    assert inside.rate == pytest.approx(0.225) and not inside.clamped
+
+
+def test_the_run_bounds_the_scorer_fd_by_its_paired_interval():
+    from dit_prune.run.experiment import equal_quality_entry
+
+    before = {"fd": 10.0, "copy_rate": 0.3, "copy_interval": [0.28, 0.32]}
+    after = {"fd": 9.5, "copy_rate": 0.15, "copy_interval": [0.12, 0.18]}
+    entry = equal_quality_entry(before, after, _points(), "all",
+                                {"relative": -0.05, "interval": [-0.2, 0.2]})
+    assert entry["fd_upper"] == pytest.approx(12.0) and entry["clamped"]
+    assert entry["rate"] == pytest.approx(0.25) and entry["beats"]
+    assert entry["copy_cut_ratio"] == pytest.approx(0.15 / 0.05)

@@ -1,21 +1,29 @@
 """Random pruning judged at equal quality: the copy rate random pruning reaches at the scorer's FD.
 
 Budget is not cost; quality is. For each random seed r, random pruning at increasing budgets
-traces a path in (FD, copy rate): a polyline from the unpruned model through the random models in
-budget order (a point on a segment stands for pruning between two budgets). Random's copy rate
-at quality f, c_r(f), is the lowest copy rate on that path among the points whose FD is at most
-f: random pruning at equal *or better* quality, which gives random its best case. When f is
-below the FD of every vertex (the scorer's samples are better than the unpruned model's and
-every random model's), the vertex with the lowest FD is used and the comparison is marked
-`clamped`. When some seed's path ends at a better FD than f, random pruning at larger budgets
-might reach f with fewer copies: the comparison is marked `censored` and cannot count as a win
-for the scorer (measure random at larger budgets). Random's rate at f is the mean of c_r(f)
-over the random seeds, with a Student-t 95% interval over seeds (n - 1 degrees of freedom), so
-it carries both the sampling noise of each model and the spread between random draws.
+traces a path in (FD, copy rate): a polyline from the unpruned model through the random models
+in budget order (a point on a segment stands for pruning between two budgets). Random's copy
+rate at quality f, c_r(f), is the lowest copy rate on that path among the points whose FD is at
+most f: random pruning at equal *or better* quality, which gives random its best case. When f
+is below the FD of every vertex of a seed's path (the scorer's samples look better than the
+unpruned model's and every random model's), the comparison is marked `clamped`, and that seed's
+rate is its lowest on the path up to `fd_upper`, the upper end of the scorer's own FD interval
+(the run passes FD_before x (1 + the paired change's upper end)): random at a quality the
+scorer's measurement cannot tell from its own. (Taking the lowest-FD vertex instead would give
+random the unpruned model's copy rate whenever the scorer's FD falls below the unpruned one by
+noise, and credit the scorer with every copy it removed.) When even that bound reaches no point
+of the path, or no bound is given, the comparison is `unmatched`: the lowest-FD vertex's rate
+is shown, and no win can be claimed. When some seed's path ends at a better FD than f, random
+pruning at larger budgets might reach f with fewer copies: the comparison is marked `censored`
+and cannot count as a win for the scorer (measure random at larger budgets). Random's rate at f
+is the mean of c_r(f) over the random seeds, with a Student-t 95% interval over seeds (n - 1
+degrees of freedom), so it carries both the sampling noise of each model and the spread between
+random draws.
 
 The rule ("beats random at equal quality"): the scorer's copy-rate interval lies entirely below
-random's interval at the scorer's FD. The copy-cut ratio compares how far each moved from the
-unpruned copy rate: (before - scorer) / (before - random at equal FD).
+random's interval at the scorer's FD, and the comparison is neither `censored` nor `unmatched`.
+The copy-cut ratio compares how far each moved from the unpruned copy rate: (before - scorer) /
+(before - random at equal FD).
 
 Example:
     >>> pts = [RandomPoint(s, b, fd=10 + 10 * b, copy_rate=0.3 - 0.5 * b)
@@ -55,10 +63,15 @@ class EqualQuality:
     rate: float
     interval: tuple[float, float]
     per_seed: tuple[float, ...]
-    clamped: bool  # the FD lay below every point of some seed's path: its lowest-FD point used
+    # the FD lay below every point of some seed's path: its best up to `fd_upper` was used
+    clamped: bool
     # some seed's path ends at a better FD than `fd`: random at larger budgets might cut more
     # copies at this quality, so the comparison cannot credit the scorer (`beats_random`)
     censored: bool = False
+    # some clamped seed had no point even up to `fd_upper` (or none was given): its lowest-FD
+    # vertex is shown, and the comparison cannot credit the scorer
+    unmatched: bool = False
+    fd_upper: float | None = None  # the upper end of the scorer's FD interval, when given
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -74,17 +87,23 @@ def t_quantile(df: int) -> float:
 
 
 def random_at_fd(points: Sequence[RandomPoint], unpruned_fd: float, unpruned_rate: float,
-                 fd: float) -> EqualQuality:
-    """Random's copy rate at `fd` (see module docstring); needs points from >= 1 seed."""
+                 fd: float, fd_upper: float | None = None) -> EqualQuality:
+    """Random's copy rate at `fd` (see module docstring); needs points from >= 1 seed.
+    `fd_upper`: the upper end of the scorer's FD interval, used where `fd` is below a whole
+    path (`clamped`); without it such a comparison is `unmatched`."""
     if not points:
         raise DitPruneError("equal-quality comparison: no random models")
-    per_seed, clamped, censored = [], False, False
+    per_seed, clamped, censored, unmatched = [], False, False, False
     for seed in sorted({p.seed for p in points}):
         path = sorted((p for p in points if p.seed == seed), key=lambda p: p.budget)
         fds = np.array([unpruned_fd] + [p.fd for p in path])  # (B+1,)
         rates = np.array([unpruned_rate] + [p.copy_rate for p in path])  # (B+1,)
         best, below = lowest_rate_within(fd, fds, rates)
-        clamped |= not below
+        if not below:
+            clamped = True
+            if fd_upper is not None and math.isfinite(fd_upper) and fd_upper > fd:
+                best, below = lowest_rate_within(fd_upper, fds, rates)
+            unmatched |= not below
         censored |= bool(fds.max() < fd)
         per_seed.append(best)
     values = np.array(per_seed)
@@ -94,7 +113,8 @@ def random_at_fd(points: Sequence[RandomPoint], unpruned_fd: float, unpruned_rat
     else:
         half = math.nan
     return EqualQuality(float(fd), mean, (mean - half, mean + half), tuple(per_seed), clamped,
-                        censored)
+                        censored, unmatched,
+                        None if fd_upper is None else float(fd_upper))
 
 
 def lowest_rate_within(fd: float, fds: np.ndarray, rates: np.ndarray) -> tuple[float, bool]:
@@ -119,8 +139,10 @@ def lowest_rate_within(fd: float, fds: np.ndarray, rates: np.ndarray) -> tuple[f
 
 def beats_random(scorer_interval: Sequence[float], random: EqualQuality) -> bool:
     """The rule: the scorer's interval lies entirely below random's interval at equal FD, and
-    every random path reaches the scorer's FD (not `censored`)."""
-    return bool(float(scorer_interval[1]) < random.interval[0]) and not random.censored
+    every random path reaches the scorer's FD (not `censored`) or, where the scorer's FD is
+    below a whole path, comes within the scorer's FD interval (not `unmatched`)."""
+    return (bool(float(scorer_interval[1]) < random.interval[0]) and not random.censored
+            and not random.unmatched)
 
 
 def copy_cut_ratio(before: float, scorer: float, random: EqualQuality) -> float:

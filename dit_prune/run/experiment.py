@@ -300,7 +300,7 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
                                                         context, seed=cfg.seed)
         entry["fd_change"] = _fd_change(before, after, context, cfg.seed)
         entry["equal_quality"] = equal_quality_entry(before.metrics, after.metrics, curve,
-                                                     target_name)
+                                                     target_name, entry["fd_change"])
         entry["verdict"] = verdict(before.metrics, after.metrics, entry["noise_control"],
                                    entry["fd_change"], entry["equal_quality"])
         random_arm = entry["random_baseline"]
@@ -352,11 +352,14 @@ def target_subset(cfg: RunConfig, extra: dict[str, Any],
 
 
 def equal_quality_entry(before: dict[str, Any], after: dict[str, Any],
-                        curve: list[RandomPoint], target: str) -> dict[str, Any]:
+                        curve: list[RandomPoint], target: str,
+                        fd_change: dict[str, Any] | None) -> dict[str, Any]:
     """Random's copy rate on `target` ("all" or a subset name) at the after model's FD, the
-    rule and the copy-cut ratio."""
+    rule and the copy-cut ratio. `fd_change` (the paired FD change vs before) bounds the
+    scorer's FD from above where its FD is below a whole random path (`random_at_fd`)."""
     before_rate = target_copy_rate(before, target)[0]
-    random = random_at_fd(curve, before["fd"], before_rate, after["fd"])
+    upper = None if fd_change is None else before["fd"] * (1 + float(fd_change["interval"][1]))
+    random = random_at_fd(curve, before["fd"], before_rate, after["fd"], upper)
     after_rate, after_interval = target_copy_rate(after, target)
     return {**random.to_json(), "target": target,
             "scorer_rate": after_rate, "scorer_interval": after_interval,

@@ -276,8 +276,15 @@ def equal_quality_sentence(report: dict[str, Any], eq: dict[str, Any],
     elif _finite(eq.get("rate")) and \
             eq["rate"] >= target_copy_rate(report["before"], eq["target"])[0]:
         cut = "; random pruning removes no copies at this quality, so no ratio is given"
-    clamped = " (the FD lies below every point of some random path: its best-FD point was " \
-        "used)" if eq["clamped"] else ""
+    clamped = ""
+    if eq.get("unmatched"):
+        clamped = (" (the FD lies below every point of some random path, even up to the upper "
+                   "end of the scorer's FD interval: random has no point at this quality, so no "
+                   "win can be claimed; its best-FD point is shown)")
+    elif eq["clamped"]:
+        clamped = (" (the FD lies below every point of some random path: there random's best "
+                   f"up to {report['fd_name']} {_fd_text(eq.get('fd_upper'))}, the upper end of "
+                   "the scorer's paired FD interval, was used)")
     if eq.get("censored"):
         clamped += (" (random's paths stop at a better FD than the scorer's: no win can be "
                     "claimed; add larger --random-budgets)")
@@ -350,7 +357,11 @@ def render_markdown(report: dict[str, Any]) -> str:
               "random's copy rate at the scorer's quality is the lowest copy rate on its path "
               "(the unpruned model, then its random models in budget order, joined by straight "
               f"segments) among the points with {fd_name} at most the scorer's: random at equal "
-              "or better quality. The interval is Student-t over seeds. The rule: the scorer's "
+              "or better quality. Where the scorer's FD lies below a seed's whole path "
+              "(clamped), that seed's lowest copy rate up to the upper end of the scorer's "
+              "paired FD interval is used: random at a quality the scorer's measurement cannot "
+              "tell from its own; when even that reaches no point (unmatched), no win can be "
+              "claimed. The interval is Student-t over seeds. The rule: the scorer's "
               "interval lies entirely below random's. The ceiling is the copy cut vs random of "
               "a method that leaves no copy at the scorer's quality: before / (before − random "
               "at equal quality); no method can exceed it there.", "",
@@ -363,6 +374,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {b['budget']:g} | {_fd_text(eq['fd'])} | "
             f"{fmt_rate(eq['scorer_rate'], eq['scorer_interval'])} | "
             f"{fmt_random_rate(eq)}{' (clamped)' if eq['clamped'] else ''}"
+            f"{' (unmatched)' if eq.get('unmatched') else ''}"
             f"{' (censored)' if eq.get('censored') else ''} | "
             f"{', '.join(fmt_rate(v) for v in eq['per_seed'])} | "
             f"{fmt_ratio(eq['copy_cut_ratio'])} | {fmt_ratio(eq.get('max_cut_ratio'))} | "
