@@ -28,6 +28,7 @@ from dit_prune.sampling import (
 
 RECOVERIES = RECOVERY_METHODS
 TARGETS = ("auto", "all", "duplicated")
+MIN_SAMPLES = 2  # FD fits a covariance; bootstrap intervals resample
 # every selection mode; cross_heads needs a text-to-image model (cross-attention heads), which
 # `dit-prune run` checks once the checkpoint is loaded (check_budget_for)
 BUDGET_MODES = SELECTION_MODES
@@ -102,7 +103,9 @@ class RunConfig:
                 raise DitPruneError(f"{name.replace('_', ' ')} must be a positive integer, "
                                     f"got {value}")
         check_guidance_scale(self.guidance_scale, minimum=1.0)
-        parse_seeds(self.seeds)
+        if len(parse_seeds(self.seeds, "--seeds")) < MIN_SAMPLES:
+            raise DitPruneError(f"--seeds {self.seeds!r} gives one sample; FD and the intervals "
+                                f"need at least {MIN_SAMPLES} (e.g. --seeds 0-99)")
         self._check_recovery_flags()
         self.recovery_options()  # validates the recovery's t range and adversarial options
         self._check_scorer()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dit_prune.checkpoint import LoadedDiT, load_dit
 from dit_prune.commands.common import pick_device
-from dit_prune.data import digits_split, load_image_folder
+from dit_prune.data import check_fits_model, digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 from dit_prune.evaluate import (
     EvalContext,
@@ -65,6 +65,7 @@ from dit_prune.scorers import (
     save_scores,
     scoring_code_fingerprint,
 )
+from dit_prune.scorers.calibration import refuse_heldout_duplicates
 from dit_prune.store.format import ReferenceStore, open_store
 from dit_prune.store.reuse import check_store
 from dit_prune.units import enumerate_units
@@ -128,10 +129,13 @@ def prepare_inputs(cfg: RunConfig) -> RunInputs:
               train_images),
              (f"held-out images (--heldout {cfg.heldout})" if cfg.heldout else "held-out images",
               heldout_images))
-    for what, images in named:
+    for (what, images), labels in zip(named, (train_labels, heldout_labels), strict=True):
         if tuple(images.shape[1:]) != expected and meta.pipeline_dir is None:
             raise DitPruneError(f"{what} are {tuple(images.shape[1:])} but the model makes "
                                 f"{expected} (C, H, W)")
+        if meta.pipeline_dir is None:  # labels within the model's classes, before sampling
+            check_fits_model(images, labels, loaded.model, what)
+    refuse_heldout_duplicates(train_images, heldout_images)  # before sampling, not at scoring
     recovery, recovery_labels = _recovery_data(cfg, meta.extra, train_images, train_labels)
     if cfg.recover == "finetune" and recovery_labels is None:
         raise DitPruneError(f"fine-tuning needs labelled images, but {cfg.recover_data} has none "

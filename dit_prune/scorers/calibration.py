@@ -69,7 +69,7 @@ class CalibrationData:
                 f"training images are {tuple(self.train_images.shape[1:])} but held-out images "
                 f"are {tuple(self.heldout_images.shape[1:])}"
             )
-        _refuse_duplicates(self.train_images, self.heldout_images)
+        refuse_heldout_duplicates(self.train_images, self.heldout_images)
 
     @property
     def num_train(self) -> int:
@@ -86,7 +86,10 @@ class CalibrationData:
         return self.heldout_images, self.heldout_labels
 
 
-def _refuse_duplicates(train: torch.Tensor, heldout: torch.Tensor) -> None:
+def refuse_heldout_duplicates(train: torch.Tensor, heldout: torch.Tensor) -> None:
+    """Raise DitPruneError when a held-out image (N, C, H, W) is bit-identical to a training
+    image: the held-out images calibrate τ and stand for unseen data, and one copy of a training
+    image among them sets τ to ~1 (every copy then goes uncounted)."""
     seen = {_image_key(img): i for i, img in enumerate(train)}
     hits = [(j, seen[key]) for j, img in enumerate(heldout) if (key := _image_key(img)) in seen]
     if hits:

@@ -1,0 +1,60 @@
+"""Inputs `dit-prune run` and `eval` must refuse before any sampling (new-user findings): one
+seed (FD needs two samples), training labels outside the model's classes, and held-out images
+that duplicate training images (they would set τ to ~1 and hide every copy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dit_prune.cli import main
+from dit_prune.errors import DitPruneError
+from dit_prune.run.config import RunConfig
+
+from .conftest import CHECKPOINTS
+from .test_bad_inputs_api import save_folder
+
+MODEL = str(CHECKPOINTS / "digits-memorized")
+
+
+def test_one_seed_is_refused_by_the_run_config():
+    with pytest.raises(DitPruneError, match="gives one sample"):
+        RunConfig(checkpoint=MODEL, out="runs/x", seeds="7")
+
+
+def test_one_seed_is_refused_by_eval(tmp_path, capsys):
+    assert main(["eval", MODEL, "--out", str(tmp_path / "e"), "--seeds", "7", "--steps",
+                 "2"]) == 2
+    assert "gives one sample" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def _folders(tmp_path, digits, classes: int = 10):
+    images = digits.pool_images[:24]  # (24, 1, 8, 8)
+    labels = torch.arange(24) % classes
+    return save_folder(tmp_path / "train", images, labels), images, labels
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_heldout_copies_of_training_images_are_refused_before_sampling(tmp_path, digits, capsys,
+                                                                       command):
+    train, _, _ = _folders(tmp_path, digits)
+    out = tmp_path / "out"
+    code = main([command, MODEL, "--out", str(out), "--train", str(train), "--heldout",
+                 str(train), "--seeds", "0-9", "--steps", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "exact duplicate of training image" in err and "sampling" not in err
+    assert not out.exists()
+
+
+def test_training_labels_beyond_the_models_classes_are_refused_before_sampling(tmp_path, digits,
+                                                                               capsys):
+    train, _, _ = _folders(tmp_path, digits, classes=12)  # class folders 00-11
+    out = tmp_path / "out"
+    code = main(["run", MODEL, "--out", str(out), "--train", str(train), "--seeds", "0-9",
+                 "--steps", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "10 classes" in err and "sampling" not in err
+    assert not out.exists()
