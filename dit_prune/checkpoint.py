@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -246,15 +247,32 @@ def atomic_write_with(path: str | os.PathLike[str], writer: Callable[[Path], Non
 
 
 def _atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
+    """`writer(tmp)`, then the temporary file is renamed onto `path` with the permissions a
+    plain `open` would give it (mkstemp makes it private). safetensors' own I/O errors (a full
+    disk) become OSErrors naming `path`, which the command line reports in one line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        writer(tmp)
+        try:
+            writer(tmp)
+        except SafetensorError as exc:
+            if "I/O error" not in str(exc):
+                raise
+            raise OSError(errno.EIO, "cannot write: " + " ".join(str(exc).split()),
+                          str(path)) from exc
+        tmp.chmod(0o666 & ~_umask())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def file_sha256(path: Path) -> str:

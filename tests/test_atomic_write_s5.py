@@ -1,0 +1,42 @@
+"""Files written through `checkpoint.atomic_write_with`: a full disk inside safetensors is an
+OSError naming the file (one line on the command line, exit 2), and finished files get the
+permissions a plain open() gives, not mkstemp's private 0600 (new-user findings)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+
+from dit_prune.checkpoint import atomic_write_with
+
+
+def test_a_full_disk_in_safetensors_is_an_oserror_naming_the_file(tmp_path):
+    def full(tmp):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    target = tmp_path / "shard.safetensors"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        atomic_write_with(target, full)
+    assert caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_other_safetensors_errors_are_not_disguised(tmp_path):
+    def broken(tmp):
+        raise SafetensorError("some other failure")
+
+    with pytest.raises(SafetensorError):
+        atomic_write_with(tmp_path / "x.safetensors", broken)
+
+
+def test_written_files_are_not_private(tmp_path):
+    target = tmp_path / "w.safetensors"
+    atomic_write_with(target, lambda tmp: save_file({"w": torch.zeros(2)}, str(tmp)))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
