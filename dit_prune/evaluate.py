@@ -59,6 +59,20 @@ def default_checkpoints_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "checkpoints"
 
 
+def evaluation_net_inputs(features: str | None, copy_detector: str | None) -> dict[str, str]:
+    """The feature network and copy detector a command reads, as {option: path}: the given
+    paths, or the shipped digits nets when left at their defaults, so that `--out` is checked
+    against them too (an output may never sit inside an input).
+
+    Example:
+        >>> sorted(evaluation_net_inputs(None, "my-detector").items())[0][1]
+        'my-detector'
+    """
+    root = default_checkpoints_dir()
+    return {"--copy-detector": copy_detector or str(root / COPYDETECT_DIR),
+            "--features": features or str(root / FEATURES_DIR)}
+
+
 @dataclass(frozen=True)
 class EvalContext:
     """Everything the evaluator needs that does not depend on the samples."""

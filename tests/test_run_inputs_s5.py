@@ -58,3 +58,14 @@ def test_training_labels_beyond_the_models_classes_are_refused_before_sampling(t
     assert code == 2, err
     assert "10 classes" in err and "sampling" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command,net", [("run", "digits-copydetect"),
+                                         ("eval", "digits-features")])
+def test_out_inside_a_default_evaluation_net_is_refused(capsys, command, net):
+    out = CHECKPOINTS / net / "x"
+    assert main([command, MODEL, "--out", str(out), "--seeds", "0-9", "--steps", "2",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "overlaps the input" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
