@@ -47,6 +47,7 @@ from dit_prune.evaluate import (
 )
 from dit_prune.metrics.copydetect import calibration_warning, load_copy_detector
 from dit_prune.metrics.features import load_feature_extractor
+from dit_prune.pipelines.io import is_pixel_space
 from dit_prune.plots import nearest_pairs_grid, ratio_histogram_plot
 from dit_prune.sampling import (
     SAMPLERS,
@@ -219,7 +220,7 @@ def _evaluate(args: argparse.Namespace, run_dir: Path, cache: Path | None,
     if meta.pipeline_dir is not None and not meta.num_classes:
         raise DitPruneError("eval samples class-conditional DiTs; text-to-image pipelines are "
                             "not supported by eval: use `dit-prune run`")
-    if meta.pipeline_dir is not None:
+    if meta.pipeline_dir is not None and not is_pixel_space(meta.pipeline_dir):  # IdentityVAE
         raise DitPruneError("eval samples pixel-space DiTs; latent pipelines (with a VAE) are not "
                             "supported yet")
     check_sampling_steps(args.steps, scheduler)

@@ -58,12 +58,12 @@ def dit_pipeline_from_checkpoint(
     a transformer + scheduler directory becomes a pixel-space pipeline with `IdentityVAE`.
     """
     from dit_prune.checkpoint import load_dit
-    from dit_prune.pipelines.io import load_pruned_pipeline
+    from dit_prune.pipelines.io import load_pruned_pipeline, remember_source
 
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return load_pruned_pipeline(path, device=device)
     model, scheduler, _ = load_dit(path, device=device)
-    return pixel_dit_pipeline(model, scheduler)
+    return remember_source(pixel_dit_pipeline(model, scheduler), path)  # save_pipeline's input
 
 
 def num_classes(pipe: Any) -> int:

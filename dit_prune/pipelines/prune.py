@@ -52,8 +52,11 @@ def copy_pipeline(pipe: Any) -> Any:
     """A pipeline of the same class with a deep copy of the transformer and a fresh scheduler.
 
     The other components (VAE, text encoder, tokenizer) are shared, not copied: they are never
-    modified by pruning, and sharing them saves memory.
+    modified by pruning, and sharing them saves memory. The copy keeps the directory the
+    pipeline was loaded from (`io.pipeline_source`: what `save_pipeline` never writes into).
     """
+    from dit_prune.pipelines.io import pipeline_source, remember_source
+
     transformer = _transformer(pipe)
     components = dict(pipe.components)
     components["transformer"] = copy.deepcopy(transformer)
@@ -65,7 +68,7 @@ def copy_pipeline(pipe: Any) -> Any:
         twin.labels = dict(pipe.labels)
     if hasattr(pipe, "_progress_bar_config"):
         twin.set_progress_bar_config(**pipe._progress_bar_config)
-    return twin
+    return remember_source(twin, pipeline_source(pipe))
 
 
 def prune_pipeline(pipe: Any, units: Iterable[Unit], inplace: bool = False) -> Any:

@@ -1,0 +1,178 @@
+"""A new user's reports: save_pipeline's overwrite rule and carried records, eval on a saved
+pixel-space pipeline, numbered class folders, `dit-prune index` on a damaged store, and
+prompts given to a class-conditional pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+
+from dit_prune.checkpoint import load_dit, save_checkpoint
+from dit_prune.cli import main
+from dit_prune.data import balanced_subset, digits_split
+from dit_prune.errors import DitPruneError
+from dit_prune.models import new_dit
+from dit_prune.pipelines import (
+    load_pruned_pipeline,
+    pixel_dit_pipeline,
+    prune_pipeline,
+    save_pipeline,
+)
+from dit_prune.units import Unit
+
+UNITS = [Unit("head", 0, 1)]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (relative path -> bytes)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained class-conditional DiT with a training record and a model card."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    indices = balanced_subset(digits_split().pool_labels, 20, seed=0).tolist()
+    save_checkpoint(new_dit("tiny", 10, 8, 1).eval(), diffusers.DDPMScheduler(), path,
+                    extra={"data": {"source": "digits", "pool_indices": indices}})
+    (path / "MODEL_CARD.md").write_text("# tiny\n\nhand-written card\n")
+    return path
+
+
+@pytest.fixture()
+def source(checkpoint, tmp_path) -> Path:
+    """A copy of the checkpoint with a file added by hand (the tester's repro)."""
+    copy = tmp_path / "ckcopy"
+    shutil.copytree(checkpoint, copy)
+    (copy / "NOTES.txt").write_text("note\n")
+    return copy
+
+
+# 1. save_pipeline(..., overwrite=True)
+
+
+def test_overwrite_never_replaces_the_source_directory(source):
+    before = _tree(source)
+    pruned = prune_pipeline(load_pruned_pipeline(source), UNITS)
+    for target in (source, source / "pruned", source.parent):
+        with pytest.raises(DitPruneError, match="source directory"):
+            save_pipeline(pruned, target, overwrite=True)
+    assert _tree(source) == before
+
+
+def test_overwrite_refuses_unmarked_and_foreign_directories(source, tmp_path):
+    pipe = load_pruned_pipeline(source)
+    other = tmp_path / "unmarked"
+    other.mkdir()
+    (other / "x.txt").write_text("mine")
+    with pytest.raises(DitPruneError, match="no .dit_prune_run marker") as info:
+        save_pipeline(pipe, other, overwrite=True)
+    assert "\n" not in str(info.value) and (other / "x.txt").read_text() == "mine"
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)  # a checkpoint loaded from elsewhere: unmarked
+    with pytest.raises(DitPruneError, match="no .dit_prune_run marker"):
+        save_pipeline(pipe, copy, overwrite=True)
+    assert (copy / "NOTES.txt").is_file()
+
+
+def test_overwrite_replaces_an_earlier_save_but_not_added_files(source, tmp_path):
+    pipe = load_pruned_pipeline(source)
+    out = tmp_path / "saved"
+    save_pipeline(pipe, out)
+    with pytest.raises(DitPruneError, match="not empty"):
+        save_pipeline(pipe, out)
+    save_pipeline(prune_pipeline(pipe, UNITS), out, overwrite=True)  # its own output
+    assert load_pruned_pipeline(out).transformer.transformer_blocks[0].attn1.heads == 3
+    (out / "scheduler" / "NOTES.txt").write_text("mine")
+    with pytest.raises(DitPruneError, match="scheduler/NOTES.txt, which save_pipeline"):
+        save_pipeline(pipe, out, overwrite=True)
+    assert (out / "scheduler" / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_saved_pipeline_cannot_be_overwritten_in_place(source, tmp_path):
+    """Loaded from a saved pipeline, saving back into it is refused (it is the source)."""
+    out = tmp_path / "saved"
+    save_pipeline(load_pruned_pipeline(source), out)
+    again = load_pruned_pipeline(out)
+    with pytest.raises(DitPruneError, match="is the pipeline's source directory"):
+        save_pipeline(prune_pipeline(again, UNITS), out, overwrite=True)
+
+
+def test_run_pruned_folder_of_an_older_version_is_still_replaced(tmp_path):
+    """`dit-prune run` saves its text pipeline into its own `pruned/` with overwrite: a
+    `pruned/` without its own marker inside a run directory holding only the run's files (an
+    older version's run) is replaced; one holding a file of someone else's is not."""
+    from dit_prune.commands.common import mark_finished, mark_started
+
+    pipe = pixel_dit_pipeline(new_dit("tiny", 10, 8, 1), diffusers.DDIMScheduler())
+    run_dir = tmp_path / "run"
+    save_pipeline(pipe, run_dir / "pruned")
+    (run_dir / "pruned" / ".dit_prune_run").unlink()  # as an older version wrote it
+    (run_dir / "report.md").write_text("report")
+    mark_finished(run_dir, "run")
+    mark_started(run_dir, "run")  # a resumed run, as _claim_run_dir marks it
+    save_pipeline(prune_pipeline(pipe, UNITS), run_dir / "pruned", overwrite=True)
+    assert (run_dir / "pruned" / ".dit_prune_run").is_file()
+    (run_dir / "pruned" / "NOTES.txt").write_text("mine")
+    mark_started(run_dir, "run", ("pruned/NOTES.txt",))
+    (run_dir / "pruned" / ".dit_prune_run").unlink()
+    with pytest.raises(DitPruneError, match="NOTES.txt, which save_pipeline did not write"):
+        save_pipeline(pipe, run_dir / "pruned", overwrite=True)
+    assert (run_dir / "pruned" / "NOTES.txt").is_file()
+
+
+# 2. eval on a saved pixel-space pipeline; the training record goes with it
+
+
+def test_saved_pipeline_carries_the_training_record_and_a_card(source, tmp_path):
+    out = save_pipeline(prune_pipeline(load_pruned_pipeline(source), UNITS), tmp_path / "p")
+    record = json.loads((out / "dit_prune.json").read_text())
+    assert record["data"] == json.loads((source / "dit_prune.json").read_text())["data"]
+    assert record["saved_pipeline"]["source"] == str(source.resolve())
+    assert load_dit(out).meta.extra["data"]["pool_indices"] == record["data"]["pool_indices"]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "pruned copy" in card and str(source.resolve()) in card and "head: 15 of 16" in card
+    assert not (out / "NOTES.txt").exists()
+
+
+@pytest.mark.filterwarnings("ignore:20 generated samples")
+def test_eval_takes_a_saved_pixel_space_pipeline(checkpoint, tmp_path, capsys):
+    saved = save_pipeline(prune_pipeline(load_pruned_pipeline(checkpoint), UNITS),
+                          tmp_path / "pruned")
+    assert (saved / "model_index.json").is_file()
+    out = tmp_path / "ev"
+    argv = ["eval", str(saved), "--out", str(out), "--seeds", "0-19", "--steps", "2",
+            "--device", "cpu", "--stats-cache", str(tmp_path / "cache")]
+    assert main(argv) == 0  # training images: the carried dit_prune.json
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["num_samples"] == 20 and "from the checkpoint (20)" in doc["train_images"]
+
+
+def test_text_run_saves_again_into_its_own_pruned_folder_but_keeps_added_files(tmp_path,
+                                                                              capsys):
+    """`dit-prune run` on a text pipeline, run again (it resumes and saves `pruned/` again with
+    overwrite); a file added to `pruned/` by hand makes the save fail in one line, kept."""
+    checkpoint = tmp_path / "t2i"
+    assert main(["train", "--model", "text", "--subset", "20", "--duplicate", "10x3", "--steps", "2",
+                 "--batch-size", "8", "--checkpoint-every", "0", "--out", str(checkpoint)]) == 0
+    out = tmp_path / "run"
+    argv = ["run", str(checkpoint), "--out", str(out), "--seeds", "0-19", "--steps", "2",
+            "--budget", "1", "--random-seeds", "0", "--retrigger-targets", "0",
+            "--scorer-option", "batches=1"]
+    assert main(argv) == 0
+    assert main(argv) == 0  # resumed: pruned/ saved again over its own earlier save
+    assert type(load_pruned_pipeline(out / "pruned")).__name__ == "PixArtSigmaPipeline"
+    (out / "pruned" / "NOTES.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after progress bars, warnings
+    assert last.startswith("dit-prune run: error: save_pipeline: ")
+    assert "NOTES.txt, which save_pipeline did not write" in last
+    assert (out / "pruned" / "NOTES.txt").read_text() == "mine"
