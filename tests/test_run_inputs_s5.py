@@ -69,3 +69,24 @@ def test_out_inside_a_default_evaluation_net_is_refused(capsys, command, net):
     err = capsys.readouterr().err
     assert "overlaps the input" in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_budget_the_block_rule_cannot_reach_is_refused(tiny_model):
+    from dit_prune.pruning.selection import select_units
+    from dit_prune.units import enumerate_units
+
+    heads = enumerate_units(tiny_model, ["head"])
+    blocks = len({u.block for u in heads})
+    most = len(heads) - blocks  # every block keeps one head
+    assert len(select_units(heads, [0.0] * len(heads), most, "heads", tiny_model)) == most
+    with pytest.raises(DitPruneError, match=f"at most {most} can go"):
+        select_units(heads, [0.0] * len(heads), most + 1, "heads", tiny_model)
+
+
+def test_run_refuses_an_unreachable_budget_before_sampling(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", MODEL, "--out", str(out), "--budget", "16", "--seeds", "0-9",
+                 "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "at most 12 can go" in err and "sampling" not in err, err
+    assert not out.exists()

@@ -67,6 +67,12 @@ def test_ties_are_broken_by_unit_order():
 def test_deterministic_and_within_budget(raw, budget, mode):
     units = grid()
     scores = torch.tensor(raw, dtype=torch.float)
+    heads, neurons = round(budget * 8), round(budget * 16)  # 2 blocks of 4 heads, 8 neurons
+    too_many = {"heads": heads > 6, "neurons": neurons > 14, "both": heads > 6 or neurons > 14}
+    if too_many[mode]:  # every block keeps one unit of each kind: refused, not cut silently
+        with pytest.raises(DitPruneError, match="can go: every block keeps at least one"):
+            select_units(units, scores, budget, mode=mode)
+        return
     first = select_units(units, scores, budget, mode=mode)
     assert first == select_units(units, scores.clone(), budget, mode=mode)
     assert len(set(first)) == len(first)
@@ -117,8 +123,8 @@ def test_bad_inputs():
 def test_block_sizes_come_from_the_model_when_given():
     model = new_dit("tiny", 10, 8, 1)
     partial = [Unit("head", 0, 0), Unit("head", 0, 1)]  # a subset of block 0's four heads
-    assert select_units(partial, torch.tensor([1.0, 2.0]), 0.99, mode="heads") == [
-        Unit("head", 0, 1)]
+    with pytest.raises(DitPruneError, match="at most 1 can go"):  # block 0 seen as 2 heads
+        select_units(partial, torch.tensor([1.0, 2.0]), 0.99, mode="heads")
     assert len(select_units(partial, torch.tensor([1.0, 2.0]), 0.99, mode="heads",
                             model=model)) == 2
 

@@ -282,6 +282,9 @@ def select_units(
         if not taken and grouped_kinds:
             _refuse_grouped(model, grouped, grouped_kinds[0],
                             f"budget {budget} ({target} of the {label}s)")
+        if len(taken) < target and not grouped_kinds:  # the greedy walk took every unit it could
+            raise DitPruneError(f"budget {budget} removes {target} {label}s, but at most "
+                                f"{len(taken)} can go: every block keeps at least one {label}")
         chosen.extend(taken)
     return sorted(chosen, key=lambda u: rank[position[u]])
 
