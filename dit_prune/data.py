@@ -14,6 +14,8 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ class ImageSet:
 
     images: torch.Tensor  # (N, C, H, W) in [-1, 1]
     labels: torch.Tensor | None  # (N,) int64, or None when unconditional
-    class_names: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()  # the name of each label (`class_folder_labels`)
 
 
 def digits_split(seed: int = DIGITS_SPLIT_SEED) -> DigitsSplit:
@@ -101,6 +103,11 @@ def indices_hash(indices: np.ndarray) -> str:
 def load_image_folder(path: str | Path) -> ImageSet:
     """Load PNG/JPEG images: one subfolder per class, or a flat folder (unconditional).
 
+    Class labels (`class_folder_labels`): when every subfolder name is a non-negative integer
+    (`3/`, `7/`, `10/`), the name is the label (`3/` -> 3, `10/` -> 10); otherwise (any other
+    name, such as `cat/`) the subfolders are labelled 0, 1, ... in sorted name order. Images
+    come in sorted folder-name order, then sorted file-name order; `class_names[i]` names label
+    i (numbered folders: `str(i)`, also for a label without a folder).
     Modes are read by what their pixels mean: palette (`P`) images become grey (`L`) when their
     palette is grey and RGB otherwise, 1-bit images become `L` (0 or 255), 16-bit images are
     scaled by 65535 (values beyond 16 bits are refused); 8-bit `L`, `LA`, `RGB`, `RGBA` are read
@@ -127,10 +134,11 @@ def load_image_folder(path: str | Path) -> ImageSet:
     for name, files in groups:
         if not files:
             raise DitPruneError(f"no PNG/JPEG images in {root / name}")
+    folder_labels, class_names = class_folder_labels([name for name, _ in groups], root)
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     reference: tuple[tuple[int, int], str, Path] | None = None
-    for label, (_, files) in enumerate(groups):
+    for label, (_, files) in zip(folder_labels, groups, strict=True):
         for file in files:
             array, mode = read_pixels(file)  # (H, W[, C]) in [0, 1]
             size_mode = ((array.shape[1], array.shape[0]), mode)  # PIL's (width, height)
@@ -148,8 +156,44 @@ def load_image_folder(path: str | Path) -> ImageSet:
         stacked = stacked[..., None]  # (N, H, W, 1)
     images = torch.from_numpy(stacked).permute(0, 3, 1, 2) * 2.0 - 1.0  # (N, C, H, W)
     if subdirs:
-        return ImageSet(images.contiguous(), torch.tensor(labels), tuple(n for n, _ in groups))
+        return ImageSet(images.contiguous(), torch.tensor(labels), class_names)
     return ImageSet(images.contiguous(), None, ())
+
+
+MAX_FOLDER_LABEL = 100_000  # the largest label a numbered class folder may name
+_FOLDER_NUMBER = re.compile(r"[0-9]+")
+
+
+def class_folder_labels(names: Sequence[str], root: str | Path = ".") -> tuple[list[int],
+                                                                              tuple[str, ...]]:
+    """(the label of each class folder in `names` (sorted), the class names by label).
+
+    When every name is a non-negative integer (ASCII digits), the name is the label and
+    `class_names[i]` is `str(i)` (a label without a folder included, so that
+    `len(class_names)` is the class count a model needs); two names of one number (`7`, `07`)
+    or a number above `MAX_FOLDER_LABEL` are a one-line DitPruneError naming `root`.
+    Otherwise the folders are labelled by their position in `names` and named by them.
+
+    Example:
+        >>> class_folder_labels(["10", "3", "7"])
+        ([10, 3, 7], ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10'))
+        >>> class_folder_labels(["cat", "dog"])
+        ([0, 1], ('cat', 'dog'))
+    """
+    names = list(names)
+    if not names or not all(_FOLDER_NUMBER.fullmatch(name) for name in names):
+        return list(range(len(names))), tuple(names)
+    labels = [int(name) for name in names]
+    seen: dict[int, str] = {}
+    for name, label in zip(names, labels, strict=True):
+        if label > MAX_FOLDER_LABEL:
+            raise DitPruneError(f"class folder {Path(root) / name} names label {label}, above "
+                                f"{MAX_FOLDER_LABEL}: numbered class folders name their labels")
+        if label in seen:
+            raise DitPruneError(f"class folders {Path(root) / seen[label]} and "
+                                f"{Path(root) / name} both name class {label}")
+        seen[label] = name
+    return labels, tuple(str(i) for i in range(max(labels) + 1))
 
 
 def read_pixels(file: Path) -> tuple[np.ndarray, str]:

@@ -14,7 +14,7 @@ import torch
 
 from dit_prune.checkpoint import load_dit, save_checkpoint
 from dit_prune.cli import main
-from dit_prune.data import balanced_subset, digits_split
+from dit_prune.data import balanced_subset, digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 from dit_prune.models import new_dit
 from dit_prune.pipelines import (
@@ -160,8 +160,9 @@ def test_text_run_saves_again_into_its_own_pruned_folder_but_keeps_added_files(t
     """`dit-prune run` on a text pipeline, run again (it resumes and saves `pruned/` again with
     overwrite); a file added to `pruned/` by hand makes the save fail in one line, kept."""
     checkpoint = tmp_path / "t2i"
-    assert main(["train", "--model", "text", "--subset", "20", "--duplicate", "10x3", "--steps", "2",
-                 "--batch-size", "8", "--checkpoint-every", "0", "--out", str(checkpoint)]) == 0
+    assert main(["train", "--model", "text", "--subset", "20", "--duplicate", "10x3",
+                 "--steps", "2", "--batch-size", "8", "--checkpoint-every", "0",
+                 "--out", str(checkpoint)]) == 0
     out = tmp_path / "run"
     argv = ["run", str(checkpoint), "--out", str(out), "--seeds", "0-19", "--steps", "2",
             "--budget", "1", "--random-seeds", "0", "--retrigger-targets", "0",
@@ -176,3 +177,71 @@ def test_text_run_saves_again_into_its_own_pruned_folder_but_keeps_added_files(t
     assert last.startswith("dit-prune run: error: save_pipeline: ")
     assert "NOTES.txt, which save_pipeline did not write" in last
     assert (out / "pruned" / "NOTES.txt").read_text() == "mine"
+
+
+# 3. numbered class folders are their labels
+
+
+def _class_folder(root: Path, names: list[str], per_class: int = 2) -> Path:
+    """8x8 grey PNGs, `per_class` per subfolder; the pixel value encodes the folder's rank."""
+    from PIL import Image
+
+    for rank, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (8, 8), 10 * rank + i).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize(("names", "expected"), [
+    (["3", "7"], {"3": 3, "7": 7}),
+    ([str(i) for i in range(12)], {str(i): i for i in range(12)}),
+    (["cat", "dog"], {"cat": 0, "dog": 1}),
+    (["10", "2", "cat"], {"10": 0, "2": 1, "cat": 2}),  # not all numbers: sorted position
+])
+def test_numbered_class_folders_are_their_labels(tmp_path, names, expected):
+    from dit_prune.store.sources import FolderSource
+
+    root = _class_folder(tmp_path / "images", names)
+    folder = load_image_folder(root)
+    by_name = {}
+    for rank, name in enumerate(names):
+        value = 10 * rank / 255 * 2 - 1  # the folder's first image
+        hit = (folder.images[:, 0, 0, 0] - value).abs() < 1e-6
+        by_name[name] = int(folder.labels[hit][0])
+    assert by_name == expected
+    assert len(folder.class_names) == max(expected.values()) + 1
+    assert all(folder.class_names[label] == name for name, label in expected.items())
+    assert torch.equal(FolderSource(root).labels, folder.labels)  # a store's labels agree
+
+
+def test_two_folders_of_one_number_are_refused(tmp_path):
+    root = _class_folder(tmp_path / "images", ["7", "07"])
+    with pytest.raises(DitPruneError, match="both name class 7") as info:
+        load_image_folder(root)
+    assert "\n" not in str(info.value)
+
+
+def test_folder_10_is_refused_by_a_10_class_model(tmp_path, capsys):
+    from dit_prune.data import check_fits_model
+
+    root = _class_folder(tmp_path / "images", ["0", "10"])
+    folder = load_image_folder(root)
+    with pytest.raises(DitPruneError, match=r"labels span \[0, 10\] but the model has 10"):
+        check_fits_model(folder.images, folder.labels, new_dit("tiny", 10, 8, 1), "x")
+    checkpoint = tmp_path / "ck"
+    save_checkpoint(new_dit("tiny", 10, 8, 1), diffusers.DDPMScheduler(), checkpoint)
+    capsys.readouterr()
+    code = main(["score", str(checkpoint), "--out", str(tmp_path / "s"), "--scorer", "magnitude",
+                 "--train-data", str(root), "--heldout-data", str(root)])
+    assert code == 2 and "labels span [0, 10]" in capsys.readouterr().err
+
+
+def test_train_on_numbered_folders_makes_a_model_of_their_labels(tmp_path):
+    root = _class_folder(tmp_path / "images", ["3", "7"])
+    out = tmp_path / "ck"
+    assert main(["train", "--data", str(root), "--out", str(out), "--steps", "1",
+                 "--batch-size", "2", "--probe-every", "0"]) == 0
+    loaded = load_dit(out)
+    assert loaded.meta.num_classes == 8  # labels 3 and 7 fit: classes 0-7
+    assert loaded.meta.extra["data"]["class_names"][7] == "7"

@@ -1,8 +1,8 @@
 """Image sources a reference store is built from, read a range of rows at a time.
 
 `FolderSource` reads an image folder (one subfolder per class, or flat) in the order
-`load_image_folder` uses and with its pixel rules, but only the files of the rows asked for, so
-a folder larger than memory can be indexed. `TensorSource` wraps images already in memory
+`load_image_folder` uses, with its labels and pixel rules, but only the files of the rows asked
+for, so a folder larger than memory can be indexed. `TensorSource` wraps images already in memory
 (the embedded digits, tests). Each source has a `key` that changes when its input does; a
 resumed build keeps only shards written from the same key.
 
@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dit_prune.data import _image_files, check_images, digits_split, read_pixels
+from dit_prune.data import (
+    _image_files,
+    check_images,
+    class_folder_labels,
+    digits_split,
+    read_pixels,
+)
 from dit_prune.errors import DitPruneError
 
 DIGITS_SOURCES = ("digits-pool", "digits-heldout")
@@ -70,7 +76,8 @@ class FolderSource:
                   else [("", sorted(_image_files(root)))])
         self.files: list[Path] = []
         labels: list[int] = []
-        for label, (name, files) in enumerate(groups):
+        folder_labels = class_folder_labels([name for name, _ in groups], root)[0]
+        for label, (name, files) in zip(folder_labels, groups, strict=True):
             if not files:
                 raise DitPruneError(f"no PNG/JPEG images in {root / name}")
             self.files += files
