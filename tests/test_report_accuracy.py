@@ -245,3 +245,19 @@ def test_the_verdict_says_when_the_noise_control_cannot_be_passed() -> None:
                                              "copy_interval": [0.02, 0.05]})
     assert noise_floor_note(above_zero) == ""
     assert noise_floor_note(dict(failed, verdict="quality lost: FD")) == ""
+
+
+def test_a_run_without_class_agreement_says_why_and_warns():
+    from types import SimpleNamespace
+
+    from dit_prune.run.report import _agreement_sentence, run_warnings
+
+    names = {"num_heldout_images": 797, "feature_extractor": "myfeat"}
+    before = SimpleNamespace(metrics={"class_agreement": None})
+    warnings = run_warnings({"before": before, "warnings": []}, names)
+    assert any("`myfeat` has no classifier head" in w and "guard is off" in w for w in warnings)
+    measured = SimpleNamespace(metrics={"class_agreement": 0.97})
+    assert run_warnings({"before": measured, "warnings": []}, names) == []
+    sentence = _agreement_sentence({"before": {"class_agreement": None}, "text": None,
+                                    "feature_extractor": "myfeat"})
+    assert "no classifier head" in sentence and "guard is off" in sentence

@@ -126,7 +126,18 @@ def run_warnings(result: dict[str, Any], names: dict[str, Any]) -> list[str]:
     note = calibration_warning(int(names["num_heldout_images"]))
     if note:
         found.append(note)
+    before = getattr(result.get("before"), "metrics", None) or {}
+    if "class_agreement" in before and before["class_agreement"] is None \
+            and result.get("text") is None:
+        found.append(no_classifier_warning(str(names.get("feature_extractor"))))
     return list(dict.fromkeys(found))
+
+
+def no_classifier_warning(extractor: str) -> str:
+    """Why class agreement is missing from a class-conditional run, and what that costs."""
+    return (f"class agreement not measured: the feature network `{extractor}` has no classifier "
+            "head for the model's classes (a custom --features network gives features only), so "
+            "the verdict's class-agreement guard is off")
 
 
 def _budget_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -460,7 +471,8 @@ def _agreement_sentence(report: dict[str, Any]) -> str:
     """How class agreement was measured, or why it was not."""
     if report["before"].get("class_agreement") is None:
         why = "the caption folders give no classes" if report.get("text") else \
-            "no classifier for these classes"
+            (f"the feature network `{report['feature_extractor']}` has no classifier head for "
+             "the model's classes, so the verdict's class-agreement guard is off")
         return f"class agreement not measured: {why}"
     if report.get("text"):
         return (f"class agreement: the `{report['feature_extractor']}` classifier's class "
