@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -434,6 +435,9 @@ def _load_state(
 def _load_scheduler(root: Path) -> Any:
     config_file = root / "scheduler" / SCHEDULER_CONFIG_NAME
     if not config_file.is_file():
+        warnings.warn(f"{root} has no scheduler/{SCHEDULER_CONFIG_NAME}: sampling assumes "
+                      "diffusers' default DDPMScheduler (1000 linear-beta steps); save the "
+                      "training noise schedule there if it was another", stacklevel=2)
         return diffusers.DDPMScheduler(num_train_timesteps=1000)
     config = _read_json(config_file, "scheduler config")
     name = config.get("_class_name", "DDPMScheduler")

@@ -1,6 +1,7 @@
-"""Files written through `checkpoint.atomic_write_with`: a full disk inside safetensors is an
+"""Checkpoint I/O. Files written through `checkpoint.atomic_write_with`: a full disk inside safetensors is an
 OSError naming the file (one line on the command line, exit 2), and finished files get the
-permissions a plain open() gives, not mkstemp's private 0600 (new-user findings)."""
+permissions a plain open() gives, not mkstemp's private 0600; a checkpoint without
+scheduler/ warns which schedule is assumed (new-user findings)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,18 @@ def test_written_files_are_not_private(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_checkpoint_without_its_scheduler_warns(tmp_path):
+    import shutil
+
+    from dit_prune.checkpoint import load_dit
+
+    from .conftest import CHECKPOINTS
+
+    copy = tmp_path / "nosched"
+    shutil.copytree(CHECKPOINTS / "digits-memorized", copy)
+    shutil.rmtree(copy / "scheduler")
+    with pytest.warns(UserWarning, match="has no scheduler/.*assumes diffusers' default"):
+        loaded = load_dit(copy)
+    assert loaded.scheduler.config.num_train_timesteps == 1000
