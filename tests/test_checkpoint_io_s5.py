@@ -1,7 +1,7 @@
-"""Checkpoint I/O. Files written through `checkpoint.atomic_write_with`: a full disk inside safetensors is an
-OSError naming the file (one line on the command line, exit 2), and finished files get the
-permissions a plain open() gives, not mkstemp's private 0600; a checkpoint without
-scheduler/ warns which schedule is assumed (new-user findings)."""
+"""Checkpoint I/O. Files written through `checkpoint.atomic_write_with`: a full disk
+inside safetensors is an OSError naming the file (one line on the command line, exit 2), and
+finished files get the permissions a plain open() gives, not mkstemp's private 0600; a checkpoint
+without scheduler/ warns which schedule is assumed (new-user findings)."""
 
 from __future__ import annotations
 
