@@ -56,8 +56,9 @@ def before_after_grid(
             if r == 0:
                 ax.set_title(f"s{seeds[c]}\ny={int(labels[c])}", fontsize=6)
         axes[r][0].set_ylabel(ROW_TITLES[r], fontsize=7, rotation=0, ha="right", va="center")
+    fig.subplots_adjust(top=0.78 if title else 0.84)  # room above the seed labels
     fig.suptitle((title + "\n" if title else "") + "red frame: memorized (d1/d2 < 1/3)",
-                 fontsize=8)
+                 fontsize=8, y=0.995)
     return _save(fig, path)
 
 
