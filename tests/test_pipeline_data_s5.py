@@ -25,6 +25,8 @@ from dit_prune.pipelines import (
 )
 from dit_prune.units import Unit
 
+from .conftest import CHECKPOINTS
+
 UNITS = [Unit("head", 0, 1)]
 
 
@@ -245,3 +247,67 @@ def test_train_on_numbered_folders_makes_a_model_of_their_labels(tmp_path):
     loaded = load_dit(out)
     assert loaded.meta.num_classes == 8  # labels 3 and 7 fit: classes 0-7
     assert loaded.meta.extra["data"]["class_names"][7] == "7"
+
+
+# 4. `dit-prune index` on a store whose listed embeddings are damaged
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """`dit-prune index` of the digits pool with the shipped copy detector, 4 shards."""
+    out = tmp_path_factory.mktemp("store") / "pool"
+    assert main(["index", "--images", "digits-pool", "--out", str(out), "--shard-size", "256",
+                 "--copy-detector", str(CHECKPOINTS / "digits-copydetect"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    return out
+
+
+def _index(out: Path, *extra: str) -> int:
+    return main(["index", "--images", "digits-pool", "--out", str(out), "--shard-size", "256",
+                 "--device", "cpu", "--no-progress", *extra])
+
+
+def test_index_without_the_detector_refuses_a_store_missing_its_embeddings(store, tmp_path,
+                                                                           capsys):
+    from dit_prune.store import open_store
+    from dit_prune.store.reuse import verify_shards
+
+    damaged = tmp_path / "st_noemb"
+    shutil.copytree(store, damaged)
+    for file in damaged.glob("embeddings-*"):
+        file.unlink()
+    capsys.readouterr()
+    assert _index(damaged) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "digits-copydetect" in err and "is missing" in err
+    assert "again with --copy-detector" in err
+    detector = str(CHECKPOINTS / "digits-copydetect")
+    assert _index(damaged, "--copy-detector", detector) == 0  # the same detector repairs it
+    repaired = open_store(damaged)
+    (fingerprint,) = repaired.embedding_fingerprints()
+    verify_shards(repaired, fingerprint)
+    bookkeeping = (".dit_prune_run", "config.resolved.json")
+    assert {k: v for k, v in _tree(damaged).items() if k not in bookkeeping} == {
+        k: v for k, v in _tree(store).items() if k not in bookkeeping}  # as first indexed
+
+
+def test_index_without_the_detector_refuses_a_changed_embedding_shard(store, tmp_path, capsys):
+    damaged = tmp_path / "st_changed"
+    shutil.copytree(store, damaged)
+    shard = sorted(damaged.glob("embeddings-*"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-4:] = bytes(4)  # same size, another last value
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert _index(damaged) == 2
+    assert "differs from the file that was indexed" in capsys.readouterr().err
+
+
+def test_index_without_the_detector_keeps_intact_embeddings(store, tmp_path, capsys):
+    again = tmp_path / "st"
+    shutil.copytree(store, again)
+    capsys.readouterr()
+    assert _index(again) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(summary["embeddings"]) == 1
+    assert (again / "manifest.json").read_bytes() == (store / "manifest.json").read_bytes()

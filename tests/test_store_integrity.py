@@ -187,7 +187,9 @@ def test_eval_refuses_a_damaged_store_before_sampling_and_records_the_resolved_s
     monkeypatch.setattr(eval_command, "sample_images", no_sampling)
     reverse_rows_keep_metadata(tmp_path / "store" / embedding_shard_name(detector.fingerprint,
                                                                          2), "embeddings")
-    with open(tmp_path / "store" / image_shard_name(0), "r+b") as handle:
+    first_shard = tmp_path / "store" / image_shard_name(0)
+    indexed = first_shard.read_bytes()
+    with open(first_shard, "r+b") as handle:
         handle.truncate(1000)
     for damage in ("images-00000.safetensors is 1000 bytes",
                    f"{embedding_shard_name(detector.fingerprint, 2)} differs"):
@@ -195,4 +197,5 @@ def test_eval_refuses_a_damaged_store_before_sampling_and_records_the_resolved_s
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("dit-prune eval: error: --train-store "
                                                    "store: shard ") and damage in err[0], err
-        build_store(open_source("digits-pool"), tmp_path / "store", 300, progress=False)
+        first_shard.write_bytes(indexed)  # the image shard repaired, the embeddings not (a
+        # rebuild without the detector now refuses a store whose listed embeddings are damaged)

@@ -9,7 +9,10 @@ finished store: whose file is the one the manifest records) and writes only the 
 files are byte-reproducible (`format.write_shard`). The manifest is written last, by the main
 process, with every shard file's size and SHA-256 (image and embedding shards: it reads each
 shard file once more); a store without one is unfinished, and `open_store` refuses it. A
-finished store of an older version is not resumed (`--overwrite` rebuilds it).
+finished store of an older version is not resumed (`--overwrite` rebuilds it). The embeddings
+of detectors other than this build's that a finished store's manifest lists are carried over
+only when their shards are still the files it records (else a one-line error: rerun with that
+--copy-detector, which rebuilds them).
 
 Memory: one shard of images (shard_size * C*H*W * 4 bytes) plus its embeddings at a time.
 
@@ -134,6 +137,8 @@ def build_store(
     for digest in shard_hashes:
         content.update(digest.encode())
     rows = [min(shard_size, source.count - k * shard_size) for k in range(num_shards)]
+    _check_listed_embeddings(out, old, shard_hashes,
+                             None if detector is None else detector.fingerprint)
     dim = None
     if detector is not None:
         dim = _write_embeddings(out, detector, shard_hashes, rows, progress, on_shard, procs,
@@ -164,6 +169,62 @@ def build_store(
         raise DitPruneError(f"--out {out}: no {MANIFEST_NAME} after indexing; run the same "
                             "command again")
     return ReferenceStore(out, written)
+
+
+def _check_listed_embeddings(out: Path, old: dict[str, Any] | None, shard_hashes: list[str],
+                             current: str | None) -> None:
+    """Before a finished store's manifest is written again: every embedding listing of the
+    old manifest that this build carries over unchanged (all but `current`, the fingerprint of
+    the detector embedding now, whose shards `_write_embeddings` checks and rewrites) must
+    still name its files as they were indexed (`_embedding_problem`); else a one-line
+    DitPruneError telling to rerun with that copy detector. Every process checks (the same
+    files, the same answer), so none waits for another that failed."""
+    listed = old.get("embeddings", {}) if old is not None else {}
+    for fingerprint, entry in sorted(listed.items() if isinstance(listed, dict) else []):
+        if fingerprint == current:
+            continue
+        problem = _embedding_problem(out, fingerprint, entry, shard_hashes)
+        if problem is not None:
+            name = entry.get("detector") if isinstance(entry, dict) else None
+            raise DitPruneError(
+                f"--out {out}: the embeddings of copy detector {name or 'unknown'} (fingerprint "
+                f"{fingerprint}) that its {MANIFEST_NAME} lists are damaged ({problem}); run "
+                "this command again with --copy-detector set to that detector to rebuild them "
+                "(or with --overwrite to rebuild the store without them)")
+
+
+def _embedding_problem(out: Path, fingerprint: str, entry: Any,
+                       shard_hashes: list[str]) -> str | None:
+    """What is wrong with the embedding shards a manifest `entry` lists for `fingerprint`
+    (one per image shard, of `shard_hashes`), or None: each must be present, of the size the
+    manifest records, embedded from that image shard (its metadata) and of the recorded
+    SHA-256. Presence and sizes are checked before any file is read.
+
+    Example:
+        >>> _embedding_problem(Path("/nonexistent"), "f", {"shards": []}, ["h"])
+        'the manifest records 0 shards for 1 image shards'
+    """
+    shards = entry.get("shards") if isinstance(entry, dict) else None
+    if not isinstance(shards, list) or len(shards) != len(shard_hashes):
+        count = len(shards) if isinstance(shards, list) else "no"
+        return f"the manifest records {count} shards for {len(shard_hashes)} image shards"
+    names = [embedding_shard_name(fingerprint, k) for k in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        if not isinstance(shard, dict) or shard.get("file") != name or not isinstance(
+                shard.get("bytes"), int) or not isinstance(shard.get("file_sha256"), str):
+            return f"the manifest records no size and SHA-256 for shard {name}"
+        if not (out / name).is_file():
+            return f"shard {name} is missing"
+        size = (out / name).stat().st_size
+        if size != shard["bytes"]:
+            return f"shard {name} is {size} bytes, not the {shard['bytes']} recorded"
+    expected = {"store_version": str(STORE_VERSION), "fingerprint": fingerprint}
+    for name, shard, digest in zip(names, shards, shard_hashes, strict=True):
+        if _kept_metadata(out / name, {**expected, "image_sha256": digest}) is None:
+            return f"shard {name} is unreadable or not embedded from its image shard"
+        if file_sha256(out / name) != shard["file_sha256"]:
+            return f"shard {name} differs from the file that was indexed"
+    return None
 
 
 def _file_record(file: Path) -> dict[str, Any]:
