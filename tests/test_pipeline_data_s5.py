@@ -18,6 +18,7 @@ from dit_prune.data import balanced_subset, digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 from dit_prune.models import new_dit
 from dit_prune.pipelines import (
+    generate_decoded,
     load_pruned_pipeline,
     pixel_dit_pipeline,
     prune_pipeline,
@@ -311,3 +312,26 @@ def test_index_without_the_detector_keeps_intact_embeddings(store, tmp_path, cap
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(summary["embeddings"]) == 1
     assert (again / "manifest.json").read_bytes() == (store / "manifest.json").read_bytes()
+
+
+# 5. prompts given to a class-conditional pipeline; what diffusers loads by itself
+
+
+@pytest.mark.parametrize("conditions", [["a cat"], "a cat", [3, "a cat"]])
+def test_prompts_to_a_class_conditional_pipeline_are_one_line(conditions):
+    pipe = pixel_dit_pipeline(new_dit("tiny", 10, 8, 1), diffusers.DDIMScheduler())
+    seeds = list(range(len(conditions))) if isinstance(conditions, list) else [0]
+    with pytest.raises(DitPruneError, match="class-conditional: it takes class labels") as info:
+        generate_decoded(pipe, conditions, seeds, steps=2)
+    assert "\n" not in str(info.value) and "'a cat'" in str(info.value)
+    with pytest.raises(DitPruneError, match="got torch.float32 values"):
+        generate_decoded(pipe, [3.5], [0], steps=2)
+    assert generate_decoded(pipe, [3.0, 7], [0, 1], steps=2).shape == (2, 1, 8, 8)
+
+
+def test_diffusers_loads_a_saved_unpruned_pixel_pipeline_not_a_checkpoint(checkpoint, tmp_path):
+    with pytest.raises(OSError, match="model_index.json"):  # what docs/pipelines.md now says
+        diffusers.DiffusionPipeline.from_pretrained(str(checkpoint))
+    saved = save_pipeline(load_pruned_pipeline(checkpoint), tmp_path / "p")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(saved))
+    assert type(pipe).__name__ == "DiTPipeline" and type(pipe.vae).__name__ == "IdentityVAE"

@@ -110,12 +110,50 @@ def _conditions(pipe: Any, kind: str, conditions: Any) -> list[Any]:
         if isinstance(conditions, str) or not all(isinstance(c, str) for c in conditions):
             raise DitPruneError("a text-to-image pipeline takes a list of prompt strings")
         return list(conditions)
-    labels = torch.as_tensor(conditions, dtype=torch.long).flatten().tolist()  # (N,)
+    labels = _class_labels(pipe, conditions)  # (N,)
     classes = num_classes(pipe)
     bad = [label for label in labels if not 0 <= label < classes]
     if bad:
         raise DitPruneError(f"class labels must lie in [0, {classes - 1}], got {bad[:3]}")
     return labels
+
+
+def _class_labels(pipe: Any, conditions: Any) -> list[int]:
+    """`conditions` as a flat list of integer class labels; prompts (strings) or anything that
+    is not whole numbers is a one-line DitPruneError saying what the pipeline takes.
+
+    Example:
+        >>> import diffusers
+        >>> from dit_prune.models import new_dit
+        >>> from dit_prune.pipelines import pixel_dit_pipeline
+        >>> pipe = pixel_dit_pipeline(new_dit("tiny", 10, 8, 1), diffusers.DDIMScheduler())
+        >>> _class_labels(pipe, ["a cat"])
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: DiTPipeline is class-conditional: it takes class labels \
+(ints in [0, 9]), not prompts such as 'a cat'
+    """
+    takes = f"class labels (ints in [0, {num_classes(pipe) - 1}])"
+    items = [conditions] if isinstance(conditions, str) else conditions
+    if not isinstance(items, torch.Tensor):
+        try:
+            items = list(items)
+        except TypeError:
+            raise DitPruneError(f"{type(pipe).__name__} takes a list of {takes}, got "
+                                f"{type(conditions).__name__}") from None
+        prompt = next((c for c in items if isinstance(c, str)), None)
+        if prompt is not None:
+            raise DitPruneError(f"{type(pipe).__name__} is class-conditional: it takes {takes}, "
+                                f"not prompts such as {prompt[:40]!r}")
+    try:
+        values = torch.as_tensor(items).flatten()  # (N,)
+    except (TypeError, ValueError, RuntimeError):
+        raise DitPruneError(f"{type(pipe).__name__} takes {takes}, got {conditions!r:.60}") \
+            from None
+    whole = not values.is_floating_point() or bool((values == values.round()).all())
+    if values.is_complex() or values.dtype == torch.bool or not whole:
+        raise DitPruneError(f"{type(pipe).__name__} takes {takes}, got {values.dtype} values")
+    return values.long().tolist()
 
 
 def _call(
