@@ -15,17 +15,42 @@ import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from dit_prune.commands import COMMANDS
 from dit_prune.errors import DitPruneError
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to an option's help when it has a default worth showing (not
+    None, False, empty) and its help does not state one already.
+
+    Example:
+        >>> p = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter)
+        >>> _ = p.add_argument("--steps", type=int, default=50, help="sampling steps")
+        >>> "sampling steps (default: 50)" in p.format_help()
+        True
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not text or text == argparse.SUPPRESS or not action.option_strings
+                or "default" in text or default in (None, False, "", argparse.SUPPRESS)
+                or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors (an invalid choice, an unknown flag, a missing
     argument) print one line naming the problem and `--help`, not the whole usage block, and
-    exit with status 2; subcommand parsers inherit it (`add_subparsers` uses the parent's
-    class)."""
+    exit with status 2; its help shows each option's default (`DefaultsHelpFormatter`).
+    Subcommand parsers inherit both (`add_subparsers` uses the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Print `PROG: error: MESSAGE (see PROG --help)` on stderr and exit 2."""
@@ -58,6 +83,24 @@ def _say(line: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `dit-prune` console script: parse, run the subcommand, return the exit status.
+
+    This module imports nothing heavy; the subcommands (torch, diffusers) are imported inside
+    this call, so Ctrl-C while they load (the first seconds) is one line and status 130 too.
+
+    Example (Ctrl-C at once):
+        $ dit-prune eval checkpoints/digits-memorized --out runs/eval
+        ^Cdit-prune: interrupted while starting; nothing was written
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        _say("dit-prune: interrupted while starting; nothing was written")
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """Build the parser (importing every subcommand), parse `argv` and run the subcommand."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named with the subcommand whose flags they are not

@@ -36,21 +36,69 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return torch.stack([torch.randn(shape, generator=g) for g in seed_generators(seeds)])
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'0-999' -> [0..999]; '1,5,9' -> [1, 5, 9]; ranges and lists may be mixed."""
+MAX_SEED = 2**63 - 1  # the largest seed a torch generator takes as a signed 64-bit integer
+MAX_SEED_COUNT = 10_000_000  # seeds (images) per --seeds: a typo such as 0-99999999999 is refused
+_SEEDS_FORMAT = "use e.g. '0-999' or '1,2,3'"
+
+
+def parse_seeds(text: str, flag: str = "") -> list[int]:
+    """'0-999' -> [0..999]; '1,5,9' -> [1, 5, 9]; ranges and lists may be mixed.
+
+    Seeds are distinct integers in [0, 2**63 - 1], at most MAX_SEED_COUNT of them; a negative,
+    too large or repeated seed, an empty range ('9-0') or anything else is a one-line
+    DitPruneError naming it. Every
+    `--seeds` (eval, run, the scripts) goes through here, before any work starts; `flag`, when
+    given, starts the message ('--seeds: ...').
+
+    Example:
+        >>> parse_seeds("0-3,7")
+        [0, 1, 2, 3, 7]
+        >>> parse_seeds("0-3,2", "--seeds")
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: --seeds: seeds '0-3,2' repeat seed 2: each seed must \
+appear once
+    """
+    prefix = f"{flag}: " if flag else ""
     seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                start, end = part.strip().split("-", 1)
-                seeds.extend(range(int(start), int(end) + 1))
-            elif part.strip():
-                seeds.append(int(part))
-    except ValueError:
-        raise DitPruneError(f"cannot parse seeds {text!r}: use e.g. '0-999' or '1,2,3'") from None
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        start, dash, end = part.partition("-")
+        if part.startswith("-") or end.startswith("-"):
+            raise DitPruneError(f"{prefix}seed {part!r} of {text!r} is negative; seeds are "
+                                f"integers in [0, 2**63 - 1 = {MAX_SEED}]")
+        bounds = [_seed_bound(text, start, prefix)]
+        if dash:
+            bounds.append(_seed_bound(text, end, prefix))
+        if bounds[-1] < bounds[0]:
+            raise DitPruneError(f"{prefix}the range {part!r} of seeds {text!r} is empty (its end "
+                                "is below its start)")
+        if len(seeds) + bounds[-1] - bounds[0] + 1 > MAX_SEED_COUNT:  # before building it
+            raise DitPruneError(f"{prefix}seeds {text!r} name more than {MAX_SEED_COUNT:,} "
+                                "images, the most one command samples")
+        seeds.extend(range(bounds[0], bounds[-1] + 1))
     if not seeds:
-        raise DitPruneError(f"no seeds in {text!r}")
+        raise DitPruneError(f"{prefix}no seeds in {text!r}: {_SEEDS_FORMAT}")
+    if len(set(seeds)) != len(seeds):
+        seen: set[int] = set()
+        repeated = next(s for s in seeds if s in seen or seen.add(s))
+        raise DitPruneError(f"{prefix}seeds {text!r} repeat seed {repeated}: each seed must "
+                            "appear once")
     return seeds
+
+
+def _seed_bound(text: str, word: str, prefix: str) -> int:
+    """One seed (a range end) of `text`, checked to be an integer in [0, MAX_SEED]."""
+    word = word.strip()
+    if not word.isdigit() or not word.isascii():
+        raise DitPruneError(f"{prefix}cannot parse seeds {text!r}: {_SEEDS_FORMAT}")
+    value = int(word)
+    if value > MAX_SEED:
+        raise DitPruneError(f"{prefix}seed {value} of {text!r} is too large; seeds are "
+                            f"integers in [0, 2**63 - 1 = {MAX_SEED}]")
+    return value
 
 
 def format_seeds(seeds: Sequence[int]) -> str:

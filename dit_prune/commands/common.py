@@ -31,6 +31,7 @@ score`; --overwrite replaces only an earlier `dit-prune score` output
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -48,6 +49,8 @@ from dit_prune.checkpoint import atomic_directory, atomic_write_text
 from dit_prune.errors import DitPruneError
 
 RESOLVED_CONFIG_NAME = "config.resolved.json"
+DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda, cuda:N or mps"
+GUIDANCE_HELP = "classifier-free guidance scale; 1 samples without guidance"
 # {"command": "eval", "files": ["metrics.json", "samples/0.png", ...], "nested": true}: the
 # entries --overwrite may replace, as paths relative to --out, at any depth
 MARKER_NAME = ".dit_prune_run"
@@ -244,15 +247,38 @@ def claim_out(out: str | os.PathLike[str] | None, command: str,
 
 def check_writable(target: Path, out: str | os.PathLike[str] | None = None) -> None:
     """Make (then remove) a temporary directory in `target`'s nearest existing ancestor (the
-    folder the output will be created in), creating nothing else."""
+    folder the output will be created in), creating nothing else; a one-line error says why
+    --out cannot be created there.
+
+    Example:
+        >>> check_writable(Path("/proc/x"))
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: cannot create --out /proc/x: /proc does not accept new \
+folders (a virtual file system such as /proc or /sys?): No such file or directory
+    """
     folder = target.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
         shutil.rmtree(tempfile.mkdtemp(prefix=".dit_prune_probe.", dir=folder))
     except OSError as exc:
-        raise DitPruneError(f"cannot write --out {out or target}: {folder}: "
+        why = _CANNOT_CREATE.get(exc.errno or 0, "{folder} refuses new folders")
+        raise DitPruneError(f"cannot create --out {out or target}: {why.format(folder=folder)}: "
                             f"{exc.strerror or exc}") from None
+
+
+# errno of a failed folder creation -> why --out cannot be created ({folder}: its parent)
+_CANNOT_CREATE = {
+    errno.EACCES: "no permission to write in {folder}",
+    errno.EPERM: "no permission to write in {folder}",
+    errno.EROFS: "{folder} is on a read-only file system",
+    errno.ENOSPC: "the disk of {folder} is full",
+    errno.EDQUOT: "the disk quota of {folder} is used up",
+    errno.ENOENT: "{folder} does not accept new folders (a virtual file system such as /proc "
+                  "or /sys?)",
+    errno.ENOTDIR: "{folder} is not a directory",
+}
 
 
 def missing_root(target: Path) -> Path | None:

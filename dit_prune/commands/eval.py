@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from dit_prune.checkpoint import atomic_write_text, atomic_write_with, load_dit
 from dit_prune.commands.common import (
+    DEVICE_HELP,
+    GUIDANCE_HELP,
     check_cache_dir,
     check_positive,
     check_sampling_steps,
@@ -86,8 +88,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", type=int, default=None,
                    help="samples per class (default 100; seed s samples class s mod classes)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help=GUIDANCE_HELP)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddim (deterministic) or ddpm")
     p.add_argument("--batch-size", type=int, default=128, help="sampling batch size")
     p.add_argument("--train", default=TRAIN_FROM_CHECKPOINT,
                    help=f"training images: {TRAIN_FROM_CHECKPOINT} (the pool indices recorded in "
@@ -109,9 +112,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="directory caching held-out feature statistics ('none' disables; "
                         "default $XDG_CACHE_HOME/dit_prune/fd-stats)")
     p.add_argument("--grid-pairs", type=int, default=48, help="pairs shown in nearest.png")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds an earlier `dit-prune eval` output: the "
+                        "new output replaces all of it once complete (a directory holding "
+                        "anything else is refused)")
     p.set_defaults(func=run)
 
 
@@ -132,7 +138,7 @@ def resolve_seeds_and_labels(seeds_text: str | None, per_class: int | None,
     if seeds_text is None:
         seeds = list(range((per_class or 100) * num_classes))
     else:
-        seeds = parse_seeds(seeds_text)
+        seeds = parse_seeds(seeds_text, "--seeds")
         if per_class is not None and len(seeds) != per_class * num_classes:
             raise DitPruneError(f"--seeds gives {len(seeds)} seeds but --per-class {per_class} x "
                                 f"{num_classes} classes needs {per_class * num_classes}")

@@ -23,6 +23,7 @@ from torch import nn
 
 from dit_prune.checkpoint import load_dit
 from dit_prune.commands.common import (
+    DEVICE_HELP,
     claim_out,
     dump_resolved_config,
     mark_finished,
@@ -56,7 +57,7 @@ from dit_prune.pruning.selection import (
 from dit_prune.pruning.structural import PrunePlan, prune_units
 from dit_prune.run.measure import macs_and_params
 from dit_prune.sampling import check_steps
-from dit_prune.scorers.io import check_scored_model, load_scores
+from dit_prune.scorers.io import SCORES_NAME, SIDECAR_NAME, check_scored_model, load_scores
 from dit_prune.structure import original_counts
 from dit_prune.units import Unit, adapter_for, enumerate_units
 
@@ -121,8 +122,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(repeatable; see dit_prune.pruning.adversarial.AdversarialConfig)")
     p.add_argument("--copy-detector", default=None,
                    help=f"{GENERATED_NOVEL}: copy-detection model (default: digits-copydetect)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the recovery (its batches, noise and generated pool; "
+                        "with --recover)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
@@ -369,5 +372,24 @@ def _ancestors(extra: dict[str, Any], base_hash: str, weights_sha256: str) -> tu
 
 
 def _score_dir(path: Path) -> Path:
-    """`dit-prune score` output: the run directory, or one of its two files."""
-    return path.parent if path.is_file() else path
+    """`dit-prune score` output: the run directory, or one of its two files; anything else (a
+    missing path, another file, a folder without scores) is a one-line error naming --scores.
+
+    Example:
+        >>> _score_dir(Path("/nonexistent/scores"))
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: --scores /nonexistent/scores does not exist: name the \
+directory `dit-prune score` wrote
+    """
+    wanted = "the directory `dit-prune score` wrote"
+    if path.is_file():
+        if path.name not in (SCORES_NAME, SIDECAR_NAME):
+            raise DitPruneError(f"--scores {path} is a file, not scores: it must be {wanted} "
+                                f"(or its {SCORES_NAME})")
+        return path.parent
+    if not path.exists():
+        raise DitPruneError(f"--scores {path} does not exist: name {wanted}")
+    if not (path / SCORES_NAME).is_file() and not (path / SIDECAR_NAME).is_file():
+        raise DitPruneError(f"--scores {path} holds no {SCORES_NAME}: it must be {wanted}")
+    return path

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from dit_prune.commands.common import (
+    DEVICE_HELP,
+    GUIDANCE_HELP,
     MARKER_NAME,
     RESOLVED_CONFIG_NAME,
     check_sampling_steps,
@@ -53,6 +55,7 @@ from dit_prune.pruning.selection import (
 )
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
 from dit_prune.sampling import parse_seeds
+from dit_prune.scorers import SCORERS
 from dit_prune.store.distributed import command_processes, partial_state
 
 DEFAULTS = {f.name: f.default for f in fields(RunConfig)}  # one source for the CLI's defaults
@@ -71,19 +74,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "continues where it stopped when started again with the same options.")
     p.add_argument("checkpoint", help="DiT checkpoint directory (or hub id)")
     p.add_argument("--out", default="runs/run", help="run directory (default: runs/run)")
-    p.add_argument("--scorer", default=DEFAULTS["scorer"])
+    p.add_argument("--scorer", default=DEFAULTS["scorer"],
+                   help=f"how units are scored: one of {', '.join(sorted(SCORERS))}")
     p.add_argument("--budget", default=",".join(f"{b:g}" for b in DEFAULTS["budgets"]),
                    help="budget(s), comma-separated: fractions of units in (0, 1) or whole "
                         "numbers of units such as 3")
     p.add_argument("--budget-mode", default=DEFAULTS["budget_mode"], choices=BUDGET_MODES,
                    help=f"{BUDGET_MODE_HELP} (default: {DEFAULTS['budget_mode']})")
     p.add_argument("--seeds", default=DEFAULTS["seeds"], help="sampling seeds, e.g. 0-999")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--sampler", default=DEFAULTS["sampler"], choices=("ddim", "ddpm"))
-    p.add_argument("--guidance-scale", type=float, default=DEFAULTS["guidance_scale"])
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="sampling steps")
+    p.add_argument("--sampler", default=DEFAULTS["sampler"], choices=("ddim", "ddpm"),
+                   help="sampler of every arm: ddim (deterministic) or ddpm")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULTS["guidance_scale"],
+                   help=GUIDANCE_HELP)
     p.add_argument("--scorer-option", action="append", default=[], metavar="KEY=VALUE",
                    help="scorer option, e.g. timesteps=beta:0.8,2 or batches=8 (repeatable)")
-    p.add_argument("--recover", default=DEFAULTS["recover"], choices=RECOVERIES)
+    p.add_argument("--recover", default=DEFAULTS["recover"], choices=RECOVERIES,
+                   help="recovery after pruning, as dit-prune prune --recover: one of "
+                        "%(choices)s")
     # recovery options default to None ("not given"): one that --recover (or --recover-data)
     # would ignore is refused; config_from_args fills in RunConfig's defaults
     p.add_argument("--recover-steps", type=int, default=None,
@@ -145,7 +153,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="reference store of the same training images with the copy detector's "
                         "embeddings (dit-prune index): the ratio test and the copy rate search "
                         "it (same numbers; the training set is not re-embedded)")
-    p.add_argument("--device", default=DEFAULTS["device"])
+    p.add_argument("--device", default=DEFAULTS["device"], help=DEVICE_HELP)
     p.add_argument("--shard-size", type=int, default=DEFAULTS["shard_size"],
                    help="images per sample shard (the unit of resuming and of multi-process work)")
     p.add_argument("--overwrite", action="store_true",
@@ -156,6 +164,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run's one validated configuration (scorer options and device included)."""
     pick_device(args.device)
+    parse_seeds(args.seeds, "--seeds")  # named as the flag (RunConfig checks them again)
     given = [flag for flag, name in _RECOVERY_ARGS.items()
              if getattr(args, name, None) not in (None, [])]
     check_recovery_flags(args.recover, given, data=args.recover_data)
@@ -388,7 +397,4 @@ def _check_still_ours(run_dir: Path, lock: _Lock | None) -> None:
 
 
 def _random_seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(parse_seeds(text))
-    except DitPruneError as exc:
-        raise DitPruneError(f"--random-seeds: {exc}") from None
+    return tuple(parse_seeds(text, "--random-seeds"))

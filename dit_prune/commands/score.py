@@ -21,6 +21,7 @@ import torch
 
 from dit_prune.checkpoint import load_dit
 from dit_prune.commands.common import (
+    DEVICE_HELP,
     check_scorer_timesteps,
     claim_out,
     dump_resolved_config,
@@ -45,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("score", help="score heads and neurons by how much they memorize")
     p.add_argument("checkpoint", help="checkpoint directory (base or pruned)")
     p.add_argument("--out", required=True, help="run directory to write the scores into")
-    p.add_argument("--scorer", required=True, choices=sorted(SCORERS))
+    p.add_argument("--scorer", required=True, choices=sorted(SCORERS), metavar="NAME",
+                   help="how units are scored: one of %(choices)s")
     p.add_argument("--kinds", default=None,
                    help="comma list of unit kinds (default: the scorer's kinds, e.g. head,neuron)")
     p.add_argument("--timesteps", default=None,
@@ -56,10 +58,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="calibration batches (noise draws)")
     p.add_argument("--batch-size", type=int, default=shared.batch_size,
                    help="examples per forward pass")
-    p.add_argument("--seed", type=int, default=shared.seed)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=shared.seed,
+                   help="seed of the scorer's random draws (images, noise, timesteps)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--max-images", type=int, default=None, help="cap images per split")
-    p.add_argument("--normalize", default=shared.normalize, choices=NORMALIZATIONS)
+    p.add_argument("--normalize", default=shared.normalize, choices=NORMALIZATIONS,
+                   help="how head and neuron scores are made comparable: robust-z (per kind, "
+                        "median/MAD), zscore (per kind, mean/std), rank (per-kind percentile), "
+                        "per-param (divided by the unit's parameter count) or none")
     p.add_argument("--quality-weight", type=float, default=shared.quality_weight,
                    help="penalty weight on units whose removal raises the held-out loss")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -67,7 +73,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(the shared options have their own flags)")
     p.add_argument("--train-data", default=None, help="image folder instead of the digits subset")
     p.add_argument("--heldout-data", default=None, help="image folder instead of digits held-out")
-    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty run directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds an earlier `dit-prune score` output: the "
+                        "new scores replace all of it once complete (a directory holding "
+                        "anything else is refused)")
     p.set_defaults(func=run)
 
 

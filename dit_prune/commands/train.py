@@ -23,6 +23,7 @@ from dit_prune.commands.common import check_train_args, mark_finished
 from dit_prune.data import balanced_subset, digits_split, indices_hash, load_image_folder
 from dit_prune.duplication import DuplicationSpec, expand_with_duplicates
 from dit_prune.errors import DitPruneError
+from dit_prune.models import DIT_SIZES
 from dit_prune.training import TrainConfig, train_dit
 
 SMALL_NETS_AND_DIT = ("dit", "features", "copydetect", "text")
@@ -30,6 +31,20 @@ DIT_ONLY_OPTIONS = ("data", "subset", "subset_seed", "size", "steps", "batch_siz
                     "label_dropout", "ema_decay", "probe_every", "patch_size", "duplicate",
                     "duplicate_seed", "checkpoint_every")
 STATE_SUFFIX = ".train-state"
+# the TrainConfig fields that are options of `dit-prune train` -> their help (defaults from
+# TrainConfig)
+TRAIN_OPTION_HELP = {
+    "size": "DiT size: one of %(choices)s",
+    "steps": "training steps",
+    "batch_size": "images per training step",
+    "lr": "AdamW learning rate",
+    "label_dropout": "fraction of labels replaced by the null class (for classifier-free "
+                     "guidance), in [0, 1)",
+    "ema_decay": "decay of the weights' exponential moving average (the saved model), in [0, 1)",
+    "seed": "seed of initialization, batches and noise (features / copydetect: their training)",
+    "probe_every": "measure memorization every N steps (0: never)",
+    "patch_size": "DiT patch size in pixels",
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -44,20 +59,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="'digits' (embedded) or an image folder (one subfolder per class)")
     p.add_argument("--subset", default="64",
                    help="class-balanced subset size of the digits pool, or 'all'")
-    p.add_argument("--subset-seed", type=int, default=0)
+    p.add_argument("--subset-seed", type=int, default=0,
+                   help="seed choosing the --subset images from the digits pool")
     p.add_argument("--duplicate", default=None, metavar="COUNTxCOPIES",
                    help="repeat some training images: '10x50' = 10 class-balanced images (chosen "
                         "by --duplicate-seed) present 50 times each; '3,17x50' names positions in "
                         "the training set. Recorded in the checkpoint's dit_prune.json")
-    p.add_argument("--duplicate-seed", type=int, default=0)
+    p.add_argument("--duplicate-seed", type=int, default=0,
+                   help="seed choosing which images --duplicate COUNTxCOPIES repeats")
     p.add_argument("--checkpoint-every", type=int, default=1000,
                    help="save the resumable training state to OUT.train-state every N steps "
                         "(0: only at the end); running the same command again resumes from it")
     defaults = TrainConfig()
-    for name in ("size", "steps", "batch_size", "lr", "label_dropout", "ema_decay", "seed",
-                 "probe_every", "patch_size"):
+    for name, text in TRAIN_OPTION_HELP.items():
         value = getattr(defaults, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=text,
+                       **({"choices": sorted(DIT_SIZES)} if name == "size" else {}))
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
@@ -65,6 +82,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_train_args(args)  # options and --out, before work
+    if args.duplicate is not None and getattr(args, "model", "dit") in ("dit", "text"):
+        subset = int(args.subset) if str(args.subset).isdigit() else None
+        parse_duplicate(args.duplicate, args.duplicate_seed,
+                        subset if args.data == "digits" else None)
     if getattr(args, "model", "dit") == "text":
         from dit_prune.commands.train_text import run_text
 
@@ -150,10 +171,55 @@ def _training_data(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor
     return folder.images, folder.labels, len(folder.class_names), meta
 
 
+def parse_duplicate(text: str, seed: int, train_size: int | None = None,
+                    num_classes: int | None = None) -> DuplicationSpec:
+    """`--duplicate` parsed, with one-line errors naming it: a repeated index, an index outside
+    the `train_size` training images, or a count that a class-balanced choice among them cannot
+    make (at least one per class, at most all of them); None skips a bound.
+
+    Example:
+        >>> parse_duplicate("3,3x5", 0)
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: --duplicate 3,3x5 repeats the index 3: name each \
+training image once
+        >>> parse_duplicate("100x2", 0, train_size=64)
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: --duplicate 100x2 asks for 100 images to duplicate, but \
+the training set (--subset) holds 64
+    """
+    head = str(text).strip().rpartition("x")[0]
+    if "," in head or head.startswith("["):
+        seen: set[int] = set()
+        for word in head.strip("[]").split(","):
+            if word.strip().isdigit():
+                if int(word) in seen:
+                    raise DitPruneError(f"--duplicate {text} repeats the index {int(word)}: "
+                                        "name each training image once")
+                seen.add(int(word))
+    spec = DuplicationSpec.parse(text, seed=seed)
+    if train_size is None:
+        return spec
+    if spec.indices is not None and max(spec.indices) >= train_size:
+        raise DitPruneError(f"--duplicate {text}: index {max(spec.indices)} lies outside the "
+                            f"{train_size} training images (--subset; indices are positions "
+                            f"0..{train_size - 1} in it)")
+    if spec.indices is None and spec.count > train_size:
+        raise DitPruneError(f"--duplicate {text} asks for {spec.count} images to duplicate, but "
+                            f"the training set (--subset) holds {train_size}")
+    if spec.indices is None and num_classes is not None and spec.count < num_classes:
+        raise DitPruneError(f"--duplicate {text} asks for {spec.count} images, but a "
+                            f"class-balanced choice needs at least one of each of the "
+                            f"{num_classes} classes")
+    return spec
+
+
 def _duplicate(args: argparse.Namespace, images: torch.Tensor, labels: torch.Tensor,
                data_meta: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The training multiset with the duplicated images repeated, and what to record of it."""
-    spec = DuplicationSpec.parse(args.duplicate, seed=args.duplicate_seed)
+    spec = parse_duplicate(args.duplicate, args.duplicate_seed, len(labels),
+                           len(torch.unique(labels)))
     positions = spec.choose(labels)  # positions in the (unique) training set
     record = {"spec": spec.to_json(), "copies": spec.copies,
               "train_positions": positions.tolist(),

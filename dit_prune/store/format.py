@@ -294,6 +294,24 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _unfinished_store(root: Path) -> bool:
+    """True when directory `root` (without a manifest) is a store `dit-prune index` began: its
+    marker names `index`, or it holds image or embedding shards; any other folder is not.
+
+    Example:
+        >>> import tempfile
+        >>> _unfinished_store(Path(tempfile.mkdtemp()))
+        False
+    """
+    try:
+        marker = json.loads((root / ".dit_prune_run").read_text())
+    except (OSError, ValueError):
+        marker = None
+    if isinstance(marker, dict) and str(marker.get("command", "")).split()[-1:] == ["index"]:
+        return True
+    return any(root.glob("images-*.safetensors")) or any(root.glob("embeddings-*.safetensors"))
+
+
 def open_store(path: str | Path) -> ReferenceStore:
     """Open a finished store directory; one-line errors when it is missing or unfinished.
 
@@ -310,6 +328,9 @@ def open_store(path: str | Path) -> ReferenceStore:
     if not root.is_dir():
         raise DitPruneError(f"reference store not found: {root}")
     manifest = read_manifest(root)
+    if manifest is None and not _unfinished_store(root):
+        raise DitPruneError(f"{root} is not a reference store (no {MANIFEST_NAME} and no store "
+                            "shards); name the folder `dit-prune index` wrote")
     if manifest is None:
         raise DitPruneError(f"{root} is an unfinished reference store (no {MANIFEST_NAME}); run "
                             "the same dit-prune index command again to finish it")
