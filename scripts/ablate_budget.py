@@ -27,13 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_common import (  # noqa: E402
     aggregate,
     base_parser,
+    check_budgets,
+    check_positive,
+    check_scorers,
     fmt,
     limit_threads,
     mean_std,
     new_figure,
     parse_list,
     parse_scorer_spec,
+    parse_script_args,
     run_cached,
+    run_script,
     save_figure,
     timed,
     write_json,
@@ -56,11 +61,13 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         "images it trains on, e.g. finetune:unused (default: the training images)")
     parser.add_argument("--recover-steps", type=int, default=200)
     parser.add_argument("--tag", default="budget", help="name of the table / plot files")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
-        args.scorers, args.budgets, args.modes = "magnitude", "0.25", "heads"
-        args.recover, args.recover_steps = "none,finetune:unused", 5
+    args = parse_script_args(parser, argv, {
+        "seeds": "0-29", "steps": 5, "pruning_seeds": "0", "scorers": "magnitude",
+        "budgets": "0.25", "modes": "heads", "recover": "none,finetune:unused",
+        "recover_steps": 5})
+    check_scorers(parser, args.scorers, "--scorers")
+    check_budgets(parser, args.budgets, "--budgets")
+    check_positive(parser, args.recover_steps, "--recover-steps")
     return args
 
 
@@ -293,4 +300,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "ablate_budget")

@@ -25,12 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_common import (  # noqa: E402
     aggregate,
     base_parser,
+    check_budgets,
+    check_scorers,
     fmt,
     limit_threads,
     mean_std,
     new_figure,
     parse_list,
+    parse_script_args,
     run_cached,
+    run_script,
     save_figure,
     timed,
     write_json,
@@ -48,10 +52,11 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--budgets", default="0.2")
     parser.add_argument("--timesteps", default="uniform;beta:0.8,2;uniform:700,1000;uniform:0,100",
                         help="';'-separated timestep distributions (scorer option syntax)")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
-        args.timesteps, args.budgets = "uniform;uniform:700,1000", "0.25"
+    args = parse_script_args(parser, argv, {
+        "seeds": "0-29", "steps": 5, "pruning_seeds": "0",
+        "timesteps": "uniform;uniform:700,1000", "budgets": "0.25"})
+    check_scorers(parser, args.scorer, "--scorer")
+    check_budgets(parser, args.budgets, "--budgets")
     return args
 
 
@@ -163,4 +168,4 @@ def _plot(summary: list[dict[str, Any]], before: dict[str, Any], path: Path) -> 
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "ablate_timesteps")

@@ -1,8 +1,13 @@
 """Shared pieces of the ablation scripts: arguments, running cached experiments, aggregation
 (mean ± std over pruning/scoring seeds), markdown tables and Agg plots.
 
+Every script parses and validates its options at once (`parse_script_args`): a bad option is
+one line and exit status 2, as are the errors its run raises (`run_script`). `--smoke` fills in
+tiny settings only for the options the command line does not give: explicit options win, and
+are validated all the same.
+
 Usage (from another script in scripts/):
-    from ablation_common import base_parser, run_cached, aggregate, write_table
+    from ablation_common import base_parser, parse_script_args, run_cached, run_script
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -45,18 +51,209 @@ def parse_scorer_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise SystemExit(str(exc)) from None
 
 
-def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
-    """The options every ablation script shares."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--checkpoint", default="checkpoints/digits-memorized")
+class ScriptParser(argparse.ArgumentParser):
+    """An ArgumentParser for the scripts: no abbreviated options (`--checkpoint` never stands
+    for `--checkpoints`), and a usage error is one line, exit status 2.
+
+    Example:
+        >>> p = ScriptParser(prog="x")
+        >>> _ = p.add_argument("--checkpoints")
+        >>> p.parse_args(["--checkpoint", "a"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        from dit_prune.cli import DefaultsHelpFormatter  # '(default: X)' where worth showing
+
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Print `PROG: error: MESSAGE` on one line and exit 2."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def base_parser(description: str, default_out: str,
+                checkpoint: bool = True) -> argparse.ArgumentParser:
+    """The options every ablation script shares (`--checkpoint` unless `checkpoint` is False:
+    a script measuring several checkpoints names its own option)."""
+    parser = ScriptParser(description=description)
+    if checkpoint:
+        parser.add_argument("--checkpoint", default="checkpoints/digits-memorized",
+                            help="checkpoint directory to measure")
     parser.add_argument("--out", default=default_out, help="output folder (runs, tables, plots)")
     parser.add_argument("--seeds", default="0-299", help="sampling seeds (one per image)")
     parser.add_argument("--steps", type=int, default=25, help="DDIM sampling steps")
     parser.add_argument("--pruning-seeds", default="0,1,2",
                         help="scoring / random-pruning / training seeds; mean ± std over these")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny settings for CI: 30 samples, 5 steps, one seed")
+                        help="tiny settings for CI (e.g. 30 samples, 5 steps, one seed) for "
+                             "every option not given explicitly; given options win")
     return parser
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations of the options `argv` gives explicitly (not left at their default).
+
+    Example:
+        >>> p = ScriptParser()
+        >>> _ = p.add_argument("--steps", type=int, default=25)
+        >>> _ = p.add_argument("--seeds", default="0-9")
+        >>> sorted(explicit_options(p, ["--steps", "5"]))
+        ['steps']
+    """
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = parser._defaults
+    try:
+        parser._defaults = {}
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        parser._defaults = saved_defaults
+        for action, default in saved:
+            action.default = default
+    return set(vars(given))
+
+
+def parse_script_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                      smoke: Mapping[str, Any]) -> argparse.Namespace:
+    """Parse `argv`; with --smoke, set the `smoke` values (dest -> value) of the options not
+    given explicitly; then validate the shared options (one-line usage error, exit 2).
+
+    Example:
+        >>> p = base_parser("demo", "/tmp/demo", checkpoint=False)
+        >>> args = parse_script_args(p, ["--smoke", "--steps", "7"], {"steps": 5, "seeds": "0-9"})
+        >>> args.steps, args.seeds
+        (7, '0-9')
+    """
+    args = parser.parse_args(argv)
+    if args.smoke:
+        given = explicit_options(parser, argv)
+        for dest, value in smoke.items():
+            if dest not in given:
+                setattr(args, dest, value)
+    check_shared_args(parser, args)
+    return args
+
+
+def check_shared_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate base_parser's options: --seeds (as `dit-prune run --seeds`), --steps,
+    --pruning-seeds and --checkpoint (an existing directory)."""
+    from dit_prune.errors import DitPruneError
+    from dit_prune.sampling import parse_seeds
+
+    try:
+        parse_seeds(args.seeds, "--seeds")
+    except DitPruneError as exc:
+        parser.error(str(exc))
+    check_positive(parser, args.steps, "--steps")
+    int_list(parser, args.pruning_seeds, "--pruning-seeds")
+    if getattr(args, "checkpoint", None) is not None:
+        check_checkpoints(parser, args.checkpoint, "--checkpoint")
+
+
+def check_positive(parser: argparse.ArgumentParser, value: int, flag: str,
+                   low: int = 1) -> None:
+    """Refuse an integer option below `low` (one-line usage error)."""
+    if value < low:
+        parser.error(f"{flag} must be at least {low}, got {value}")
+
+
+def int_list(parser: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
+    """A comma list of distinct non-negative integers ('0,1,2'), or a one-line usage error."""
+    try:
+        values = parse_list(text, int)
+    except ValueError:
+        parser.error(f"{flag} takes a comma list of integers such as 0,1,2, got {text!r}")
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        parser.error(f"{flag} takes distinct non-negative integers, at least one, got {text!r}")
+    return values
+
+
+def float_list(parser: argparse.ArgumentParser, text: str, flag: str) -> list[float]:
+    """A comma list of finite numbers ('0,5,10'), at least one, or a one-line usage error."""
+    try:
+        values = parse_list(text, float)
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        parser.error(f"{flag} takes a comma list of numbers such as 0,5,10, got {text!r}")
+    return values
+
+
+def check_checkpoints(parser: argparse.ArgumentParser, text: str, flag: str) -> list[str]:
+    """A comma list of existing checkpoint directories, or a one-line usage error naming the
+    first that is missing."""
+    names = parse_list(text)
+    if not names:
+        parser.error(f"{flag} names no checkpoint")
+    for name in names:
+        if not Path(name).expanduser().is_dir():
+            parser.error(f"{flag} {name}: no such checkpoint directory")
+    return names
+
+
+def check_scorers(parser: argparse.ArgumentParser, text: str, flag: str) -> None:
+    """Every scorer spec of comma list `text` names a registered scorer and well-formed
+    options (`parse_scorer_spec`), or a one-line usage error listing the scorers."""
+    from dit_prune.scorers import SCORERS
+
+    specs = parse_list(text)
+    if not specs:
+        parser.error(f"{flag} names no scorer; choose from {', '.join(sorted(SCORERS))}")
+    for spec in specs:
+        try:
+            name, _ = parse_scorer_spec(spec)
+        except SystemExit as exc:
+            parser.error(f"{flag}: {exc}")
+        if name not in SCORERS:
+            parser.error(f"{flag}: unknown scorer {name!r}; choose from "
+                         f"{', '.join(sorted(SCORERS))}")
+
+
+def check_budgets(parser: argparse.ArgumentParser, text: str, flag: str) -> Any:
+    """Budgets as `dit-prune run --budget` takes them, or a one-line usage error."""
+    from dit_prune.errors import DitPruneError
+    from dit_prune.pruning.selection import parse_budgets
+
+    try:
+        return parse_budgets(text)
+    except DitPruneError as exc:
+        parser.error(f"{flag}: {exc}")
+
+
+def run_script(main: Callable[[], Any], prog: str) -> NoReturn:
+    """Run a script's `main` and exit: 0 (or the int it returns); a DitPruneError or a
+    SystemExit carrying a message is one line on stderr and status 2; Ctrl-C is one line, 130.
+
+    Example (end of a script):
+        if __name__ == "__main__":
+            run_script(main, "regimes")
+    """
+    from dit_prune.errors import DitPruneError
+
+    def fail(message: str, status: int) -> NoReturn:
+        line = " ".join(message.split())
+        sys.stderr.write((line if line.startswith(f"{prog}:") else f"{prog}: error: {line}")
+                         + "\n")
+        sys.stderr.flush()
+        sys.exit(status)
+
+    try:
+        result = main()
+    except DitPruneError as exc:
+        fail(str(exc), 2)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            fail(exc.code, 2)
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 def limit_threads() -> None:

@@ -32,11 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    check_positive,
+    check_scorers,
     digits_calibration,
     limit_threads,
     mean_std,
     new_figure,
     parse_list,
+    parse_script_args,
+    run_script,
     save_figure,
     timed,
     write_json,
@@ -59,10 +63,18 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         "them apart from --seeds, on which the oracle sets are evaluated)")
     parser.add_argument("--max-heads", type=int, default=0, help="measure only the first N heads "
                         "(0 = all)")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.steps, args.pruning_seeds, args.max_heads = "0-29", 5, "0", 4
-        args.select_seeds = "1000-1029"
+    args = parse_script_args(parser, argv, {
+        "seeds": "0-29", "steps": 5, "pruning_seeds": "0", "max_heads": 4,
+        "select_seeds": "1000-1029"})
+    from dit_prune.errors import DitPruneError
+    from dit_prune.sampling import parse_seeds
+
+    try:
+        parse_seeds(args.select_seeds, "--select-seeds")
+    except DitPruneError as exc:
+        parser.error(str(exc))
+    check_scorers(parser, args.scorer, "--scorer")
+    check_positive(parser, args.max_heads, "--max-heads", low=0)
     return args
 
 
@@ -234,4 +246,4 @@ def _plot(effects: list[dict[str, float]], score: torch.Tensor, before: dict[str
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "head_effects")

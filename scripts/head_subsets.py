@@ -35,8 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    check_positive,
+    float_list,
     limit_threads,
     new_figure,
+    parse_script_args,
+    run_script,
     save_figure,
     timed,
     write_json,
@@ -56,11 +60,9 @@ def parse_args(argv: list[str] | None = None) -> Any:
                         "skipped)")
     parser.add_argument("--fd-limits", default="0,5,10",
                         help="FD rises (%% of unpruned) at which the best subsets are listed")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.steps, args.max_size = "1000-1029", 5, 1
-    if args.max_size < 1:
-        parser.error(f"--max-size must be at least 1, got {args.max_size}")
+    args = parse_script_args(parser, argv, {"seeds": "1000-1029", "steps": 5, "max_size": 1})
+    check_positive(parser, args.max_size, "--max-size")
+    float_list(parser, args.fd_limits, "--fd-limits")
     return args
 
 
@@ -266,4 +268,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "head_subsets")

@@ -26,11 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    check_budgets,
+    check_checkpoints,
+    check_positive,
+    check_scorers,
+    int_list,
     limit_threads,
     mean_std,
     parse_list,
     parse_scorer_spec,
+    parse_script_args,
     run_cached,
+    run_script,
     timed,
     write_json,
     write_table,
@@ -40,12 +47,16 @@ SMOKE_SCORER_OPTIONS = {"batches": 1, "max_images": 16}
 
 
 def parse_args(argv: list[str] | None = None) -> Any:
-    parser = base_parser(__doc__.splitlines()[0], "runs/regimes")
-    parser.add_argument("--checkpoints", default="checkpoints/digits-duplicated",
+    parser = base_parser(__doc__.splitlines()[0], "runs/regimes", checkpoint=False)
+    parser.add_argument("--checkpoints", "--checkpoint", dest="checkpoints",
+                        default="checkpoints/digits-duplicated",
                         help="comma list of checkpoints (each gets its own folder)")
-    parser.add_argument("--scorers", default="cond-gap,taylor-gap,activation-contrast")
+    parser.add_argument("--scorers", default="cond-gap,taylor-gap,activation-contrast",
+                        help="comma list of scorers, each optionally with options "
+                             "(e.g. taylor-gap+quality_weight=0.5)")
     parser.add_argument("--budgets", default="2,3,4", help="head counts or fractions")
-    parser.add_argument("--random-seeds", default="0,1,2")
+    parser.add_argument("--random-seeds", default="0,1,2",
+                        help="seeds of the random pruning draws each scorer is judged against")
     parser.add_argument("--random-budgets", default=None,
                         help="budgets of the random arms (default: --budgets)")
     parser.add_argument("--budget-mode", default="heads",
@@ -56,10 +67,16 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--from-reports", action="store_true",
                         help="only tabulate the stored reports (whatever scoring code made them; "
                              "each row names its digest), run nothing")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
-        args.random_seeds, args.budgets = "0,1", "2"
+    args = parse_script_args(parser, argv, {
+        "seeds": "0-29", "steps": 5, "pruning_seeds": "0", "random_seeds": "0,1",
+        "budgets": "2"})
+    check_checkpoints(parser, args.checkpoints, "--checkpoints")
+    check_scorers(parser, args.scorers, "--scorers")
+    check_budgets(parser, args.budgets, "--budgets")
+    if args.random_budgets:
+        check_budgets(parser, args.random_budgets, "--random-budgets")
+    int_list(parser, args.random_seeds, "--random-seeds")
+    check_positive(parser, args.retrigger_targets, "--retrigger-targets", low=0)
     return args
 
 
@@ -165,4 +182,4 @@ def _ratio(stat: tuple[float, float, int]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main, "regimes")

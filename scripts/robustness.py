@@ -28,12 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    check_positive,
+    check_scorers,
     digits_calibration,
     fmt,
     limit_threads,
     mean_std,
     new_figure,
     parse_list,
+    parse_script_args,
+    run_script,
     save_figure,
     scored_and_pruned,
     timed,
@@ -54,9 +58,11 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--prior-weight", type=float, default=1.0,
                         help="weight of the penalty keeping the noise's mean 0 and std 1")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.targets, args.attack_steps, args.ddim_steps, args.pruning_seeds = 4, 3, 3, "0"
+    args = parse_script_args(parser, argv, {
+        "targets": 4, "attack_steps": 3, "ddim_steps": 3, "pruning_seeds": "0"})
+    check_scorers(parser, args.scorer, "--scorer")
+    for flag in ("targets", "attack_steps", "ddim_steps"):
+        check_positive(parser, getattr(args, flag), "--" + flag.replace("_", "-"))
     return args
 
 
@@ -139,4 +145,4 @@ def _plot(results: dict[str, dict[str, list[float]]], path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "robustness")

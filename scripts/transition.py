@@ -31,12 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation_common import (  # noqa: E402
     base_parser,
+    check_positive,
+    check_scorers,
     digits_calibration,
     fmt,
+    int_list,
     limit_threads,
     mean_std,
     new_figure,
     parse_list,
+    parse_script_args,
+    run_script,
     save_figure,
     scored_and_pruned,
     timed,
@@ -57,10 +62,12 @@ def parse_args(argv: list[str] | None = None) -> Any:
     parser.add_argument("--scorer", default="taylor-gap")
     parser.add_argument("--mode", default="heads")
     parser.add_argument("--budget", type=float, default=0.2)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.seeds, args.steps, args.pruning_seeds = "0-29", 5, "0"
-        args.ns, args.train_steps = "10,600", 20
+    args = parse_script_args(parser, argv, {
+        "seeds": "0-29", "steps": 5, "pruning_seeds": "0", "ns": "10,600", "train_steps": 20})
+    check_scorers(parser, args.scorer, "--scorer")
+    int_list(parser, args.ns, "--ns")
+    check_positive(parser, args.train_steps, "--train-steps")
+    check_positive(parser, args.batch_size, "--batch-size")
     return args
 
 
@@ -248,4 +255,4 @@ def _plot(summary: list[dict[str, Any]], path: Path) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, "transition")

@@ -158,15 +158,19 @@ def test_head_subsets_smoke_resumes_to_the_same_rows(tmp_path: Path) -> None:
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in again] == strip
 
 
-def test_head_subsets_refuses_what_it_cannot_measure(tmp_path: Path) -> None:
+def test_head_subsets_refuses_what_it_cannot_measure(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     script = load_script("head_subsets")
     with pytest.raises(SystemExit, match="another steps"):  # resumed with other options
         script.main(["--smoke", "--out", str(tmp_path / "a")])
         script.main(["--max-size", "1", "--seeds", "1000-1029", "--steps", "4",
                      "--out", str(tmp_path / "a")])
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:  # refused while parsing, in one line
         script.main(["--smoke", "--checkpoint", str(tmp_path / "nope"),
                      "--out", str(tmp_path / "b")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("nope: no such checkpoint directory")
     assert not (tmp_path / "b").exists()
     with pytest.raises(SystemExit, match="is not below the model's 16 heads"):
         script.main(["--max-size", "16", "--out", str(tmp_path / "c")])
