@@ -46,6 +46,7 @@ from dit_prune.evaluate import (
     build_context,
     default_checkpoints_dir,
     evaluate_samples,
+    evaluation_net_inputs,
 )
 from dit_prune.metrics.copydetect import calibration_warning, load_copy_detector
 from dit_prune.metrics.features import load_feature_extractor
@@ -59,6 +60,7 @@ from dit_prune.sampling import (
     parse_seeds,
     sample_images,
 )
+from dit_prune.scorers.calibration import refuse_heldout_duplicates
 from dit_prune.store.distributed import (
     Processes,
     command_processes,
@@ -142,6 +144,9 @@ def resolve_seeds_and_labels(seeds_text: str | None, per_class: int | None,
         if per_class is not None and len(seeds) != per_class * num_classes:
             raise DitPruneError(f"--seeds gives {len(seeds)} seeds but --per-class {per_class} x "
                                 f"{num_classes} classes needs {per_class * num_classes}")
+    if len(seeds) < 2:
+        raise DitPruneError(f"--seeds {seeds_text!r} gives one sample; FD and the intervals need "
+                            "at least 2 (e.g. --seeds 0-99)")
     labels = labels_for_seeds(seeds, num_classes)  # (N,)
     if len(set(torch.bincount(labels, minlength=num_classes).tolist())) != 1:
         raise DitPruneError(f"--seeds gives {len(seeds)} seeds that cannot be split evenly over "
@@ -203,7 +208,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, Path | None]:
     inputs = {"checkpoint": args.checkpoint,
               "--train": _folder_input(args.train, (TRAIN_FROM_CHECKPOINT, TRAIN_POOL)),
               "--heldout": _folder_input(args.heldout, (HELDOUT_DIGITS,)),
-              "--features": args.features, "--copy-detector": args.copy_detector,
+              **evaluation_net_inputs(args.features, args.copy_detector),
               "--stats-cache": cache, "--train-store": args.train_store}
     return claim_out(args.out, "eval", inputs, args.overwrite), cache
 
@@ -237,6 +242,7 @@ def _evaluate(args: argparse.Namespace, run_dir: Path, cache: Path | None,
     if tuple(train.shape[1:]) != model_shape:
         raise DitPruneError(f"training images are {tuple(train.shape[1:])} but the model makes "
                             f"{model_shape} images")
+    refuse_heldout_duplicates(train, heldout)  # a training image among them would set τ to ~1
     checkpoints = default_checkpoints_dir()
     features = load_feature_extractor(args.features or checkpoints / FEATURES_DIR, device)
     detector = load_copy_detector(args.copy_detector or checkpoints / COPYDETECT_DIR, device)

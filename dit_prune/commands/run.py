@@ -44,6 +44,7 @@ from dit_prune.commands.common import (
     undone_on_failure,
 )
 from dit_prune.errors import DitPruneError
+from dit_prune.evaluate import evaluation_net_inputs
 from dit_prune.keyvalue import parse_key_values
 from dit_prune.pruning.recovery import RecoveryConfig, check_recovery_flags
 from dit_prune.pruning.recovery_data import RECOVERY_SOURCES
@@ -52,6 +53,7 @@ from dit_prune.pruning.selection import (
     check_budget_for,
     model_mode_kinds,
     parse_budgets,
+    select_units,
 )
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
 from dit_prune.sampling import parse_seeds
@@ -215,7 +217,7 @@ def _run(args: argparse.Namespace) -> int:
     created = missing_root(Path(cfg.out))  # what a run that fails before any work removes
     run_dir = claim_out(cfg.out, "run", {
         "checkpoint": cfg.checkpoint, "--train": cfg.train, "--heldout": cfg.heldout,
-        "--features": cfg.features, "--copy-detector": cfg.copy_detector,
+        **evaluation_net_inputs(cfg.features, cfg.copy_detector),
         "--recover-data": recover_folder, "--train-store": cfg.train_store}, args.overwrite,
         resume=True)
     was_empty = run_dir.is_dir() and not any(run_dir.iterdir())
@@ -286,6 +288,8 @@ def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     scorer.check_units(units)  # e.g. `given`: every named unit is among the mode's units
     for budget in cfg.budgets + cfg.random_budget_list():
         check_budget_for(budget, cfg.budget_mode, counts, loaded.model)
+        if cfg.budget_mode != "params":  # the block rule can make a count unreachable
+            select_units(units, [0.0] * len(units), budget, cfg.budget_mode, loaded.model)
 
 
 class _Lock:
