@@ -90,3 +90,13 @@ def test_run_refuses_an_unreachable_budget_before_sampling(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "at most 12 can go" in err and "sampling" not in err, err
     assert not out.exists()
+
+
+def test_train_refuses_subset_with_an_image_folder(tmp_path, digits, capsys):
+    train, _, _ = _folders(tmp_path, digits)
+    out = tmp_path / "t"
+    assert main(["train", "--out", str(out), "--data", str(train), "--subset", "10",
+                 "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--subset 10 chooses images from the embedded digits pool" in err, err
+    assert not out.exists()

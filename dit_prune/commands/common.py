@@ -404,6 +404,9 @@ def check_scorer_timesteps(scorer: Any, scheduler: Any) -> None:
     distribution.check(int(scheduler.config.num_train_timesteps))
 
 
+SUBSET_DEFAULT = "64"  # `dit-prune train --subset`: images of the digits pool
+
+
 def check_train_args(args: argparse.Namespace) -> Path:
     """`dit-prune train`'s numeric options and its --out, before any work (TrainConfig does not
     check these yet: patch size, learning rate)."""
@@ -413,5 +416,9 @@ def check_train_args(args: argparse.Namespace) -> Path:
     if hasattr(args, "lr"):
         check_finite(args.lr, "--lr", low=0.0)
     data = getattr(args, "data", "digits")
+    if data != "digits" and str(getattr(args, "subset", SUBSET_DEFAULT)) != SUBSET_DEFAULT:
+        raise DitPruneError(f"--subset {args.subset} chooses images from the embedded digits "
+                            f"pool; with --data {data} every image of the folder is used (drop "
+                            "--subset, or make a folder of the images to train on)")
     return claim_out(args.out, "train", {"--data": None if data == "digits" else data},
                      args.overwrite)

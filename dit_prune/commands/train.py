@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dit_prune.checkpoint import save_checkpoint
-from dit_prune.commands.common import check_train_args, mark_finished
+from dit_prune.commands.common import SUBSET_DEFAULT, check_train_args, mark_finished
 from dit_prune.data import balanced_subset, digits_split, indices_hash, load_image_folder
 from dit_prune.duplication import DuplicationSpec, expand_with_duplicates
 from dit_prune.errors import DitPruneError
@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "digits pipeline (--duplicate images get captions of their own)")
     p.add_argument("--data", default="digits",
                    help="'digits' (embedded) or an image folder (one subfolder per class)")
-    p.add_argument("--subset", default="64",
+    p.add_argument("--subset", default=SUBSET_DEFAULT,
                    help="class-balanced subset size of the digits pool, or 'all'")
     p.add_argument("--subset-seed", type=int, default=0,
                    help="seed choosing the --subset images from the digits pool")
