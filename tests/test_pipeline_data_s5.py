@@ -335,3 +335,18 @@ def test_diffusers_loads_a_saved_unpruned_pixel_pipeline_not_a_checkpoint(checkp
     saved = save_pipeline(load_pruned_pipeline(checkpoint), tmp_path / "p")
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(saved))
     assert type(pipe).__name__ == "DiTPipeline" and type(pipe.vae).__name__ == "IdentityVAE"
+
+
+def test_a_refused_index_leaves_the_store_marker_as_it_was(store, tmp_path, capsys):
+    damaged = tmp_path / "st_refused"
+    shutil.copytree(store, damaged)
+    for file in damaged.glob("embeddings-*"):
+        file.unlink()
+    marker = (damaged / ".dit_prune_run").read_bytes()
+    assert _index(damaged) == 2  # refused: the listed embeddings are missing
+    assert (damaged / ".dit_prune_run").read_bytes() == marker  # its file list still guards
+    (damaged / "NOTES.txt").write_text("mine")
+    capsys.readouterr()
+    assert _index(damaged, "--overwrite") == 2  # so --overwrite still refuses the foreign file
+    assert "NOTES.txt" in capsys.readouterr().err
+    assert (damaged / "NOTES.txt").read_text() == "mine"

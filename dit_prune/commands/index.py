@@ -26,7 +26,9 @@ import json
 import shutil
 from pathlib import Path
 
+from dit_prune.checkpoint import atomic_write_with
 from dit_prune.commands.common import (
+    MARKER_NAME,
     check_out_path,
     check_positive,
     claim_out,
@@ -97,15 +99,24 @@ def _index(args: argparse.Namespace, processes: Processes) -> int:
         if detector.input_shape is not None and detector.input_shape != source.shape:
             raise DitPruneError(f"copy detector {detector.name} takes {detector.input_shape} "
                                 f"images, but --images {args.images} holds {source.shape}")
+    marker = out / MARKER_NAME
+    finished = marker.read_bytes() if processes.is_main and marker.is_file() else None
     with undone_on_failure(out, created, was_empty):  # nothing written to --out before this point
-        if processes.is_main:
-            if args.overwrite and out.is_dir():
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            mark_started(out, "index", foreign)
-        processes.barrier()
-        store = build_store(source, out, args.shard_size, detector,
-                            progress=not args.no_progress, processes=processes)
+        try:
+            if processes.is_main:
+                if args.overwrite and out.is_dir():
+                    shutil.rmtree(out)
+                    finished = None  # replaced on purpose: nothing to give back
+                out.mkdir(parents=True, exist_ok=True)
+                mark_started(out, "index", foreign)
+            processes.barrier()
+            store = build_store(source, out, args.shard_size, detector,
+                                progress=not args.no_progress, processes=processes)
+        except BaseException:
+            if finished is not None and out.is_dir():  # a refused rebuild keeps the old marker:
+                old = finished  # its file list is what guards a later --overwrite
+                atomic_write_with(marker, lambda tmp: tmp.write_bytes(old))
+            raise
     if not processes.is_main:
         return 0
     dump_resolved_config(out, args, device=str(device), count=len(store),
