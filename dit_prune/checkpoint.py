@@ -224,7 +224,9 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        yield tmp
+        with io_errors_named(target):
+            yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -256,17 +258,37 @@ def _atomic_write(path: Path, writer: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp = Path(name)
     try:
-        try:
+        with io_errors_named(path):
             writer(tmp)
-        except SafetensorError as exc:
-            if "I/O error" not in str(exc):
-                raise
-            raise OSError(errno.EIO, "cannot write: " + " ".join(str(exc).split()),
-                          str(path)) from exc
         tmp.chmod(0o666 & ~_umask())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def io_errors_named(path: Path) -> Iterator[None]:
+    """Inside: safetensors' own I/O errors (a full disk) become OSErrors, and an OSError that
+    names no file names `path`, so the command line reports them in one line with the path.
+
+    Example:
+        >>> with io_errors_named(Path("out/x.safetensors")):
+        ...     raise OSError(28, "No space left on device")
+        Traceback (most recent call last):
+        ...
+        OSError: [Errno 28] No space left on device: 'out/x.safetensors'
+    """
+    try:
+        yield
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc):
+            raise
+        raise OSError(errno.EIO, "cannot write: " + " ".join(str(exc).split()),
+                      str(path)) from exc
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or " ".join(str(exc).split()), str(path)) from exc
 
 
 def _umask() -> int:

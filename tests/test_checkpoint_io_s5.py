@@ -56,3 +56,33 @@ def test_a_checkpoint_without_its_scheduler_warns(tmp_path):
     with pytest.warns(UserWarning, match="has no scheduler/.*assumes diffusers' default"):
         loaded = load_dit(copy)
     assert loaded.scheduler.config.num_train_timesteps == 1000
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_it(tmp_path, monkeypatch):
+    import dit_prune.checkpoint as checkpoint
+    from dit_prune.models import new_dit
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    target = tmp_path / "ck"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        checkpoint.save_checkpoint(new_dit("tiny", 10, 8, 1), None, target)
+    assert caught.value.filename == str(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unnamed_oserror_gets_the_path_and_directories_are_not_private(tmp_path):
+    from dit_prune.checkpoint import atomic_directory
+
+    with pytest.raises(OSError) as caught:
+        with atomic_directory(tmp_path / "d") as tmp:
+            raise OSError(28, "No space left on device")
+    assert caught.value.filename == str(tmp_path / "d")
+    with atomic_directory(tmp_path / "e") as tmp:
+        (tmp / "f").write_text("x")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "e").stat().st_mode & 0o777 == 0o777 & ~mask
