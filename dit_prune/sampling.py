@@ -41,6 +41,37 @@ MAX_SEED_COUNT = 10_000_000  # seeds (images) per --seeds: a typo such as 0-9999
 _SEEDS_FORMAT = "use e.g. '0-999' or '1,2,3'"
 
 
+def seed_value(text: str | int, flag: str = "--seed") -> int:
+    """One seed option (`--seed`): an integer in [0, MAX_SEED]; anything else is a one-line
+    DitPruneError naming `flag`. Usable as an argparse `type` (the error becomes one line).
+
+    Example:
+        >>> seed_value("7")
+        7
+        >>> seed_value("-1")
+        Traceback (most recent call last):
+        ...
+        dit_prune.errors.DitPruneError: --seed -1: a seed is an integer in [0, 9223372036854775807]
+    """
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = -1
+    if isinstance(text, bool) or not 0 <= value <= MAX_SEED:
+        raise DitPruneError(f"{flag} {text}: a seed is an integer in [0, {MAX_SEED}]")
+    return value
+
+
+def seed_option(text: str) -> int:
+    """`seed_value` as an argparse `type`: a bad seed becomes argparse's one-line usage error."""
+    import argparse
+
+    try:
+        return seed_value(text)
+    except DitPruneError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
 def parse_seeds(text: str, flag: str = "") -> list[int]:
     """'0-999' -> [0..999]; '1,5,9' -> [1, 5, 9]; ranges and lists may be mixed.
 

@@ -100,3 +100,20 @@ def test_train_refuses_subset_with_an_image_folder(tmp_path, digits, capsys):
     err = capsys.readouterr().err
     assert "--subset 10 chooses images from the embedded digits pool" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "prune", "score", "train"])
+def test_a_seed_option_beyond_torch_is_one_line(tmp_path, capsys, command):
+    head = {"train": ["train"], "prune": ["prune", MODEL, "--scores", str(tmp_path)]}.get(
+        command, [command, MODEL])
+    with pytest.raises(SystemExit) as caught:
+        main([*head, "--out", str(tmp_path / "o"), "--seed", "18446744073709551616"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a seed is an integer in [0, " in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_run_config_checks_its_seed():
+    with pytest.raises(DitPruneError, match="--seed -1: a seed is an integer"):
+        RunConfig(checkpoint=MODEL, out="runs/x", seed=-1)

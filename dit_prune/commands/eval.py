@@ -59,6 +59,7 @@ from dit_prune.sampling import (
     labels_for_seeds,
     parse_seeds,
     sample_images,
+    seed_option,
 )
 from dit_prune.scorers.calibration import refuse_heldout_duplicates
 from dit_prune.store.distributed import (
@@ -115,7 +116,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "default $XDG_CACHE_HOME/dit_prune/fd-stats)")
     p.add_argument("--grid-pairs", type=int, default=48, help="pairs shown in nearest.png")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--seed", type=seed_option, default=0, help="seed of the bootstrap resampling")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it holds an earlier `dit-prune eval` output: the "
                         "new output replaces all of it once complete (a directory holding "

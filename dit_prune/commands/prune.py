@@ -56,7 +56,7 @@ from dit_prune.pruning.selection import (
 )
 from dit_prune.pruning.structural import PrunePlan, prune_units
 from dit_prune.run.measure import macs_and_params
-from dit_prune.sampling import check_steps
+from dit_prune.sampling import check_steps, seed_option
 from dit_prune.scorers.io import SCORES_NAME, SIDECAR_NAME, check_scored_model, load_scores
 from dit_prune.structure import original_counts
 from dit_prune.units import Unit, adapter_for, enumerate_units
@@ -122,7 +122,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(repeatable; see dit_prune.pruning.adversarial.AdversarialConfig)")
     p.add_argument("--copy-detector", default=None,
                    help=f"{GENERATED_NOVEL}: copy-detection model (default: digits-copydetect)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_option, default=0,
                    help="seed of the recovery (its batches, noise and generated pool; "
                         "with --recover)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)

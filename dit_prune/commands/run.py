@@ -56,7 +56,7 @@ from dit_prune.pruning.selection import (
     select_units,
 )
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
-from dit_prune.sampling import parse_seeds
+from dit_prune.sampling import parse_seeds, seed_option
 from dit_prune.scorers import SCORERS
 from dit_prune.store.distributed import command_processes, partial_state
 
@@ -118,7 +118,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--recover-option", action="append", default=[], metavar="KEY=VALUE",
                    help="adversarial recovery option, e.g. inner_steps=2, margin=0.05, "
                         "weight=1, restart_every=20, ddim_steps=8, lr=1e-4 (repeatable)")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+    p.add_argument("--seed", type=seed_option, default=DEFAULTS["seed"],
                    help="scoring, noise-control and re-trigger attack seed")
     p.add_argument("--random-seeds", default=",".join(map(str, DEFAULTS["random_seeds"])),
                    help="seeds of the random unit draws that random pruning is judged with at "

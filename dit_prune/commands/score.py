@@ -31,6 +31,7 @@ from dit_prune.commands.common import (
 from dit_prune.data import check_fits_model, digits_split, load_image_folder
 from dit_prune.errors import DitPruneError
 from dit_prune.keyvalue import parse_key_values
+from dit_prune.sampling import seed_option
 from dit_prune.scorers import (
     NORMALIZATIONS,
     SCORERS,
@@ -58,7 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="calibration batches (noise draws)")
     p.add_argument("--batch-size", type=int, default=shared.batch_size,
                    help="examples per forward pass")
-    p.add_argument("--seed", type=int, default=shared.seed,
+    p.add_argument("--seed", type=seed_option, default=shared.seed,
                    help="seed of the scorer's random draws (images, noise, timesteps)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--max-images", type=int, default=None, help="cap images per split")

@@ -24,6 +24,7 @@ from dit_prune.data import balanced_subset, digits_split, indices_hash, load_ima
 from dit_prune.duplication import DuplicationSpec, expand_with_duplicates
 from dit_prune.errors import DitPruneError
 from dit_prune.models import DIT_SIZES
+from dit_prune.sampling import seed_option
 from dit_prune.training import TrainConfig, train_dit
 
 SMALL_NETS_AND_DIT = ("dit", "features", "copydetect", "text")
@@ -59,13 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="'digits' (embedded) or an image folder (one subfolder per class)")
     p.add_argument("--subset", default=SUBSET_DEFAULT,
                    help="class-balanced subset size of the digits pool, or 'all'")
-    p.add_argument("--subset-seed", type=int, default=0,
+    p.add_argument("--subset-seed", type=seed_option, default=0,
                    help="seed choosing the --subset images from the digits pool")
     p.add_argument("--duplicate", default=None, metavar="COUNTxCOPIES",
                    help="repeat some training images: '10x50' = 10 class-balanced images (chosen "
                         "by --duplicate-seed) present 50 times each; '3,17x50' names positions in "
                         "the training set. Recorded in the checkpoint's dit_prune.json")
-    p.add_argument("--duplicate-seed", type=int, default=0,
+    p.add_argument("--duplicate-seed", type=seed_option, default=0,
                    help="seed choosing which images --duplicate COUNTxCOPIES repeats")
     p.add_argument("--checkpoint-every", type=int, default=1000,
                    help="save the resumable training state to OUT.train-state every N steps "
@@ -73,7 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     for name, text in TRAIN_OPTION_HELP.items():
         value = getattr(defaults, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=text,
+        kind = seed_option if name == "seed" else type(value)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value, help=text,
                        **({"choices": sorted(DIT_SIZES)} if name == "size" else {}))
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)

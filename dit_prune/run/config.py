@@ -24,6 +24,7 @@ from dit_prune.sampling import (
     format_seeds,
     labels_for_seeds,
     parse_seeds,
+    seed_value,
 )
 
 RECOVERIES = RECOVERY_METHODS
@@ -103,6 +104,7 @@ class RunConfig:
                 raise DitPruneError(f"{name.replace('_', ' ')} must be a positive integer, "
                                     f"got {value}")
         check_guidance_scale(self.guidance_scale, minimum=1.0)
+        seed_value(self.seed, "--seed")  # scripts pass --pruning-seeds here
         if len(parse_seeds(self.seeds, "--seeds")) < MIN_SAMPLES:
             raise DitPruneError(f"--seeds {self.seeds!r} gives one sample; FD and the intervals "
                                 f"need at least {MIN_SAMPLES} (e.g. --seeds 0-99)")

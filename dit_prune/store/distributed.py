@@ -60,6 +60,7 @@ class Processes:
 
 GROUP_TIMEOUT_ENV = "DIT_PRUNE_GROUP_TIMEOUT"  # minutes a process waits for the others
 DEFAULT_GROUP_TIMEOUT_MIN = 24 * 60
+MAX_GROUP_TIMEOUT_MIN = 365 * 24 * 60  # beyond it torch's timeout overflows (1e300 crashed)
 
 
 def group_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
@@ -85,9 +86,9 @@ def group_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
         minutes = float(text)
     except ValueError:
         minutes = float("nan")
-    if not math.isfinite(minutes) or minutes <= 0:
-        raise DitPruneError(f"{GROUP_TIMEOUT_ENV}={text!r}: expected a positive number of "
-                            "minutes")
+    if not math.isfinite(minutes) or not 1 / 60 <= minutes <= MAX_GROUP_TIMEOUT_MIN:
+        raise DitPruneError(f"{GROUP_TIMEOUT_ENV}={text!r}: expected a number of minutes from "
+                            f"1/60 (one second) to {MAX_GROUP_TIMEOUT_MIN} (a year)")
     return timedelta(minutes=minutes)
 
 
