@@ -117,3 +117,15 @@ def test_a_seed_option_beyond_torch_is_one_line(tmp_path, capsys, command):
 def test_the_run_config_checks_its_seed():
     with pytest.raises(DitPruneError, match="--seed -1: a seed is an integer"):
         RunConfig(checkpoint=MODEL, out="runs/x", seed=-1)
+
+
+def test_recovery_labels_beyond_the_models_classes_are_refused_before_sampling(tmp_path, digits,
+                                                                               capsys):
+    folder, _, _ = _folders(tmp_path, digits, classes=12)
+    out = tmp_path / "out"
+    code = main(["run", MODEL, "--out", str(out), "--recover", "finetune", "--recover-data",
+                 str(folder), "--seeds", "0-9", "--steps", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"--recover-data {folder}" in err and "10 classes" in err and "sampling" not in err
+    assert not out.exists()

@@ -144,6 +144,9 @@ def prepare_inputs(cfg: RunConfig) -> RunInputs:
         raise DitPruneError(f"recovery images ({cfg.recover_data}) are "
                             f"{tuple(recovery.shape[1:])} but the training images are "
                             f"{tuple(train_images.shape[1:])}")
+    if recovery is not None and meta.pipeline_dir is None:  # labels too, before sampling
+        check_fits_model(recovery, recovery_labels, loaded.model,
+                         f"recovery images (--recover-data {cfg.recover_data})")
     store = open_store(cfg.train_store) if cfg.train_store else None
     if store is not None:  # its images now; the copy detector's embeddings in build_context
         check_store(store, train_images)
