@@ -36,8 +36,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         if (not text or text == argparse.SUPPRESS or not action.option_strings
-                or "default" in text or default in (None, False, "", argparse.SUPPRESS)
-                or default == []):
+                or "(default" in text or "default:" in text or default is None
+                or default is False or default in ("", argparse.SUPPRESS) or default == []):
             return text
         return f"{text} (default: %(default)s)"
 

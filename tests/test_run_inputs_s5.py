@@ -129,3 +129,12 @@ def test_recovery_labels_beyond_the_models_classes_are_refused_before_sampling(t
     assert code == 2, err
     assert f"--recover-data {folder}" in err and "10 classes" in err and "sampling" not in err
     assert not out.exists()
+
+
+def test_help_shows_defaults_of_zero_and_after_the_word_default(capsys):
+    for argv in (["train", "--help"], ["prune", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "seed choosing the --subset images from the digits pool (default: 0)" in text
+    assert "moving off re-triggered copies) (default: none)" in text
