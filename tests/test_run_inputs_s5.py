@@ -138,3 +138,14 @@ def test_help_shows_defaults_of_zero_and_after_the_word_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "seed choosing the --subset images from the digits pool (default: 0)" in text
     assert "moving off re-triggered copies) (default: none)" in text
+
+
+def test_eval_refuses_a_stats_cache_inside_an_input(tmp_path, capsys):
+    cache = CHECKPOINTS / "digits-features"
+    before = sorted(p.name for p in cache.iterdir())
+    assert main(["eval", MODEL, "--out", str(tmp_path / "e"), "--seeds", "0-9", "--steps", "2",
+                 "--stats-cache", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "--stats-cache" in err and "overlaps the input --features" in err, err
+    assert sorted(p.name for p in cache.iterdir()) == before
+    assert not (tmp_path / "e").exists()

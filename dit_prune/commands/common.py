@@ -201,6 +201,31 @@ def check_out_path(out: str | os.PathLike[str] | None,
     return target
 
 
+def check_written_outside_inputs(path: str | os.PathLike[str] | None, flag: str,
+                                 inputs: Mapping[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse a directory the command writes besides --out (a cache named by `flag`) that is,
+    contains or lies inside an existing input: inputs are never modified.
+
+    Example:
+        >>> check_written_outside_inputs("/tmp", "--stats-cache", {"--train": None})
+    """
+    if path is None:
+        return
+    target = Path(path).expanduser().resolve()
+    for name, value in inputs.items():
+        if name == flag or value is None or not str(value).strip():
+            continue
+        if not Path(value).expanduser().exists():
+            continue
+        source = Path(value).expanduser().resolve()
+        relation = ("is" if target == source else "contains" if target in source.parents
+                    else "lies inside" if source in target.parents else None)
+        if relation:
+            raise DitPruneError(f"{flag} {path} overlaps the input {name} {value} (it "
+                                f"{relation} it); {flag} is written to: choose a directory "
+                                "outside the inputs")
+
+
 def claim_out(out: str | os.PathLike[str] | None, command: str,
               inputs: Mapping[str, str | os.PathLike[str] | None], overwrite: bool,
               resume: bool = False) -> Path:

@@ -31,6 +31,7 @@ from dit_prune.commands.common import (
     check_cache_dir,
     check_positive,
     check_sampling_steps,
+    check_written_outside_inputs,
     claim_out,
     dump_resolved_config,
     pick_device,
@@ -211,6 +212,7 @@ def validate(args: argparse.Namespace) -> tuple[Path, Path | None]:
               "--heldout": _folder_input(args.heldout, (HELDOUT_DIGITS,)),
               **evaluation_net_inputs(args.features, args.copy_detector),
               "--stats-cache": cache, "--train-store": args.train_store}
+    check_written_outside_inputs(cache, "--stats-cache", inputs)
     return claim_out(args.out, "eval", inputs, args.overwrite), cache
 
 
