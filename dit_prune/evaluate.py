@@ -54,6 +54,24 @@ FEATURES_DIR = "digits-features"
 COPYDETECT_DIR = "digits-copydetect"
 
 
+NEAR_COPY_THRESHOLD = 0.999  # a calibrated τ this high: held-out images copy training images
+
+
+def near_copy_warning(threshold: float) -> str:
+    """Why a copy threshold τ of ~1 makes the copy rate meaningless."""
+    return (f"the copy threshold calibrated to τ = {threshold:.6f}: at least 1% of the held-out "
+            "images are near-copies of training images (re-encoded or resized copies pass the "
+            "exact-duplicate check), so copies go uncounted; use held-out images disjoint from "
+            "the training set")
+
+
+def no_classifier_warning(extractor: str) -> str:
+    """Why class agreement is missing from a class-conditional evaluation, and what that costs."""
+    return (f"class agreement not measured: the feature network `{extractor}` has no classifier "
+            "head for the model's classes (a custom --features network gives features only), so "
+            "the verdict's class-agreement guard is off")
+
+
 def default_checkpoints_dir() -> Path:
     """`<repository>/checkpoints`, where the digits evaluation nets ship."""
     return Path(__file__).resolve().parents[1] / "checkpoints"
@@ -297,6 +315,10 @@ def evaluate_samples(
     else:
         precision = recall = None
         notes.append(f"precision/recall need more than k={k} samples; got {len(feats)}")
+    if context.copy_threshold >= NEAR_COPY_THRESHOLD:
+        notes.append(near_copy_warning(context.copy_threshold))
+    if labels is not None and context.classifier is None:
+        notes.append(no_classifier_warning(context.features.name))
     agreement = None
     arrays: dict[str, np.ndarray] = {
         "ratios": mem.ratios.numpy(), "d1": mem.d1.numpy(), "d2": mem.d2.numpy(),

@@ -149,3 +149,20 @@ def test_eval_refuses_a_stats_cache_inside_an_input(tmp_path, capsys):
     assert "--stats-cache" in err and "overlaps the input --features" in err, err
     assert sorted(p.name for p in cache.iterdir()) == before
     assert not (tmp_path / "e").exists()
+
+
+def test_eval_warns_when_heldout_near_copies_set_tau_to_one(tmp_path, digits, capsys):
+    import json
+
+    train, images, labels = _folders(tmp_path, digits)
+    nudged = images.clone()
+    nudged[:, :, 0, 0] = (nudged[:, :, 0, 0] + 2 / 255).clamp(max=1.0)  # one pixel, one level
+    nudged[:, :, 0, 0] = torch.where(images[:, :, 0, 0] >= 1.0, images[:, :, 0, 0] - 2 / 255,
+                                     nudged[:, :, 0, 0])
+    held = save_folder(tmp_path / "held", nudged, labels)
+    out = tmp_path / "e"
+    assert main(["eval", MODEL, "--out", str(out), "--train", str(train), "--heldout", str(held),
+                 "--seeds", "0-9", "--steps", "2", "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    warnings = json.loads((out / "metrics.json").read_text())["warnings"]
+    assert any("near-copies of training images" in w for w in warnings), warnings

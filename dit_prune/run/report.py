@@ -120,6 +120,7 @@ def _store_lines(report: dict[str, Any]) -> list[str]:
 def run_warnings(result: dict[str, Any], names: dict[str, Any]) -> list[str]:
     """The run's warnings, each once: those the measurements raised (`result["warnings"]`) and
     the copy threshold's calibration on too few held-out images."""
+    from dit_prune.evaluate import no_classifier_warning
     from dit_prune.metrics.copydetect import calibration_warning
 
     found = list(result.get("warnings") or [])
@@ -131,13 +132,6 @@ def run_warnings(result: dict[str, Any], names: dict[str, Any]) -> list[str]:
             and result.get("text") is None:
         found.append(no_classifier_warning(str(names.get("feature_extractor"))))
     return list(dict.fromkeys(found))
-
-
-def no_classifier_warning(extractor: str) -> str:
-    """Why class agreement is missing from a class-conditional run, and what that costs."""
-    return (f"class agreement not measured: the feature network `{extractor}` has no classifier "
-            "head for the model's classes (a custom --features network gives features only), so "
-            "the verdict's class-agreement guard is off")
 
 
 def _budget_entry(entry: dict[str, Any]) -> dict[str, Any]:
