@@ -166,3 +166,27 @@ def test_eval_warns_when_heldout_near_copies_set_tau_to_one(tmp_path, digits, ca
         capsys.readouterr().err
     warnings = json.loads((out / "metrics.json").read_text())["warnings"]
     assert any("near-copies of training images" in w for w in warnings), warnings
+
+
+def test_run_takes_the_class_count_from_the_checkpoint(tmp_path, digits):
+    import diffusers
+
+    from dit_prune.checkpoint import save_checkpoint
+    from dit_prune.cli import build_parser
+    from dit_prune.commands.run import config_from_args
+    from dit_prune.models import new_dit
+    from dit_prune.run.experiment import prepare_inputs
+
+    ck = tmp_path / "eight"  # as `dit-prune train` makes from class folders 3/ and 7/
+    save_checkpoint(new_dit("tiny", 8, 8, 1).eval(), diffusers.DDPMScheduler(), ck)
+    images = digits.pool_images[:24]
+    labels = torch.tensor([3, 7] * 12)
+    train = save_folder(tmp_path / "train", images[:12], labels[:12])
+    held = save_folder(tmp_path / "held", images[12:], labels[12:])
+    args = build_parser().parse_args(["run", str(ck), "--out", str(tmp_path / "r"), "--train",
+                                      str(train), "--heldout", str(held), "--seeds", "0-15"])
+    cfg = config_from_args(args)
+    assert cfg.num_classes == 8  # it was 10 whatever the checkpoint, and the run was refused
+    assert prepare_inputs(cfg).loaded.meta.num_classes == 8
+    assert config_from_args(build_parser().parse_args(["run", MODEL, "--out", "x"])
+                            ).num_classes == 10

@@ -190,7 +190,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         target=args.target, retrigger_targets=args.retrigger_targets,
         retrigger_steps=args.retrigger_steps, retrigger_ddim_steps=args.retrigger_ddim_steps,
         retrigger_lr=args.retrigger_lr, retrigger_prior_weight=args.retrigger_prior_weight,
+        num_classes=checkpoint_classes(args.checkpoint, RunConfig.num_classes),
     )
+
+
+def checkpoint_classes(checkpoint: str, default: int) -> int:
+    """The class count a DiT checkpoint's config records (`num_embeds_ada_norm`), read before
+    loading so that seeds get labels s mod that count; `default` when there is none to read
+    (a text pipeline, a missing or broken config: `load_dit` reports those in one line)."""
+    root = Path(checkpoint).expanduser()
+    for name in ("config.json", "transformer/config.json"):
+        try:
+            config = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue
+        classes = config.get("num_embeds_ada_norm") if isinstance(config, dict) else None
+        if str(config.get("_class_name", "")).startswith("DiT") and isinstance(classes, int) \
+                and not isinstance(classes, bool) and classes > 0:
+            return classes
+    return default
 
 
 def run(args: argparse.Namespace) -> int:
