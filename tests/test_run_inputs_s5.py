@@ -190,3 +190,14 @@ def test_run_takes_the_class_count_from_the_checkpoint(tmp_path, digits):
     assert prepare_inputs(cfg).loaded.meta.num_classes == 8
     assert config_from_args(build_parser().parse_args(["run", MODEL, "--out", "x"])
                             ).num_classes == 10
+
+
+def test_run_experiment_refuses_an_unreachable_budget_before_sampling(tmp_path):
+    from dit_prune.run import run_experiment
+
+    out = tmp_path / "r"  # what scripts/regimes.py passes: no command-line checks before it
+    cfg = RunConfig(checkpoint=MODEL, out=str(out), budgets=(2,), random_budgets=(16,),
+                    seeds="0-9", steps=2, random_seeds=(0,), retrigger_targets=0)
+    with pytest.raises(DitPruneError, match="at most 12 can go"):
+        run_experiment(cfg, progress=False)
+    assert not (out / "samples").exists()

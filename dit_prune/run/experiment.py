@@ -224,6 +224,7 @@ def _run_experiment(cfg: RunConfig, inputs: RunInputs | None,
     condition = text.condition if text else _unconditioned
     store = ShardStore(run_dir / "samples", cfg.shard_size)
     target = target_subset(cfg, meta.extra, len(inputs.train_images))
+    check_reachable(cfg, base)  # before any sampling, for every caller (scripts too)
     context = build_context(inputs.train_images, inputs.heldout_images, *evaluation_nets(cfg),
                             cache_dir=run_dir / "cache", device=inputs.device,
                             subsets={target[0]: target[1]} if target else None,
@@ -437,6 +438,17 @@ def _pruned_copy(base: nn.Module, units: list, scores: torch.Tensor, budget: flo
     if recovery is not None:
         model = recovery.apply(model, tag)
     return model.eval(), plan
+
+
+def check_reachable(cfg: RunConfig, model: nn.Module) -> None:
+    """Refuse (one line, `select_units`) a scorer or random budget that the block rule cannot
+    reach on `model`: every block keeps one unit of each kind. `params` budgets are capped by
+    their own rule and are not checked here."""
+    if cfg.budget_mode == "params":
+        return
+    units = enumerate_units(model, list(model_mode_kinds(cfg.budget_mode, model)))
+    for budget in (*cfg.budgets, *cfg.random_budget_list()):
+        select_units(units, [0.0] * len(units), budget, mode=cfg.budget_mode, model=model)
 
 
 def _cached_scores(folder: Path, name: str, options: dict[str, Any], model: nn.Module,
