@@ -173,6 +173,18 @@ def _subcommand(recorded: str) -> str:
     return words[1] if words[0] == "dit-prune" and len(words) > 1 else words[0]
 
 
+def path_relation(target: Path, source: Path) -> str | None:
+    """How resolved path `target` overlaps resolved path `source`: "is", "contains",
+    "lies inside", or None when they are apart.
+
+    Example:
+        >>> path_relation(Path("/a/b"), Path("/a")), path_relation(Path("/a"), Path("/b"))
+        ('lies inside', None)
+    """
+    return ("is" if target == source else "contains" if target in source.parents
+            else "lies inside" if source in target.parents else None)
+
+
 def check_out_path(out: str | os.PathLike[str] | None,
                    inputs: Mapping[str, str | os.PathLike[str] | None]) -> Path:
     """`--out` resolved (symlinks followed); refused when empty, the current directory (or one
@@ -190,9 +202,7 @@ def check_out_path(out: str | os.PathLike[str] | None,
             continue
         if not name.endswith("-cache") and not Path(value).expanduser().exists():
             continue
-        source = Path(value).expanduser().resolve()
-        relation = ("is" if target == source else "contains" if target in source.parents
-                    else "lies inside" if source in target.parents else None)
+        relation = path_relation(target, Path(value).expanduser().resolve())
         if relation:
             raise DitPruneError(f"--out {out} overlaps the input {name} {value} (it {relation} "
                                 "it); choose another --out: inputs are never modified")
@@ -217,9 +227,7 @@ def check_written_outside_inputs(path: str | os.PathLike[str] | None, flag: str,
             continue
         if not Path(value).expanduser().exists():
             continue
-        source = Path(value).expanduser().resolve()
-        relation = ("is" if target == source else "contains" if target in source.parents
-                    else "lies inside" if source in target.parents else None)
+        relation = path_relation(target, Path(value).expanduser().resolve())
         if relation:
             raise DitPruneError(f"{flag} {path} overlaps the input {name} {value} (it "
                                 f"{relation} it); {flag} is written to: choose a directory "

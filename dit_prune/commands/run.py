@@ -53,7 +53,6 @@ from dit_prune.pruning.selection import (
     check_budget_for,
     model_mode_kinds,
     parse_budgets,
-    select_units,
 )
 from dit_prune.run.config import BUDGET_MODES, RECOVERIES, TARGETS, RunConfig
 from dit_prune.sampling import parse_seeds, seed_option
@@ -281,6 +280,7 @@ def _run(args: argparse.Namespace) -> int:
 def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     """The checks that need the checkpoint: sampling steps and scorer timesteps within its
     noise schedule, and budgets that remove at least one unit (and no more than exist)."""
+    from dit_prune.run.experiment import check_reachable
     from dit_prune.sampling import check_steps
     from dit_prune.scorers import get_scorer
     from dit_prune.units import enumerate_units
@@ -306,8 +306,7 @@ def check_loaded(cfg: RunConfig, loaded: Any) -> None:
     scorer.check_units(units)  # e.g. `given`: every named unit is among the mode's units
     for budget in cfg.budgets + cfg.random_budget_list():
         check_budget_for(budget, cfg.budget_mode, counts, loaded.model)
-        if cfg.budget_mode != "params":  # the block rule can make a count unreachable
-            select_units(units, [0.0] * len(units), budget, cfg.budget_mode, loaded.model)
+    check_reachable(cfg, loaded.model)  # the block rule can make a count unreachable
 
 
 class _Lock:

@@ -52,6 +52,7 @@ from dit_prune.commands.common import (
     MARKER_NAME,
     foreign_entries,
     mark_finished,
+    path_relation,
     previous_command,
 )
 from dit_prune.errors import DitPruneError
@@ -151,8 +152,7 @@ directory ...; choose another path: the source is never modified
     """
     resolved = target.expanduser().resolve()
     if source is not None:
-        relation = ("is" if resolved == source else "contains" if resolved in source.parents
-                    else "lies inside" if source in resolved.parents else None)
+        relation = path_relation(resolved, source)
         if relation:
             raise DitPruneError(f"save_pipeline: {target} {relation} the pipeline's source "
                                 f"directory {source}; choose another path: the source is "
